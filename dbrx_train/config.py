@@ -1,0 +1,331 @@
+"""The run configuration: YAML + CLI overrides -> one validated, typed ``TrainConfig``.
+
+Keys follow LLM Foundry's ``train.py`` where the concept is the same, so its YAMLs port with few
+edits. Everything is checked here, before any model, data or process group is built, and every
+error names the key (and the closest valid key for typos).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dbrx_train.data.text import TextLoaderConfig
+from dbrx_train.model import DbrxConfig
+from dbrx_train.schema import ConfigError, build, to_dict, unknown_key_error
+
+TIME_UNITS = ("ba", "ep", "tok", "sp", "dur")
+
+
+@dataclass
+class ModelConfig:
+    """``model:`` — the DbrxConfig fields (HF names) plus how to build the weights."""
+
+    dbrx: DbrxConfig
+    name: Literal["dbrx"] = "dbrx"
+    # cpu: every rank builds and initialises the full model from the run seed (identical on all ranks).
+    # mixed: rank 0 builds it, the others start on `meta` and receive rank 0's weights while sharding.
+    # meta: every rank starts on `meta`; weights are initialised shard by shard after FSDP (GPU).
+    init_device: Literal["cpu", "mixed", "meta"] = "cpu"
+
+
+MODEL_KEYS = ("name", "init_device")
+
+
+@dataclass
+class TokenizerConfig:
+    name: Literal["dbrx"] = "dbrx"
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["decoupled_adamw", "decoupled_lionw", "adamw"] = "decoupled_adamw"
+    lr: float = 6.0e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1.0e-8
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0; got {self.lr}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1); got {self.betas}")
+
+
+@dataclass
+class SchedulerConfig:
+    name: Literal["cosine_with_warmup", "linear_decay_with_warmup", "constant_with_warmup"] = (
+        "cosine_with_warmup"
+    )
+    t_warmup: str = "0ba"
+    alpha_f: float = 0.0
+
+    def __post_init__(self):
+        check_time("t_warmup", self.t_warmup)
+
+
+@dataclass
+class GradientClippingConfig:
+    clipping_type: Literal["norm", "value", "adaptive"] = "norm"
+    clipping_threshold: float = 1.0
+
+
+@dataclass
+class AlgorithmsConfig:
+    gradient_clipping: GradientClippingConfig | None = None
+
+
+@dataclass
+class FSDPConfig:
+    """``fsdp_config:`` (or ``parallelism_config.fsdp``); FSDP2 per-block sharding under Composer."""
+
+    # FULL_SHARD: params, grads and optimizer state sharded over all ranks.
+    # SHARD_GRAD_OP: like FULL_SHARD but parameters stay gathered between forward and backward.
+    # HYBRID_SHARD: shard within a group of `data_parallel_shard_degree` ranks (default: one node),
+    #               replicate across groups.
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD"] = "FULL_SHARD"
+    data_parallel_shard_degree: int | None = None
+    activation_checkpointing: bool = False
+    activation_cpu_offload: bool = False
+    # DEFAULT: params in low precision, reductions in fp32. PURE: both low. FULL: both fp32.
+    mixed_precision: Literal["DEFAULT", "PURE", "FULL"] = "DEFAULT"
+    state_dict_type: Literal["sharded", "full"] = "sharded"
+    verbose: bool = False
+
+
+@dataclass
+class ParallelismConfig:
+    fsdp: FSDPConfig | None = None
+
+
+@dataclass
+class WandBConfig:
+    project: str = "dbrx-train"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] | None = None
+    # offline unless the user asks otherwise: a run must never need the network.
+    mode: Literal["offline", "online", "disabled"] = "offline"
+
+
+@dataclass
+class FileLoggerConfig:
+    filename: str = "{run_name}/logs-rank{rank}.txt"
+    log_interval: int = 1
+
+
+@dataclass
+class LoggersConfig:
+    wandb: WandBConfig | None = None
+    file: FileLoggerConfig | None = None
+
+
+@dataclass
+class SpeedMonitorConfig:
+    window_size: int = 10
+    # FLOP/s of one device for MFU. "auto": Composer's table on known GPUs; on CPU a large fp32
+    # matmul is timed once at start-up. A number overrides both.
+    peak_flops: float | Literal["auto"] | None = "auto"
+
+
+@dataclass
+class EmptyConfig:
+    pass
+
+
+@dataclass
+class CallbacksConfig:
+    speed_monitor: SpeedMonitorConfig | None = field(default_factory=SpeedMonitorConfig)
+    lr_monitor: EmptyConfig | None = field(default_factory=EmptyConfig)
+    memory_monitor: EmptyConfig | None = None
+    runtime_estimator: EmptyConfig | None = field(default_factory=EmptyConfig)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    train_loader: TextLoaderConfig
+    max_duration: str
+    global_train_batch_size: int
+    run_name: str | None = None
+    seed: int = 17
+    max_seq_len: int = 2048
+    variables: dict[str, Any] | None = None  # free-form, for ${variables.x} interpolation in YAML
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    eval_loader: TextLoaderConfig | None = None
+    eval_interval: str = "1ep"
+    eval_first: bool = False
+    eval_subset_num_batches: int = -1
+    device_train_microbatch_size: int | None = None  # default: the whole device batch
+    device_eval_batch_size: int | None = None  # default: the device train batch
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    precision: Literal["auto", "fp32", "amp_bf16", "amp_fp16"] = "auto"
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    algorithms: AlgorithmsConfig = field(default_factory=AlgorithmsConfig)
+    fsdp_config: FSDPConfig | None = None
+    parallelism_config: ParallelismConfig | None = None
+    save_folder: str | None = None  # default: runs/{run_name}
+    save_interval: str = "1000ba"
+    save_num_checkpoints_to_keep: int = -1
+    save_overwrite: bool = False
+    autoresume: bool = False
+    load_path: str | None = None
+    load_weights_only: bool = False
+    loggers: LoggersConfig = field(default_factory=LoggersConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    log_to_console: bool = True
+    console_log_interval: str = "1ba"
+    progress_bar: bool = False
+    dist_timeout: float = 600.0
+
+    @property
+    def fsdp(self) -> FSDPConfig | None:
+        if self.parallelism_config is not None and self.parallelism_config.fsdp is not None:
+            return self.parallelism_config.fsdp
+        return self.fsdp_config
+
+
+def check_time(key: str, value: str) -> None:
+    """Composer time strings such as '100ba', '1ep', '2000000tok', '0.1dur'."""
+    if not re.fullmatch(r"\s*\d+(\.\d+)?(e\d+)?(ba|ep|tok|sp|dur)\s*", str(value)):
+        raise ConfigError(
+            f"config key '{key}' must be a Composer time string such as '100ba', '1ep', "
+            f"'1000000tok', '500sp' or '0.5dur'; got {value!r}"
+        )
+
+
+def load_yaml(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read the YAML, apply ``key=value`` overrides, resolve ``${...}``; return plain dicts."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError carries the line and column in its message
+        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
+    if not OmegaConf.is_dict(cfg):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys at top level")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"command-line override '{item}' must look like key=value (e.g. seed=42)")
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config file '{path}': {e}") from e
+    assert isinstance(data, dict)
+    return data
+
+
+def parse_config(data: dict[str, Any]) -> TrainConfig:
+    """Typed config from plain dicts; raises ConfigError naming the first bad key."""
+    data = dict(data)
+    model = data.pop("model", None)
+    if model is None:
+        raise ConfigError("missing required config key 'model'")
+    data["model"] = _parse_model(model, data.get("max_seq_len"))
+    cfg = build(TrainConfig, data)
+    _check(cfg)
+    return cfg
+
+
+def _parse_model(model: Any, max_seq_len: int | None) -> ModelConfig:
+    if not isinstance(model, dict):
+        raise ConfigError(f"config key 'model' must be a mapping; got {model!r}")
+    dbrx_fields = {f.name for f in dataclasses.fields(DbrxConfig)}
+    for key in model:
+        if key not in dbrx_fields and key not in MODEL_KEYS:
+            raise unknown_key_error("model", key, dbrx_fields | set(MODEL_KEYS))
+    dbrx_dict = {k: v for k, v in model.items() if k in dbrx_fields}
+    if "max_seq_len" not in dbrx_dict and isinstance(max_seq_len, int):
+        dbrx_dict["max_seq_len"] = max_seq_len
+    try:
+        dbrx = DbrxConfig.from_dict(dbrx_dict)
+        dbrx.validate()
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config section 'model': {e}") from e
+    rest = {k: v for k, v in model.items() if k in MODEL_KEYS}
+    return build(ModelConfig, {"dbrx": dbrx, **rest}, "model")
+
+
+def _check(cfg: TrainConfig) -> None:
+    check_time("max_duration", cfg.max_duration)
+    check_time("eval_interval", cfg.eval_interval)
+    check_time("save_interval", cfg.save_interval)
+    check_time("console_log_interval", cfg.console_log_interval)
+    if cfg.max_seq_len <= 0:
+        raise ConfigError(f"config key 'max_seq_len' must be positive; got {cfg.max_seq_len}")
+    if cfg.model.dbrx.max_seq_len < cfg.max_seq_len:
+        raise ConfigError(
+            f"model.max_seq_len ({cfg.model.dbrx.max_seq_len}) is smaller than the training "
+            f"max_seq_len ({cfg.max_seq_len}); raise model.max_seq_len or lower max_seq_len"
+        )
+    if cfg.global_train_batch_size <= 0:
+        raise ConfigError(f"config key 'global_train_batch_size' must be positive; got {cfg.global_train_batch_size}")
+    if cfg.device_train_microbatch_size is not None and cfg.device_train_microbatch_size <= 0:
+        raise ConfigError("config key 'device_train_microbatch_size' must be positive")
+    if cfg.fsdp_config is not None and cfg.parallelism_config is not None and cfg.parallelism_config.fsdp:
+        raise ConfigError("give FSDP settings once: either 'fsdp_config' or 'parallelism_config.fsdp', not both")
+    if cfg.autoresume and not cfg.run_name:
+        raise ConfigError("autoresume: true needs a fixed 'run_name' so a restarted job finds its checkpoints")
+    if cfg.load_weights_only and not cfg.load_path:
+        raise ConfigError("load_weights_only: true needs 'load_path'")
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    world_size: int
+    device_train_batch_size: int
+    device_train_microbatch_size: int
+    device_eval_batch_size: int
+
+    @property
+    def grad_accum(self) -> int:
+        return self.device_train_batch_size // self.device_train_microbatch_size
+
+
+def batch_layout(cfg: TrainConfig, world_size: int) -> BatchLayout:
+    """Split the global batch over ranks and microbatches, or say exactly what does not divide."""
+    gbs = cfg.global_train_batch_size
+    if gbs % world_size:
+        raise ConfigError(
+            f"global_train_batch_size={gbs} is not divisible by the world size {world_size}; "
+            f"use a multiple of {world_size} (e.g. {math.ceil(gbs / world_size) * world_size})"
+        )
+    device_bs = gbs // world_size
+    micro = cfg.device_train_microbatch_size or device_bs
+    if device_bs % micro:
+        raise ConfigError(
+            f"global_train_batch_size={gbs} gives {device_bs} samples per device on {world_size} rank(s), "
+            f"which is not divisible by device_train_microbatch_size={micro}; "
+            f"choose global_train_batch_size as a multiple of world_size x microbatch = {world_size * micro}"
+        )
+    return BatchLayout(world_size, device_bs, micro, cfg.device_eval_batch_size or device_bs)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """YAML file + ``key=value`` overrides -> validated TrainConfig (errors name file and key)."""
+    try:
+        return parse_config(load_yaml(path, overrides))
+    except ConfigError as e:
+        msg = str(e)
+        if str(path) not in msg:
+            msg = f"{path}: {msg}"
+        raise ConfigError(msg) from None
+
+
+def resolved_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as plain dicts (model flattened back to the YAML's shape), for config.yaml/W&B."""
+    data = to_dict(cfg)
+    model = data.pop("model")
+    data["model"] = {**model.pop("dbrx"), **model}
+    return data

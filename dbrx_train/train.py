@@ -1,0 +1,182 @@
+"""``composer train.py <yaml> [key=value ...]``: config -> model -> data -> callbacks -> Trainer.fit."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from composer import Trainer
+from composer.core import Evaluator
+from composer.utils import dist, reproducibility
+from omegaconf import OmegaConf
+
+from dbrx_train.config import BatchLayout, TrainConfig, batch_layout, load_config, resolved_dict
+from dbrx_train.data.text import build_text_dataloader, validate_text_dataset_config
+from dbrx_train.model import DbrxForCausalLM
+from dbrx_train.model.stats import count_params
+from dbrx_train.schema import ConfigError
+from dbrx_train.training.builders import (
+    build_algorithms,
+    build_callbacks,
+    build_loggers,
+    build_optimizer,
+    build_scheduler,
+)
+from dbrx_train.training.composer_model import DbrxComposerModel
+from dbrx_train.training.parallelize import build_parallelism_config, mark_fsdp_units
+
+log = logging.getLogger("dbrx_train")
+
+USAGE = "usage: composer train.py <config.yaml> [key=value ...]   (or: python train.py ...)"
+
+
+def main(argv: list[str] | None = None) -> Trainer:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        raise SystemExit(0 if argv else 2)
+    try:
+        cfg = load_config(argv[0], argv[1:])
+        layout = batch_layout(cfg, dist.get_world_size())
+        check_data(cfg)
+    except ConfigError as e:
+        # One clear line per rank instead of a traceback through the config machinery.
+        print(f"dbrx-train: config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return train(cfg, layout)
+
+
+def check_data(cfg: TrainConfig) -> None:
+    vocab = cfg.model.dbrx.vocab_size
+    validate_text_dataset_config(cfg.train_loader, cfg.max_seq_len, vocab)
+    if cfg.eval_loader is not None:
+        validate_text_dataset_config(cfg.eval_loader, cfg.max_seq_len, vocab)
+
+
+def train(cfg: TrainConfig, layout: BatchLayout) -> Trainer:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    device = resolve_device(cfg)
+    precision = cfg.precision if cfg.precision != "auto" else ("amp_bf16" if device == "gpu" else "fp32")
+    if cfg.fsdp is not None or layout.world_size > 1:
+        dist.initialize_dist(device, cfg.dist_timeout)
+    run_name = cfg.run_name or shared_run_name()
+    save_folder = (cfg.save_folder or "runs/{run_name}").format(run_name=run_name)
+    write_resolved_config(cfg, run_name, save_folder)
+
+    model = build_model(cfg)
+    parallelism = None
+    if cfg.fsdp is not None:
+        mark_fsdp_units(model)
+        parallelism = build_parallelism_config(cfg.fsdp, "cuda" if device == "gpu" else "cpu")
+    composer_model = DbrxComposerModel(model)
+    optimizer = build_optimizer(cfg, composer_model.parameters())
+
+    train_loader = build_text_dataloader(
+        cfg.train_loader,
+        device_batch_size=layout.device_train_batch_size,
+        max_seq_len=cfg.max_seq_len,
+        vocab_size=cfg.model.dbrx.vocab_size,
+        seed=cfg.seed,
+    )
+    evaluators = []
+    if cfg.eval_loader is not None:
+        eval_loader = build_text_dataloader(
+            cfg.eval_loader,
+            device_batch_size=layout.device_eval_batch_size,
+            max_seq_len=cfg.max_seq_len,
+            vocab_size=cfg.model.dbrx.vocab_size,
+            seed=cfg.seed,
+        )
+        evaluators.append(Evaluator(label="eval", dataloader=eval_loader, metric_names=list(composer_model.get_metrics())))
+
+    trainer = Trainer(
+        run_name=run_name,
+        seed=cfg.seed,
+        model=composer_model,
+        train_dataloader=train_loader,
+        eval_dataloader=evaluators or None,
+        eval_interval=cfg.eval_interval,
+        eval_subset_num_batches=cfg.eval_subset_num_batches,
+        optimizers=optimizer,
+        schedulers=build_scheduler(cfg.scheduler),
+        max_duration=cfg.max_duration,
+        device=device,
+        precision=precision,
+        device_train_microbatch_size=layout.device_train_microbatch_size,
+        parallelism_config=parallelism,
+        algorithms=build_algorithms(cfg),
+        loggers=build_loggers(cfg, save_folder),
+        callbacks=build_callbacks(cfg),
+        log_to_console=False,  # our ConsoleLogger, configured by console_log_interval, replaces it
+        progress_bar=cfg.progress_bar,
+        save_folder=save_folder,
+        save_interval=cfg.save_interval,
+        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+        save_overwrite=cfg.save_overwrite,
+        autoresume=cfg.autoresume,
+        load_path=cfg.load_path,
+        load_weights_only=cfg.load_weights_only,
+        dist_timeout=cfg.dist_timeout,
+    )
+    start = time.monotonic()
+    trainer.fit()
+    print_summary(trainer, save_folder, time.monotonic() - start)
+    return trainer
+
+
+def resolve_device(cfg: TrainConfig) -> str:
+    if cfg.device == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("device: gpu was asked for but CUDA is not available; use device: auto or cpu")
+    if cfg.device == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def shared_run_name() -> str:
+    name = [datetime.datetime.now().strftime("dbrx-%Y%m%d-%H%M%S")]
+    if dist.is_initialized():
+        dist.broadcast_object_list(name)  # every rank must agree on the run folder
+    return name[0]
+
+
+def build_model(cfg: TrainConfig) -> DbrxForCausalLM:
+    """Weights from the run seed, so every rank that builds them builds the same ones."""
+    reproducibility.seed_all(cfg.seed)
+    init_device = cfg.model.init_device
+    on_meta = init_device == "meta" or (init_device == "mixed" and dist.get_global_rank() != 0)
+    with torch.device("meta" if on_meta else "cpu"):
+        model = DbrxForCausalLM(cfg.model.dbrx)
+    if not on_meta:
+        model.init_weights()
+    counts = count_params(cfg.model.dbrx)
+    log.info("DBRX model: %.2fM total / %.2fM active parameters", counts.total / 1e6, counts.active / 1e6)
+    return model
+
+
+def write_resolved_config(cfg: TrainConfig, run_name: str, save_folder: str) -> None:
+    if dist.get_global_rank() != 0 or "://" in save_folder:
+        return
+    folder = Path(save_folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = resolved_dict(cfg)
+    data["run_name"] = run_name
+    OmegaConf.save(OmegaConf.create(data), folder / "config.yaml")
+
+
+def print_summary(trainer: Trainer, save_folder: str, seconds: float) -> None:
+    if dist.get_global_rank() != 0:
+        return
+    state = trainer.state
+    losses = getattr(state, "total_loss_dict", {}) or {}
+    final = losses.get("loss/train/total")
+    print(
+        f"dbrx-train: finished {int(state.timestamp.batch)} batches, {int(state.timestamp.token):,} tokens "
+        f"in {seconds:.0f}s; final train loss {final:.4f}; run folder {save_folder}"
+        if final is not None
+        else f"dbrx-train: finished in {seconds:.0f}s; run folder {save_folder}",
+        flush=True,
+    )

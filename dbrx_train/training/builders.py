@@ -1,0 +1,90 @@
+"""Optimizer, scheduler, algorithms, loggers and callbacks from the typed config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from composer.algorithms import GradientClipping
+from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
+from composer.core import Algorithm, Callback
+from composer.loggers import ConsoleLogger, FileLogger, LoggerDestination, WandBLogger
+from composer.optim import (
+    ConstantWithWarmupScheduler,
+    CosineAnnealingWithWarmupScheduler,
+    DecoupledAdamW,
+    LinearWithWarmupScheduler,
+)
+
+from dbrx_train.config import SchedulerConfig, TrainConfig
+from dbrx_train.training.callbacks import TrainPerplexity
+from dbrx_train.training.lion import DecoupledLionW
+from dbrx_train.training.metrics_file import MetricsFileLogger
+from dbrx_train.training.peak_flops import device_peak_flops
+
+
+def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    opt = cfg.optimizer
+    if opt.name == "decoupled_adamw":
+        return DecoupledAdamW(params, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+    if opt.name == "decoupled_lionw":
+        return DecoupledLionW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+    return torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+
+
+def build_scheduler(sched: SchedulerConfig):
+    if sched.name == "cosine_with_warmup":
+        return CosineAnnealingWithWarmupScheduler(t_warmup=sched.t_warmup, alpha_f=sched.alpha_f)
+    if sched.name == "linear_decay_with_warmup":
+        return LinearWithWarmupScheduler(t_warmup=sched.t_warmup, alpha_f=sched.alpha_f)
+    return ConstantWithWarmupScheduler(t_warmup=sched.t_warmup)
+
+
+def build_algorithms(cfg: TrainConfig) -> list[Algorithm]:
+    algorithms: list[Algorithm] = []
+    clip = cfg.algorithms.gradient_clipping
+    if clip is not None:
+        algorithms.append(GradientClipping(clipping_type=clip.clipping_type, clipping_threshold=clip.clipping_threshold))
+    return algorithms
+
+
+def build_loggers(cfg: TrainConfig, save_folder: str) -> list[LoggerDestination]:
+    loggers: list[LoggerDestination] = [MetricsFileLogger(Path(save_folder) / "metrics.jsonl")]
+    if cfg.log_to_console:
+        loggers.append(ConsoleLogger(log_interval=cfg.console_log_interval))
+    if cfg.loggers.file is not None:
+        loggers.append(FileLogger(filename=cfg.loggers.file.filename, flush_interval=cfg.loggers.file.log_interval))
+    wandb = cfg.loggers.wandb
+    if wandb is not None and wandb.mode != "disabled":
+        # wandb reads its mode from the environment only; set it here from the config, never the
+        # other way round, so an unset variable cannot send a run online by accident.
+        os.environ["WANDB_MODE"] = wandb.mode
+        os.environ.setdefault("WANDB_DIR", save_folder)
+        loggers.append(
+            WandBLogger(
+                project=wandb.project,
+                entity=wandb.entity,
+                name=wandb.name or cfg.run_name,
+                group=wandb.group,
+                tags=wandb.tags,
+            )
+        )
+    return loggers
+
+
+def build_callbacks(cfg: TrainConfig) -> list[Callback]:
+    callbacks: list[Callback] = [TrainPerplexity()]
+    cb = cfg.callbacks
+    if cb.speed_monitor is not None:
+        peak = cb.speed_monitor.peak_flops
+        if peak == "auto":
+            peak = device_peak_flops()
+        callbacks.append(SpeedMonitor(window_size=cb.speed_monitor.window_size, gpu_flops_available=peak))
+    if cb.lr_monitor is not None:
+        callbacks.append(LRMonitor())
+    if cb.memory_monitor is not None and torch.cuda.is_available():
+        callbacks.append(MemoryMonitor())
+    if cb.runtime_estimator is not None:
+        callbacks.append(RuntimeEstimator())
+    return callbacks

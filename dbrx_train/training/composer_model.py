@@ -1,0 +1,66 @@
+"""Thin ComposerModel around DbrxForCausalLM: loss terms, eval metrics, FLOPs per batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
+from composer.models import ComposerModel
+
+from dbrx_train.model import DbrxForCausalLM
+from dbrx_train.model.stats import flops_per_token
+
+IGNORE_INDEX = -100
+
+
+def shifted_targets(labels_BT: torch.Tensor) -> torch.Tensor:
+    """Position t predicts token t+1; the last position has no target."""
+    targets = torch.roll(labels_BT, shifts=-1, dims=1)
+    targets[:, -1] = IGNORE_INDEX
+    return targets
+
+
+class DbrxComposerModel(ComposerModel):
+    """Composer owns the loop; this only maps a batch to the model's loss terms and metrics.
+
+    Batches are dicts with ``input_ids`` (B, T) and optionally ``labels`` (B, T, -100 = no loss).
+    """
+
+    def __init__(self, model: DbrxForCausalLM):
+        super().__init__()
+        self.model = model
+        self._eval_metrics = {
+            "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
+            "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
+        }
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        labels = batch.get("labels", batch["input_ids"])
+        return self.model(batch["input_ids"], labels=labels)
+
+    def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # Composer logs each key as loss/train/<key>; 'total' is what it backpropagates.
+        return {
+            "total": outputs.loss,
+            "lm_cross_entropy": outputs.lm_loss.detach(),
+            "load_balancing": outputs.aux_loss.detach(),
+        }
+
+    def eval_forward(self, batch: dict[str, torch.Tensor], outputs: Any | None = None) -> torch.Tensor:
+        if outputs is not None:
+            return outputs.logits
+        return self.model(batch["input_ids"]).logits
+
+    def get_metrics(self, is_train: bool = False) -> dict[str, Any]:
+        # Train-time cross-entropy already comes from the loss (loss/train/lm_cross_entropy);
+        # recomputing it over a 100k vocabulary every batch would cost a second softmax.
+        return {} if is_train else self._eval_metrics
+
+    def update_metric(self, batch: dict[str, torch.Tensor], outputs: torch.Tensor, metric: Any) -> None:
+        labels = batch.get("labels", batch["input_ids"])
+        metric.update(outputs, shifted_targets(labels))
+
+    def flops_per_batch(self, batch: dict[str, torch.Tensor]) -> int:
+        batch_size, seq_len = batch["input_ids"].shape
+        return flops_per_token(self.model.config, seq_len) * batch_size * seq_len

@@ -1,0 +1,76 @@
+"""``metrics.jsonl``: one JSON object per trained batch, so runs can be compared without W&B.
+
+Each line is ``{"batch": n, "tokens": t, <metric>: value, ...}`` where ``n`` counts completed
+batches (1-based) and metric names are Composer's (``loss/train/total``, ...). Everything logged
+while batch ``n`` runs, including evaluation after it, lands on that batch's line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from composer.core import State
+from composer.loggers import Logger, LoggerDestination
+from composer.utils import dist
+
+
+class MetricsFileLogger(LoggerDestination):
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._record: dict[str, Any] | None = None
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if dist.get_global_rank() != 0:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # After a resume, lines for batches past the checkpoint describe work that is redone now.
+        self._truncate_after(int(state.timestamp.batch.value))
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        self._flush()
+        self._record = {"batch": int(state.timestamp.batch.value) + 1}
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self._record is None:
+            return
+        for key, value in metrics.items():
+            self._record[key] = _plain(value)
+
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
+        if self._record is not None:
+            self._record["tokens"] = int(state.timestamp.token.value)
+        self._flush()
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self._flush()
+
+    def close(self, state: State, logger: Logger) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        record, self._record = self._record, None
+        if record is None or dist.get_global_rank() != 0 or len(record) <= 1:
+            return
+        ordered = {"batch": record.pop("batch"), "tokens": record.pop("tokens", None), **record}
+        with self.path.open("a") as f:
+            f.write(json.dumps(ordered) + "\n")
+
+    def _truncate_after(self, batch: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["batch"] <= batch]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep it visible rather than dropping it
+    return value

@@ -1,0 +1,3 @@
+from dbrx_train.train import main
+
+main()
