@@ -1,0 +1,60 @@
+"""Analytic model statistics from a config alone: parameter counts, training FLOPs, KV-cache size.
+
+Nothing is allocated, so the 132B config can be sized on a laptop; tests cross-check the counts
+against `sum(p.numel())` of a model built on the meta device.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from dbrx_train.model.config import DbrxConfig
+
+
+class ParamCounts(NamedTuple):
+    total: int  # every parameter (a tied lm_head counted once)
+    active: int  # parameters one token touches: all non-expert ones + top_k / E of the experts
+
+
+def _layer_counts(config: DbrxConfig) -> tuple[int, int]:
+    """(non-expert, expert) parameters of one block."""
+    D, F = config.d_model, config.ffn_config.ffn_hidden_size
+    E = config.ffn_config.moe_num_experts
+    kv_dim = config.attn_config.kv_n_heads * config.head_dim
+    norms = 2 * D  # norm_1, norm_2 (no bias)
+    attention = D * (D + 2 * kv_dim) + D * D  # Wqkv + out_proj
+    router = D * E
+    experts = 3 * E * F * D  # w1, v1, w2
+    return norms + attention + router, experts
+
+
+def count_params(config: DbrxConfig) -> ParamCounts:
+    D, V, L = config.d_model, config.vocab_size, config.n_layers
+    dense, experts = _layer_counts(config)
+    embeddings = V * D * (1 if config.tie_word_embeddings else 2)  # wte (+ lm_head)
+    total = embeddings + L * (dense + experts) + D  # + norm_f
+    ffn = config.ffn_config
+    inactive = L * experts * (ffn.moe_num_experts - ffn.moe_top_k) // ffn.moe_num_experts
+    return ParamCounts(total=total, active=total - inactive)
+
+
+def flops_per_token(config: DbrxConfig, seq_len: int) -> int:
+    """Training (forward + backward) FLOPs per token, PaLM appendix B / LLM Foundry convention.
+
+    6 * N_active + 12 * n_layers * d_model * seq_len, where
+    - N_active excludes the input embedding (a lookup, not a matmul) but includes lm_head
+      (its own weight even when tied to wte) and the router;
+    - the attention term (QK^T and AV: 2 matmuls x 2 FLOPs x 3 for fwd+bwd) is NOT halved for
+      causal masking, as in PaLM and LLM Foundry, so MFU numbers compare with theirs; causal kernels
+      skip about half of it, so this overstates executed FLOPs at long seq_len.
+    """
+    D, V, L = config.d_model, config.vocab_size, config.n_layers
+    counts = count_params(config)
+    input_embedding = 0 if config.tie_word_embeddings else V * D
+    matmul_params = counts.active - input_embedding
+    return 6 * matmul_params + 12 * L * D * seq_len
+
+
+def kv_cache_bytes_per_token(config: DbrxConfig, dtype_bytes: int = 2) -> int:
+    """Bytes of K and V cached per generated/prefilled token, over all layers."""
+    return 2 * config.n_layers * config.attn_config.kv_n_heads * config.head_dim * dtype_bytes

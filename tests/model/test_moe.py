@@ -1,0 +1,215 @@
+"""MoE steps and the torch backend against a dense loop over experts written here."""
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from dbrx_train.model import DbrxFFNConfig
+from dbrx_train.model import moe as moe_lib
+from dbrx_train.model.moe import DbrxFFN, combine, gather, load_balancing_loss, route, sort_by_expert
+
+D, FF = 16, 24
+
+
+def make_ffn(num_experts=16, top_k=2, normalize=1.0, seed=0, moe_backend="torch", **kwargs):
+    torch.manual_seed(seed)
+    cfg = DbrxFFNConfig(
+        ffn_hidden_size=FF,
+        moe_num_experts=num_experts,
+        moe_top_k=top_k,
+        moe_normalize_expert_weights=normalize,
+        moe_backend=moe_backend,
+        **kwargs,
+    )
+    ffn = DbrxFFN(D, cfg)
+    for p in ffn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return ffn
+
+
+def reference_moe(ffn, x_ND):
+    """Every token through each of its top-k experts, one token and one expert at a time."""
+    E, k, p = ffn.router.layer.weight.shape[0], ffn.router.top_k, ffn.router.normalize_p
+    probs = torch.softmax(x_ND @ ffn.router.layer.weight.t(), dim=-1)
+    top_w, top_e = torch.topk(probs, k, dim=-1)
+    if p is not None:
+        top_w = top_w / (top_w.abs() ** p).sum(dim=-1, keepdim=True) ** (1.0 / p)
+    mlp = ffn.experts.mlp
+    w1, v1, w2 = (w.view(E, FF, D) for w in (mlp.w1, mlp.v1, mlp.w2))
+    rows = []
+    for n in range(x_ND.shape[0]):
+        row = torch.zeros(D)
+        for j in range(k):
+            e = top_e[n, j]
+            glu = F.silu(w1[e] @ x_ND[n]) * (v1[e] @ x_ND[n])
+            row = row + top_w[n, j] * (glu @ w2[e])
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def assert_matches_reference(ffn, x_ND):
+    params = [ffn.router.layer.weight, ffn.experts.mlp.w1, ffn.experts.mlp.v1, ffn.experts.mlp.w2]
+    x_ref = x_ND.clone().requires_grad_(True)
+    x_fast = x_ND.clone().requires_grad_(True)
+    expected = reference_moe(ffn, x_ref)
+    got = ffn(x_fast).out_ND
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(got)
+    expected_grads = torch.autograd.grad(expected, [x_ref, *params], grad_out)
+    got_grads = torch.autograd.grad(got, [x_fast, *params], grad_out)
+    for name, g, e in zip(["x", "router", "w1", "v1", "w2"], got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("normalize", [1.0, 2.0, None])
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_torch_moe_matches_dense_loop(top_k, normalize):
+    ffn = make_ffn(num_experts=16, top_k=top_k, normalize=normalize)
+    x = torch.randn(40, D)
+    assert_matches_reference(ffn, x)
+
+
+def test_one_expert_moe_is_a_dense_glu():
+    ffn = make_ffn(num_experts=1, top_k=1)
+    x = torch.randn(10, D)
+    mlp = ffn.experts.mlp
+    dense = (F.silu(x @ mlp.w1.t()) * (x @ mlp.v1.t())) @ mlp.w2
+    torch.testing.assert_close(ffn(x).out_ND, dense, atol=1e-6, rtol=1e-6)
+
+
+def test_dropless_when_every_token_picks_the_same_experts():
+    ffn = make_ffn(num_experts=8, top_k=2)
+    with torch.no_grad():  # x > 0, so expert 3 always wins and expert 5 is always second
+        ffn.router.layer.weight.fill_(-1.0)
+        ffn.router.layer.weight[3] = 2.0
+        ffn.router.layer.weight[5] = 1.0
+    x = torch.rand(32, D) + 0.1
+    routing = ffn.router(x)
+    assert sort_by_expert(routing.experts_Nk, 8).tokens_per_expert_E.tolist() == [0, 0, 0, 32, 0, 32, 0, 0]
+    assert_matches_reference(ffn, x)
+
+
+def test_sort_gather_combine_on_a_hand_worked_layout():
+    experts_Nk = torch.tensor([[2, 0], [1, 2], [2, 3]])  # 3 tokens, k=2, E=5; expert 4 unused
+    bins = sort_by_expert(experts_Nk, num_experts=5)
+    # flat assignments: 0->e2 1->e0 2->e1 3->e2 4->e2 5->e3; stable sort by expert:
+    assert bins.order_M.tolist() == [1, 2, 0, 3, 4, 5]
+    assert bins.tokens_per_expert_E.tolist() == [1, 1, 3, 1, 0]
+    assert bins.offsets_E1.tolist() == [0, 1, 2, 5, 6, 6]
+
+    x_ND = torch.tensor([[1.0], [10.0], [100.0]])
+    x_MD = gather(x_ND, bins.order_M, top_k=2)
+    assert x_MD[:, 0].tolist() == [1.0, 10.0, 1.0, 10.0, 100.0, 100.0]  # tokens 0 1 0 1 2 2
+
+    weights_Nk = torch.tensor([[0.5, 0.25], [0.75, 0.125], [1.0, 2.0]])
+    y_MD = x_MD * 2  # a stand-in expert
+    out = combine(y_MD, bins, weights_Nk, num_tokens=3)
+    assert out[:, 0].tolist() == [2 * 1 * (0.5 + 0.25), 2 * 10 * (0.75 + 0.125), 2 * 100 * (1.0 + 2.0)]
+
+
+def test_expert_compute_is_one_matmul_per_weight_per_used_expert():
+    ffn = make_ffn(num_experts=16, top_k=2)
+    N = 24
+    x = torch.randn(N, D)
+    with FlopCounterMode(display=False) as counter:
+        ffn(x)
+    # Router (N x D x E) plus exactly the N*k assigned rows through 3 weights of F x D each: no
+    # masked passes over all tokens, no dropped tokens.
+    expected = 2 * N * D * 16 + 3 * 2 * (N * 2) * D * FF
+    assert counter.get_total_flops() == expected
+
+
+def test_route_normalisation_and_order():
+    torch.manual_seed(0)
+    x, w = torch.randn(8, D), torch.randn(6, D)
+    probs = torch.softmax(x @ w.t(), dim=-1)
+    r = route(x, w, top_k=3, normalize_p=None)
+    torch.testing.assert_close(r.probs_NE, probs)
+    torch.testing.assert_close(r.weights_Nk, probs.gather(1, r.experts_Nk))
+    assert (r.weights_Nk[:, :-1] >= r.weights_Nk[:, 1:]).all()
+    assert r.weights_Nk.dtype == torch.float32
+    torch.testing.assert_close(route(x, w, top_k=3, normalize_p=1.0).weights_Nk.sum(-1), torch.ones(8))
+    torch.testing.assert_close(route(x, w, top_k=3, normalize_p=2.0).weights_Nk.norm(dim=-1), torch.ones(8))
+
+
+def test_router_probabilities_are_fp32_for_bf16_inputs():
+    x, w = torch.randn(8, D, dtype=torch.bfloat16), torch.randn(6, D, dtype=torch.bfloat16)
+    r = route(x, w, top_k=2, normalize_p=1.0)
+    assert r.probs_NE.dtype == torch.float32 and r.logits_NE.dtype == torch.bfloat16
+
+
+def test_jitter_perturbs_router_input_only_in_training():
+    eps = 0.2
+    ffn = make_ffn(num_experts=8, top_k=2, moe_jitter_eps=eps)
+    x = torch.randn(16, D)
+    ffn.eval()
+    torch.testing.assert_close(ffn.router(x).logits_NE, x @ ffn.router.layer.weight.t())
+    torch.testing.assert_close(ffn(x).out_ND, reference_moe(ffn, x), atol=1e-5, rtol=1e-5)
+
+    ffn.train()
+    torch.manual_seed(123)
+    noise = torch.empty_like(x).uniform_(1 - eps, 1 + eps)
+    torch.manual_seed(123)
+    jittered = ffn.router(x)
+    torch.testing.assert_close(jittered.logits_NE, (x * noise) @ ffn.router.layer.weight.t())
+    assert not torch.allclose(jittered.logits_NE, x @ ffn.router.layer.weight.t())
+
+
+def test_uniform_expert_assignment_is_round_robin():
+    ffn = make_ffn(num_experts=4, top_k=2, uniform_expert_assignment=True)
+    x = torch.randn(6, D)
+    r = ffn.router(x)
+    assert r.experts_Nk.tolist() == [[0, 1], [2, 3], [0, 1], [2, 3], [0, 1], [2, 3]]
+    assert sort_by_expert(r.experts_Nk, 4).tokens_per_expert_E.tolist() == [3, 3, 3, 3]
+    out = ffn(x).out_ND
+    mlp = ffn.experts.mlp
+    w1, v1, w2 = (w.view(4, FF, D) for w in (mlp.w1, mlp.v1, mlp.w2))
+    n, e, j = 1, 3, 1  # token 1's second assignment is expert 3
+    part = r.weights_Nk[n, 0] * ((F.silu(w1[2] @ x[n]) * (v1[2] @ x[n])) @ w2[2])
+    part = part + r.weights_Nk[n, j] * ((F.silu(w1[e] @ x[n]) * (v1[e] @ x[n])) @ w2[e])
+    torch.testing.assert_close(out[n], part, atol=1e-5, rtol=1e-5)
+
+
+def test_load_balancing_loss_by_hand():
+    probs = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
+    # Balanced assignment: f = [1/2, 1/2], P = [0.55, 0.45] -> 2 * (0.275 + 0.225) = 1.0
+    assert load_balancing_loss(probs, torch.tensor([[0], [1]])).item() == pytest.approx(1.0)
+    # Everything on expert 0: f = [1, 0] -> 2 * 0.55
+    assert load_balancing_loss(probs, torch.tensor([[0], [0]])).item() == pytest.approx(1.1)
+
+    # k=2 of E=3: assignments e0, e1, e0, e2 -> f = [2/4, 1/4, 1/4]; P = [0.35, 0.35, 0.3]
+    probs3 = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.4, 0.4]], requires_grad=True)
+    loss = load_balancing_loss(probs3, torch.tensor([[0, 1], [0, 2]]))
+    assert loss.item() == pytest.approx(3 * (0.5 * 0.35 + 0.25 * 0.35 + 0.25 * 0.3))
+    loss.backward()  # d loss / d p_ne = E * f_e / N; f carries no gradient
+    torch.testing.assert_close(probs3.grad, torch.tensor([[0.75, 0.375, 0.375]] * 2))
+
+
+def test_ffn_returns_its_layers_aux_loss_and_router_logits():
+    ffn = make_ffn(num_experts=8, top_k=2)
+    x = torch.randn(20, D)
+    out = ffn(x)
+    routing = ffn.router(x)
+    assert out.aux_loss.shape == ()
+    torch.testing.assert_close(out.aux_loss, load_balancing_loss(routing.probs_NE, routing.experts_Nk))
+    torch.testing.assert_close(out.router_logits_NE, routing.logits_NE)
+    out.aux_loss.backward()
+    assert ffn.router.layer.weight.grad.abs().sum() > 0
+
+
+def test_backend_resolution():
+    assert moe_lib.resolve_moe_backend("torch") == "torch"
+    if not torch.cuda.is_available():
+        assert moe_lib.resolve_moe_backend("auto") == "torch"
+    if importlib.util.find_spec("megablocks") is None:
+        with pytest.raises(ImportError, match=r"pip install -e \.\[gpu\]"):
+            make_ffn(moe_backend="megablocks")
+
+
+def test_megablocks_backend_not_implemented_yet(monkeypatch):
+    monkeypatch.setattr(moe_lib, "resolve_moe_backend", lambda requested: "megablocks")
+    with pytest.raises(NotImplementedError, match="megablocks"):
+        DbrxFFN(D, DbrxFFNConfig(ffn_hidden_size=FF))
