@@ -1,0 +1,24 @@
+"""Data for training: token-sequence MDS datasets and their loaders. Knows nothing of the model.
+
+token_mds.py  the on-disk format (LLM Foundry's `tokens` column) and its checks
+prepare.py    text files -> tokenized, packed MDS (used by data_prep/ scripts)
+text.py       pretraining loader: config dataclasses, TokenSequenceDataset, build_text_dataloader
+"""
+
+from dbrx_train.data.text import (
+    StreamConfig,
+    TextDatasetConfig,
+    TextLoaderConfig,
+    TokenSequenceDataset,
+    build_text_dataloader,
+    validate_text_dataset_config,
+)
+
+__all__ = [
+    "StreamConfig",
+    "TextDatasetConfig",
+    "TextLoaderConfig",
+    "TokenSequenceDataset",
+    "build_text_dataloader",
+    "validate_text_dataset_config",
+]

@@ -1,0 +1,266 @@
+"""Pretraining data: fixed-length token sequences streamed from MDS folders by MosaicML Streaming.
+
+YAML (keys follow LLM Foundry's `train_loader`):
+
+    train_loader:
+      name: text
+      dataset:
+        local: data/default/code      # one stream ...
+        split: train
+        # ... or a mixture of named streams (exclusive with local/remote):
+        # streams:
+        #   prose: {local: data/default/prose, proportion: 0.3}
+        #   code:  {local: data/default/code, proportion: 0.7}
+        shuffle: true
+      drop_last: true
+      num_workers: 2
+
+Each sample is `{"input_ids": LongTensor (max_seq_len,)}`; the default collate makes `(B, T)`.
+Problems with the data (missing folder, wrong sequence length, ids outside the vocabulary) are
+reported before training starts by `validate_text_dataset_config`, and again per sample as it
+is read, naming the stream, shard and sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from streaming import Stream, StreamingDataLoader, StreamingDataset
+from streaming.base.shuffle import algos as shuffle_algos
+
+from dbrx_train.data.token_mds import TokenMDSInfo, check_token_mds, find_token_problem, sample_token_ids
+
+
+@dataclass
+class StreamConfig:
+    """One named stream of a mixture: the MDS folder is `local/split` (or `local`)."""
+
+    local: str
+    remote: str | None = None  # if set, shards are downloaded from here into `local`
+    split: str | None = None  # defaults to the dataset's `split`
+    proportion: float | None = None  # relative weight; give it to all streams or none
+
+
+@dataclass
+class TextDatasetConfig:
+    local: str | None = None  # single-stream shorthand: the MDS folder is `local/split`
+    remote: str | None = None
+    split: str | None = None
+    streams: dict[str, StreamConfig] | None = None  # named streams (mixtures); exclusive with local/remote
+    shuffle: bool = True
+    shuffle_algo: str = "py1e"
+    shuffle_block_size: int | None = None  # None: Streaming's default, max(4M / num_canonical_nodes, 2**18)
+    # The sample order is a function of (seed, num_canonical_nodes), not of the world size.
+    # Streaming saves the value in checkpoints, so a resumed run keeps its order; pin it
+    # (e.g. to the node count of the first run) to get identical order across runs that use
+    # different numbers of nodes. None: Streaming's default (the number of nodes of this run,
+    # times 64 for py1s/py2s).
+    num_canonical_nodes: int | None = None
+    predownload: int | None = None  # samples to download ahead per worker; None: 8 * device_batch_size
+    download_timeout: float = 60.0
+    validate_hash: str | None = None  # e.g. "sha1" (written by data_prep/convert_text_to_mds.py)
+    keep_zip: bool = False
+
+
+@dataclass
+class TextLoaderConfig:
+    name: str = "text"
+    dataset: TextDatasetConfig = field(default_factory=TextDatasetConfig)
+    drop_last: bool = True
+    num_workers: int = 0
+    pin_memory: bool = False
+    prefetch_factor: int | None = None  # only with num_workers > 0
+    persistent_workers: bool = False  # only with num_workers > 0
+    timeout: float = 0.0
+
+
+@dataclass
+class _ResolvedStream:
+    """A stream with the dataset-level defaults applied and a name for error messages."""
+
+    key: str  # e.g. "train_loader.dataset.streams.code"
+    local: str
+    remote: str | None
+    split: str | None
+    proportion: float | None
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.local, self.split) if self.split else Path(self.local)
+
+
+def _resolve_streams(dataset: TextDatasetConfig, config_key: str) -> list[_ResolvedStream]:
+    key = f"{config_key}.dataset"
+    if dataset.streams is not None:
+        if dataset.local is not None or dataset.remote is not None:
+            raise ValueError(f"{key}: set either `streams` or `local`/`remote`, not both")
+        if not dataset.streams:
+            raise ValueError(f"{key}.streams is empty; name at least one stream")
+        streams = [
+            _ResolvedStream(
+                key=f"{key}.streams.{name}",
+                local=stream.local,
+                remote=stream.remote,
+                split=stream.split if stream.split is not None else dataset.split,
+                proportion=stream.proportion,
+            )
+            for name, stream in dataset.streams.items()
+        ]
+    elif dataset.local is not None:
+        streams = [_ResolvedStream(key, dataset.local, dataset.remote, dataset.split, None)]
+    else:
+        raise ValueError(f"{key}: set `local` (an MDS folder) or `streams` (named MDS folders)")
+
+    for stream in streams:
+        if not stream.local:
+            raise ValueError(f"{stream.key}.local is empty; it must name the local MDS folder")
+        if stream.proportion is not None and stream.proportion < 0:
+            raise ValueError(f"{stream.key}.proportion is {stream.proportion}; it must be >= 0")
+    with_proportion = [s.key for s in streams if s.proportion is not None]
+    if with_proportion and len(with_proportion) != len(streams):
+        missing = [s.key for s in streams if s.proportion is None]
+        raise ValueError(f"give `proportion` to every stream or to none; missing in {missing}")
+    if with_proportion and sum(s.proportion for s in streams) <= 0:
+        raise ValueError(f"{key}.streams: proportions sum to 0; at least one must be positive")
+    folders = [str(s.folder.resolve()) for s in streams]
+    if len(set(folders)) != len(folders):
+        raise ValueError(f"{key}.streams: two streams read the same folder ({folders}); Streaming forbids it")
+    return streams
+
+
+def _validate_loader_options(cfg: TextLoaderConfig, config_key: str) -> None:
+    dataset = cfg.dataset
+    if cfg.name != "text":
+        raise ValueError(f"{config_key}.name is {cfg.name!r}; the pretraining loader is 'text'")
+    if dataset.shuffle_algo not in shuffle_algos:
+        raise ValueError(
+            f"{config_key}.dataset.shuffle_algo {dataset.shuffle_algo!r} is not one of {sorted(shuffle_algos)}"
+        )
+    if dataset.download_timeout <= 0:
+        raise ValueError(f"{config_key}.dataset.download_timeout must be > 0")
+    if cfg.num_workers < 0:
+        raise ValueError(f"{config_key}.num_workers must be >= 0")
+    if cfg.num_workers == 0 and (cfg.prefetch_factor is not None or cfg.persistent_workers):
+        raise ValueError(
+            f"{config_key}.prefetch_factor / persistent_workers need worker processes: "
+            f"set {config_key}.num_workers > 0 or remove them"
+        )
+
+
+def validate_text_dataset_config(
+    cfg: TextLoaderConfig, max_seq_len: int, vocab_size: int, *, config_key: str = "train_loader"
+) -> dict[str, TokenMDSInfo]:
+    """Check the loader config and every local stream's data (index, columns, the first sample's
+    length and ids) without building a loader. Streams with a `remote` are checked when the
+    loader is built, after Streaming has downloaded their index.
+
+    `config_key` prefixes error messages (e.g. "eval_loader"). Returns what was found per
+    checked stream key."""
+    _validate_loader_options(cfg, config_key)
+    found = {}
+    for stream in _resolve_streams(cfg.dataset, config_key):
+        if stream.remote is None:
+            found[stream.key] = check_token_mds(
+                stream.folder, max_seq_len=max_seq_len, vocab_size=vocab_size, name=stream.key
+            )
+    return found
+
+
+class TokenSequenceDataset(StreamingDataset):
+    """A StreamingDataset of fixed-length token sequences, checked as they are read."""
+
+    def __init__(
+        self,
+        *,
+        max_seq_len: int,
+        vocab_size: int,
+        stream_keys: list[str] | None = None,
+        **streaming_kwargs: Any,
+    ):
+        self.max_seq_len = max_seq_len
+        self.vocab_size = vocab_size
+        super().__init__(**streaming_kwargs)
+        self.stream_keys = stream_keys or [f"stream {i}" for i in range(self.num_streams)]
+
+    def get_item(self, idx: int, retry: int = 7) -> dict[str, torch.Tensor]:
+        sample = super().get_item(idx, retry)
+        try:
+            ids = sample_token_ids(sample)
+            problem = find_token_problem(ids, self.max_seq_len, self.vocab_size)
+        except ValueError as error:
+            problem = str(error)
+        if problem:
+            raise ValueError(f"{self._describe(idx)} {problem}.")
+        return {"input_ids": torch.from_numpy(ids.astype("int64"))}
+
+    def _describe(self, idx: int) -> str:
+        shard_id, _ = self.spanner[idx]
+        shard = self.shards[shard_id]
+        stream_id = int(self.stream_per_shard[shard_id])
+        in_stream = idx - int(self.sample_offset_per_stream[stream_id])
+        folder = Path(shard.dirname, shard.split or "")
+        return (
+            f"{self.stream_keys[stream_id]}: sample {in_stream} (shard {shard.raw_data.basename}) in {folder}"
+        )
+
+
+def build_text_dataloader(
+    cfg: TextLoaderConfig,
+    *,
+    device_batch_size: int,
+    max_seq_len: int,
+    vocab_size: int,
+    seed: int,
+    config_key: str = "train_loader",
+) -> StreamingDataLoader:
+    """A resumable loader of `{"input_ids": (device_batch_size, max_seq_len) int64}` batches,
+    shuffled with `seed`. Checks the data first (see `validate_text_dataset_config`)."""
+    if device_batch_size < 1:
+        raise ValueError(f"device_batch_size must be >= 1, got {device_batch_size}")
+    validate_text_dataset_config(cfg, max_seq_len, vocab_size, config_key=config_key)
+    dataset_cfg = cfg.dataset
+    resolved = _resolve_streams(dataset_cfg, config_key)
+    dataset = TokenSequenceDataset(
+        max_seq_len=max_seq_len,
+        vocab_size=vocab_size,
+        stream_keys=[s.key for s in resolved],
+        streams=[
+            Stream(local=s.local, remote=s.remote, split=s.split, proportion=s.proportion) for s in resolved
+        ],
+        download_timeout=dataset_cfg.download_timeout,
+        validate_hash=dataset_cfg.validate_hash,
+        keep_zip=dataset_cfg.keep_zip,
+        predownload=dataset_cfg.predownload,
+        num_canonical_nodes=dataset_cfg.num_canonical_nodes,
+        # Streaming partitions samples into whole per-device batches; it needs the batch size
+        # for that partition (and so the resumption point) to be deterministic.
+        batch_size=device_batch_size,
+        shuffle=dataset_cfg.shuffle,
+        shuffle_algo=dataset_cfg.shuffle_algo,
+        shuffle_seed=seed,
+        shuffle_block_size=dataset_cfg.shuffle_block_size,
+    )
+    # Remote streams could not be checked before their index was downloaded; read their first
+    # sample now so a wrong length or vocabulary fails here rather than mid-training.
+    for stream_id, stream in enumerate(resolved):
+        if stream.remote is not None:
+            dataset[int(dataset.sample_offset_per_stream[stream_id])]
+    if cfg.drop_last and len(dataset) < device_batch_size:
+        raise ValueError(
+            f"{config_key}: this rank gets {len(dataset)} samples per epoch, fewer than device_batch_size="
+            f"{device_batch_size}, so with drop_last there would be no batch at all. Prepare more data, "
+            f"lower the batch size, or set {config_key}.drop_last: false"
+        )
+    return StreamingDataLoader(
+        dataset,
+        batch_size=device_batch_size,
+        drop_last=cfg.drop_last,
+        num_workers=cfg.num_workers,
+        pin_memory=cfg.pin_memory,
+        prefetch_factor=cfg.prefetch_factor,
+        persistent_workers=cfg.persistent_workers,
+        timeout=cfg.timeout,
+    )
