@@ -270,13 +270,19 @@ def _check(cfg: TrainConfig) -> None:
             f"max_seq_len ({cfg.max_seq_len}); raise model.max_seq_len or lower max_seq_len"
         )
     if cfg.global_train_batch_size <= 0:
-        raise ConfigError(f"config key 'global_train_batch_size' must be positive; got {cfg.global_train_batch_size}")
+        raise ConfigError(
+            f"config key 'global_train_batch_size' must be positive; got {cfg.global_train_batch_size}"
+        )
     if cfg.device_train_microbatch_size is not None and cfg.device_train_microbatch_size <= 0:
         raise ConfigError("config key 'device_train_microbatch_size' must be positive")
     if cfg.fsdp_config is not None and cfg.parallelism_config is not None and cfg.parallelism_config.fsdp:
-        raise ConfigError("give FSDP settings once: either 'fsdp_config' or 'parallelism_config.fsdp', not both")
+        raise ConfigError(
+            "give FSDP settings once: either 'fsdp_config' or 'parallelism_config.fsdp', not both"
+        )
     if cfg.autoresume and not cfg.run_name:
-        raise ConfigError("autoresume: true needs a fixed 'run_name' so a restarted job finds its checkpoints")
+        raise ConfigError(
+            "autoresume: true needs a fixed 'run_name' so a restarted job finds its checkpoints"
+        )
     if cfg.load_weights_only and not cfg.load_path:
         raise ConfigError("load_weights_only: true needs 'load_path'")
 

@@ -42,24 +42,29 @@ def main(argv: list[str] | None = None) -> Trainer:
     try:
         cfg = load_config(argv[0], argv[1:])
         layout = batch_layout(cfg, dist.get_world_size())
+        device = resolve_device(cfg)
+        check_init_device(cfg, device)
         check_data(cfg)
     except ConfigError as e:
         # One clear line per rank instead of a traceback through the config machinery.
         print(f"dbrx-train: config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    return train(cfg, layout)
+    return train(cfg, layout, device)
 
 
 def check_data(cfg: TrainConfig) -> None:
+    """Missing folders, wrong sequence length, out-of-vocab ids: found before any process group starts."""
     vocab = cfg.model.dbrx.vocab_size
-    validate_text_dataset_config(cfg.train_loader, cfg.max_seq_len, vocab)
-    if cfg.eval_loader is not None:
-        validate_text_dataset_config(cfg.eval_loader, cfg.max_seq_len, vocab)
+    try:
+        validate_text_dataset_config(cfg.train_loader, cfg.max_seq_len, vocab)
+        if cfg.eval_loader is not None:
+            validate_text_dataset_config(cfg.eval_loader, cfg.max_seq_len, vocab, config_key="eval_loader")
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from e
 
 
-def train(cfg: TrainConfig, layout: BatchLayout) -> Trainer:
+def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    device = resolve_device(cfg)
     precision = cfg.precision if cfg.precision != "auto" else ("amp_bf16" if device == "gpu" else "fp32")
     if cfg.fsdp is not None or layout.world_size > 1:
         dist.initialize_dist(device, cfg.dist_timeout)
@@ -90,8 +95,11 @@ def train(cfg: TrainConfig, layout: BatchLayout) -> Trainer:
             max_seq_len=cfg.max_seq_len,
             vocab_size=cfg.model.dbrx.vocab_size,
             seed=cfg.seed,
+            config_key="eval_loader",
         )
-        evaluators.append(Evaluator(label="eval", dataloader=eval_loader, metric_names=list(composer_model.get_metrics())))
+        evaluators.append(
+            Evaluator(label="eval", dataloader=eval_loader, metric_names=list(composer_model.get_metrics()))
+        )
 
     trainer = Trainer(
         run_name=run_name,
@@ -141,6 +149,17 @@ def shared_run_name() -> str:
     if dist.is_initialized():
         dist.broadcast_object_list(name)  # every rank must agree on the run folder
     return name[0]
+
+
+def check_init_device(cfg: TrainConfig, device: str) -> None:
+    init_device = cfg.model.init_device
+    if init_device != "cpu" and cfg.fsdp is None:
+        raise ConfigError(
+            f"model.init_device: {init_device} needs FSDP (fsdp_config) to materialise the weights"
+        )
+    if init_device == "meta" and device != "gpu":
+        # Composer materialises meta modules on CUDA only; on CPU rank 0 can build and broadcast.
+        raise ConfigError("model.init_device: meta needs CUDA; on CPU use 'cpu' or 'mixed'")
 
 
 def build_model(cfg: TrainConfig) -> DbrxForCausalLM:

@@ -88,7 +88,11 @@ def test_errors_name_the_file_and_missing_keys(tmp_path):
 def test_batch_layout_divisibility():
     cfg = load_config(TINY, ["global_train_batch_size=16", "device_train_microbatch_size=4"])
     layout = batch_layout(cfg, world_size=2)
-    assert (layout.device_train_batch_size, layout.device_train_microbatch_size, layout.grad_accum) == (8, 4, 2)
+    assert (layout.device_train_batch_size, layout.device_train_microbatch_size, layout.grad_accum) == (
+        8,
+        4,
+        2,
+    )
     with pytest.raises(ConfigError, match=r"not divisible by the world size 3"):
         batch_layout(cfg, world_size=3)
     cfg = load_config(TINY, ["global_train_batch_size=12", "device_train_microbatch_size=4"])

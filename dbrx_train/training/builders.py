@@ -45,7 +45,9 @@ def build_algorithms(cfg: TrainConfig) -> list[Algorithm]:
     algorithms: list[Algorithm] = []
     clip = cfg.algorithms.gradient_clipping
     if clip is not None:
-        algorithms.append(GradientClipping(clipping_type=clip.clipping_type, clipping_threshold=clip.clipping_threshold))
+        algorithms.append(
+            GradientClipping(clipping_type=clip.clipping_type, clipping_threshold=clip.clipping_threshold)
+        )
     return algorithms
 
 
@@ -54,7 +56,9 @@ def build_loggers(cfg: TrainConfig, save_folder: str) -> list[LoggerDestination]
     if cfg.log_to_console:
         loggers.append(ConsoleLogger(log_interval=cfg.console_log_interval))
     if cfg.loggers.file is not None:
-        loggers.append(FileLogger(filename=cfg.loggers.file.filename, flush_interval=cfg.loggers.file.log_interval))
+        loggers.append(
+            FileLogger(filename=cfg.loggers.file.filename, flush_interval=cfg.loggers.file.log_interval)
+        )
     wandb = cfg.loggers.wandb
     if wandb is not None and wandb.mode != "disabled":
         # wandb reads its mode from the environment only; set it here from the config, never the

@@ -62,7 +62,9 @@ class MetricsFileLogger(LoggerDestination):
     def _truncate_after(self, batch: int) -> None:
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["batch"] <= batch]
+        kept = [
+            line for line in self.path.read_text().splitlines() if line and json.loads(line)["batch"] <= batch
+        ]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)

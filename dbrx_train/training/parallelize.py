@@ -32,6 +32,8 @@ def mark_fsdp_units(model: DbrxForCausalLM) -> None:
 
     model.fsdp_wrap_fn = is_block
     model.activation_checkpointing_fn = is_block
+    # For `init_device: meta`: Composer fills each still-meta module after sharding with this.
+    model.param_init_fn = model.init_module
 
 
 def build_parallelism_config(fsdp: FSDPConfig, device_type: str) -> ParallelismConfig:
@@ -45,7 +47,9 @@ def build_parallelism_config(fsdp: FSDPConfig, device_type: str) -> ParallelismC
                 f"fsdp_config.data_parallel_shard_degree={shard} must divide the world size {world_size} "
                 "for HYBRID_SHARD (shard within groups of that size, replicate across them)"
             )
-        mesh = init_device_mesh(device_type, (world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
+        mesh = init_device_mesh(
+            device_type, (world_size // shard, shard), mesh_dim_names=("replicate", "shard")
+        )
     elif fsdp.data_parallel_shard_degree not in (None, world_size):
         raise ConfigError(
             f"fsdp_config.data_parallel_shard_degree={fsdp.data_parallel_shard_degree} only applies to "

@@ -15,6 +15,7 @@ TINY = ROOT / "yamls/pretrain/dbrx-tiny.yaml"
 
 # A smaller model than dbrx-tiny so each run takes seconds; still 16 experts top-4, GQA, clip_qkv.
 SMALL = [
+    "max_seq_len=64",
     "model.d_model=64",
     "model.n_heads=4",
     "model.n_layers=2",
@@ -31,7 +32,9 @@ SMALL = [
 ]
 
 
-def launch(nproc: int, run_dir: Path, data_root: Path, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def launch(
+    nproc: int, run_dir: Path, data_root: Path, *overrides: str, timeout: float = 600
+) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "-m",
@@ -86,7 +89,10 @@ def test_one_rank_run_trains_logs_and_checkpoints(default_corpus, tmp_path):
     assert any("metrics/eval/LanguageCrossEntropy" in r for r in rows)
     assert (run_dir / "config.yaml").exists()
     checkpoints = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("ep"))
-    assert checkpoints == ["ep0-ba14", "ep0-ba7"] or checkpoints == ["ep0-ba14-rank0.pt", "ep0-ba7-rank0.pt"], checkpoints
+    assert checkpoints == ["ep0-ba14", "ep0-ba7"] or checkpoints == [
+        "ep0-ba14-rank0.pt",
+        "ep0-ba7-rank0.pt",
+    ], checkpoints
     assert "finished 14 batches" in proc.stdout
 
 
