@@ -9,16 +9,8 @@ from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 
 from dbrx_train.model import DbrxForCausalLM
+from dbrx_train.model.dbrx import IGNORE_INDEX, shift_labels
 from dbrx_train.model.stats import flops_per_token
-
-IGNORE_INDEX = -100
-
-
-def shifted_targets(labels_BT: torch.Tensor) -> torch.Tensor:
-    """Position t predicts token t+1; the last position has no target."""
-    targets = torch.roll(labels_BT, shifts=-1, dims=1)
-    targets[:, -1] = IGNORE_INDEX
-    return targets
 
 
 class DbrxComposerModel(ComposerModel):
@@ -59,7 +51,7 @@ class DbrxComposerModel(ComposerModel):
 
     def update_metric(self, batch: dict[str, torch.Tensor], outputs: torch.Tensor, metric: Any) -> None:
         labels = batch.get("labels", batch["input_ids"])
-        metric.update(outputs, shifted_targets(labels))
+        metric.update(outputs, shift_labels(labels))
 
     def flops_per_batch(self, batch: dict[str, torch.Tensor]) -> int:
         batch_size, seq_len = batch["input_ids"].shape
