@@ -142,8 +142,16 @@ class EmptyConfig:
 
 
 @dataclass
+class ExpertLoadConfig:
+    log_interval: int = 10  # batches between logs of per-layer expert load and router entropy
+    collapse_fraction: float = 0.1  # an expert below this fraction of its fair share (1/E) ...
+    collapse_window: int = 100  # ... for this many batches is reported as collapsed
+
+
+@dataclass
 class CallbacksConfig:
     speed_monitor: SpeedMonitorConfig | None = field(default_factory=SpeedMonitorConfig)
+    expert_load: ExpertLoadConfig | None = field(default_factory=ExpertLoadConfig)
     lr_monitor: EmptyConfig | None = field(default_factory=EmptyConfig)
     memory_monitor: EmptyConfig | None = None
     runtime_estimator: EmptyConfig | None = field(default_factory=EmptyConfig)

@@ -19,6 +19,7 @@ from composer.optim import (
 
 from dbrx_train.config import SchedulerConfig, TrainConfig
 from dbrx_train.training.callbacks import TrainPerplexity
+from dbrx_train.training.expert_load import ExpertLoadMonitor
 from dbrx_train.training.lion import DecoupledLionW
 from dbrx_train.training.metrics_file import MetricsFileLogger
 from dbrx_train.training.peak_flops import device_peak_flops
@@ -85,6 +86,9 @@ def build_callbacks(cfg: TrainConfig) -> list[Callback]:
         if peak == "auto":
             peak = device_peak_flops()
         callbacks.append(SpeedMonitor(window_size=cb.speed_monitor.window_size, gpu_flops_available=peak))
+    if cb.expert_load is not None:
+        el = cb.expert_load
+        callbacks.append(ExpertLoadMonitor(el.log_interval, el.collapse_fraction, el.collapse_window))
     if cb.lr_monitor is not None:
         callbacks.append(LRMonitor())
     if cb.memory_monitor is not None and torch.cuda.is_available():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -95,6 +96,14 @@ def test_one_rank_run_trains_logs_and_checkpoints(default_corpus, tmp_path):
         assert key in last, key
     assert 0 < last["throughput/device/mfu"] < 1
     assert any("metrics/eval/LanguageCrossEntropy" in r for r in rows)
+    # MoE health every 10 batches (callbacks.expert_load default), per layer
+    moe = rows[9]
+    for layer in (0, 1):
+        loads = [moe[f"moe/layer_{layer}/load/expert_{e}"] for e in range(16)]
+        assert abs(sum(loads) - 1) < 1e-5 and min(loads) >= 0
+        assert 0 < moe[f"moe/layer_{layer}/router_entropy"] <= math.log(16) + 1e-6
+        assert moe[f"moe/layer_{layer}/load_balancing"] > 0
+    assert moe["moe/collapsed_experts"] >= 0
     assert (run_dir / "config.yaml").exists()
     checkpoints = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("ep"))
     assert checkpoints == ["ep0-ba14", "ep0-ba7"] or checkpoints == [
