@@ -17,6 +17,8 @@ from pathlib import Path
 
 import tiktoken
 
+from dbrx_train.chat import chat_segments
+
 # sha256 of cl100k_base.tiktoken as published by OpenAI (the same hash tiktoken itself checks).
 CL100K_BPE_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
 
@@ -112,6 +114,31 @@ class DbrxTokenizer:
         # encode_ordinary: a document that happens to contain "<|endoftext|>" must not be able
         # to inject an end-of-sequence (or any other control token) into the training data.
         return self.encoding.encode_ordinary(text)
+
+    def encode_with_special(self, text: str) -> list[int]:
+        """Like `encode`, but special-token strings (`<|im_start|>`, ...) become their ids: for
+        trusted, template-generated text such as a rendered chat, never for raw documents."""
+        return self.encoding.encode(text, allowed_special="all")
+
+    def encode_chat(
+        self,
+        messages: list[dict],
+        *,
+        add_generation_prompt: bool = False,
+        default_system_prompt: bool = True,
+    ) -> tuple[list[int], list[bool]]:
+        """Token ids of the ChatML conversation and, per id, whether it is a training target
+        (assistant content and its `<|im_end|>`). Each `chat.chat_segments` piece is encoded on its
+        own, so no token straddles a trainable/non-trainable boundary."""
+        ids: list[int] = []
+        trainable: list[bool] = []
+        for segment in chat_segments(
+            messages, add_generation_prompt=add_generation_prompt, default_system_prompt=default_system_prompt
+        ):
+            segment_ids = self.encode_with_special(segment.text)
+            ids += segment_ids
+            trainable += [segment.trainable] * len(segment_ids)
+        return ids, trainable
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
         return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)

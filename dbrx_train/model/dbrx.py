@@ -61,11 +61,17 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"sequence length {seq_len} exceeds max_seq_len={self.max_seq_len}")
         return self.cos_TR[:seq_len], self.sin_TR[:seq_len]
 
+    def at(self, positions_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, R) tables for explicit per-token positions (padded batches, KV-cached decoding)."""
+        if int(positions_BT.max()) >= self.max_seq_len:
+            raise ValueError(f"position {int(positions_BT.max())} exceeds max_seq_len={self.max_seq_len}")
+        return self.cos_TR[positions_BT], self.sin_TR[positions_BT]
+
 
 def apply_rope(x_BTHDh: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (i, i + Dh/2): HF's rotate_half layout, so Wqkv weights are interchangeable."""
     x1, x2 = x_BTHDh.float().chunk(2, dim=-1)  # fp32: bf16 rotations drift at large positions
-    cos, sin = cos_TR[:, None, :], sin_TR[:, None, :]  # broadcast over heads
+    cos, sin = cos_TR.unsqueeze(-2), sin_TR.unsqueeze(-2)  # (T|B,T, 1, R): broadcast over heads
     rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return rotated.to(x_BTHDh.dtype)
 
@@ -86,7 +92,17 @@ class DbrxAttention(nn.Module):
         self.Wqkv = nn.Linear(config.d_model, config.d_model + 2 * kv_dim, bias=False)
         self.out_proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
-    def forward(self, x_BTD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos_TR: torch.Tensor,
+        sin_TR: torch.Tensor,
+        mask_BTS: torch.Tensor | None = None,
+        cache: LayerKVCache | None = None,
+    ) -> torch.Tensor:
+        """Causal when `mask_BTS` is None (training); else query t may read key s iff mask[b, t, s].
+        With `cache`, k and v are written at positions [start, start + T) and all S = start + T
+        cached keys are attended to."""
         B, T, D = x_BTD.shape
         H, K, Dh = self.n_heads, self.kv_n_heads, self.head_dim
         qkv = self.Wqkv(x_BTD)
@@ -99,6 +115,8 @@ class DbrxAttention(nn.Module):
         v_BTKDh = v.view(B, T, K, Dh)
 
         q_BHTDh, k_BKTDh, v_BKTDh = (t.transpose(1, 2) for t in (q_BTHDh, k_BTKDh, v_BTKDh))
+        if cache is not None:
+            k_BKTDh, v_BKTDh = cache.update(k_BKTDh, v_BKTDh)  # now T = S, every cached position
         if K != H:
             # Query head h reads kv head h // (H/K). Repeating beats sdpa's enable_gqa=True on CPU
             # torch 2.7 (~3x: enable_gqa falls back to the math kernel there) and still reaches the
@@ -111,10 +129,77 @@ class DbrxAttention(nn.Module):
             q_BHTDh,
             k_BHTDh,
             v_BHTDh,
+            attn_mask=None if mask_BTS is None else mask_BTS[:, None],
             dropout_p=self.attn_pdrop if self.training else 0.0,
-            is_causal=True,
+            is_causal=mask_BTS is None,
         )
         return self.out_proj(o_BHTDh.transpose(1, 2).reshape(B, T, D))
+
+
+class LayerKVCache(NamedTuple):
+    """One layer's slice of a KVCache: views into the cache tensors, written in place."""
+
+    k_BKSDh: torch.Tensor
+    v_BKSDh: torch.Tensor
+    start: int  # positions already filled
+
+    def update(self, k_BKTDh: torch.Tensor, v_BKTDh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.start + k_BKTDh.shape[2]
+        self.k_BKSDh[:, :, self.start : end] = k_BKTDh
+        self.v_BKSDh[:, :, self.start : end] = v_BKTDh
+        return self.k_BKSDh[:, :, :end], self.v_BKSDh[:, :, :end]
+
+
+class KVCache:
+    """Keys and values of every layer for up to `max_len` positions of B sequences, filled left to
+    right by successive forwards; `mask_BS` marks which filled positions hold real tokens (False:
+    left padding), so a padded batch decodes as if each sequence were alone."""
+
+    def __init__(self, config: DbrxConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        K, Dh = config.attn_config.kv_n_heads, config.head_dim
+        shape = (config.n_layers, batch_size, K, max_len, Dh)
+        self.k_LBKSDh = torch.zeros(shape, device=device, dtype=dtype)
+        self.v_LBKSDh = torch.zeros(shape, device=device, dtype=dtype)
+        self.mask_BS = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.mask_BS.shape[1]
+
+    def layer(self, i: int) -> LayerKVCache:
+        return LayerKVCache(self.k_LBKSDh[i], self.v_LBKSDh[i], self.length)
+
+
+def attention_layout(
+    attention_mask_BT: torch.Tensor | None,
+    position_ids_BT: torch.Tensor | None,
+    cache: KVCache | None,
+    input_ids_BT: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position_ids_BT, mask_BTS) for a padded and/or cached forward.
+
+    Positions count real tokens only (a left-padded sequence starts at 0, as in HF generate). Query
+    t (absolute index start + t) reads key s iff s is a real token and s <= start + t; a padding
+    query also reads itself, so no softmax row is empty (NaN). Writes this step's mask into `cache`.
+    """
+    B, T = input_ids_BT.shape
+    if attention_mask_BT is None:
+        attention_mask_BT = torch.ones(B, T, dtype=torch.bool, device=input_ids_BT.device)
+    start = 0
+    key_mask_BS = attention_mask_BT.bool()
+    if cache is not None:
+        start = cache.length
+        if start + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; {start} + {T} do not fit")
+        cache.mask_BS[:, start : start + T] = key_mask_BS
+        key_mask_BS = cache.mask_BS[:, : start + T]
+    if position_ids_BT is None:
+        position_ids_BT = (key_mask_BS.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+    q_T1 = torch.arange(start, start + T, device=input_ids_BT.device)[:, None]
+    k_1S = torch.arange(start + T, device=input_ids_BT.device)[None, :]
+    mask_BTS = (key_mask_BS[:, None, :] & (k_1S <= q_T1)) | (k_1S == q_T1)
+    return position_ids_BT, mask_BTS
 
 
 class NormAttnNormOutput(NamedTuple):
@@ -132,8 +217,15 @@ class DbrxNormAttentionNorm(nn.Module):
         self.attn = DbrxAttention(config)
         self.norm_2 = nn.LayerNorm(config.d_model, bias=False)
 
-    def forward(self, x_BTD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> NormAttnNormOutput:
-        a_BTD = self.attn(self.norm_1(x_BTD), cos_TR, sin_TR)
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos_TR: torch.Tensor,
+        sin_TR: torch.Tensor,
+        mask_BTS: torch.Tensor | None = None,
+        cache: LayerKVCache | None = None,
+    ) -> NormAttnNormOutput:
+        a_BTD = self.attn(self.norm_1(x_BTD), cos_TR, sin_TR, mask_BTS, cache)
         resid_BTD = x_BTD + F.dropout(a_BTD, p=self.resid_pdrop, training=self.training)
         return NormAttnNormOutput(resid_BTD, self.norm_2(resid_BTD))
 
@@ -154,9 +246,16 @@ class DbrxBlock(nn.Module):
         self.norm_attn_norm = DbrxNormAttentionNorm(config)
         self.ffn = DbrxFFN(config.d_model, config.ffn_config)
 
-    def forward(self, x_BTD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> BlockOutput:
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos_TR: torch.Tensor,
+        sin_TR: torch.Tensor,
+        mask_BTS: torch.Tensor | None = None,
+        cache: LayerKVCache | None = None,
+    ) -> BlockOutput:
         B, T, D = x_BTD.shape
-        resid_BTD, normed_BTD = self.norm_attn_norm(x_BTD, cos_TR, sin_TR)
+        resid_BTD, normed_BTD = self.norm_attn_norm(x_BTD, cos_TR, sin_TR, mask_BTS, cache)
         moe = self.ffn(normed_BTD.reshape(B * T, D))
         ffn_BTD = moe.out_ND.view(B, T, D)
         h_BTD = resid_BTD + F.dropout(ffn_BTD, p=self.resid_pdrop, training=self.training)
@@ -181,16 +280,32 @@ class DbrxModel(nn.Module):
         self.norm_f = nn.LayerNorm(config.d_model, bias=False)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.attn_config.rope_theta)
 
-    def forward(self, input_ids_BT: torch.Tensor, output_router_logits: bool = False) -> ModelOutput:
-        cos_TR, sin_TR = self.rotary(input_ids_BT.shape[1])
+    def forward(
+        self,
+        input_ids_BT: torch.Tensor,
+        output_router_logits: bool = False,
+        attention_mask_BT: torch.Tensor | None = None,
+        position_ids_BT: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> ModelOutput:
+        mask_BTS = None
+        if attention_mask_BT is None and position_ids_BT is None and cache is None:
+            cos_TR, sin_TR = self.rotary(input_ids_BT.shape[1])  # training: plain causal
+        else:
+            position_ids_BT, mask_BTS = attention_layout(
+                attention_mask_BT, position_ids_BT, cache, input_ids_BT
+            )
+            cos_TR, sin_TR = self.rotary.at(position_ids_BT)
         h_BTD = F.dropout(self.wte(input_ids_BT), p=self.emb_pdrop, training=self.training)
         aux_loss = h_BTD.new_zeros((), dtype=torch.float32)
         router_logits = []
-        for block in self.blocks:
-            out = block(h_BTD, cos_TR, sin_TR)
+        for i, block in enumerate(self.blocks):
+            out = block(h_BTD, cos_TR, sin_TR, mask_BTS, None if cache is None else cache.layer(i))
             h_BTD, aux_loss = out.h_BTD, aux_loss + out.aux_loss
             if output_router_logits:
                 router_logits.append(out.router_logits_NE)
+        if cache is not None:
+            cache.length += input_ids_BT.shape[1]
         return ModelOutput(
             self.norm_f(h_BTD),
             aux_loss / len(self.blocks),
@@ -207,6 +322,7 @@ class CausalLMOutput(NamedTuple):
     lm_loss: torch.Tensor | None  # token-mean next-token cross-entropy, when labels are given
     aux_loss: torch.Tensor  # moe_loss_weight * load-balancing loss averaged over layers; 0-dim
     router_logits: tuple[torch.Tensor, ...] | None  # per layer (N, E), when output_router_logits
+    past_key_values: KVCache | None = None  # the (updated) cache, when one was used
 
 
 IGNORE_INDEX = -100
@@ -249,20 +365,59 @@ class DbrxForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        position_ids: torch.Tensor | None = None,
     ) -> CausalLMOutput:
-        if attention_mask is not None and not bool(attention_mask.all()):
+        """Training: `forward(input_ids, labels)`. Inference may add a left-padding
+        `attention_mask` (B, T_past + T) and a `past_key_values` KVCache (`use_cache=True` creates
+        one sized max_seq_len), which is filled in place and returned in the output."""
+        plain = past_key_values is None and not use_cache
+        if attention_mask is not None and plain and bool(attention_mask.all()):
+            attention_mask = None  # all ones: the plain causal path
+        if attention_mask is not None and labels is not None:
             raise NotImplementedError(
-                "attention_mask with zeros (padding) is not supported: this model trains on packed, "
-                "unpadded sequences; mask padded positions in `labels` with -100 instead"
+                "attention_mask with zeros (padding) is not supported in training: this model trains on "
+                "packed, unpadded sequences; mask padded positions in `labels` with -100 instead"
             )
-        out = self.transformer(input_ids, output_router_logits=self.config.output_router_logits)
+        if use_cache and past_key_values is None:
+            B, dtype = input_ids.shape[0], self.lm_head.weight.dtype
+            past_key_values = KVCache(self.config, B, self.config.max_seq_len, input_ids.device, dtype)
+        if attention_mask is not None and past_key_values is not None:
+            attention_mask = attention_mask[:, past_key_values.length :]  # HF passes past + new
+        out = self.transformer(
+            input_ids,
+            output_router_logits=self.config.output_router_logits,
+            attention_mask_BT=attention_mask,
+            position_ids_BT=position_ids,
+            cache=past_key_values,
+        )
         logits_BTV = self.lm_head(out.hidden_BTD)
         aux_loss = self.config.ffn_config.moe_loss_weight * out.aux_loss
         lm_loss = loss = None
         if labels is not None:
             lm_loss = causal_lm_loss(logits_BTV, labels)
             loss = lm_loss + aux_loss
-        return CausalLMOutput(logits_BTV, loss, lm_loss, aux_loss, out.router_logits)
+        return CausalLMOutput(logits_BTV, loss, lm_loss, aux_loss, out.router_logits, past_key_values)
+
+    @classmethod
+    def from_pretrained(cls, folder, device: str | torch.device = "cpu") -> DbrxForCausalLM:
+        """Load an HF DBRX folder (config.json + safetensors, single or sharded), in fp32."""
+        from dbrx_train.model.hf import check_hf_folder, load_hf_weights
+
+        config = check_hf_folder(folder)
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        model.transformer.rotary.init_weights()  # the only non-checkpoint state
+        load_hf_weights(model, folder)
+        return model
+
+    def save_pretrained(self, folder, dtype: torch.dtype | None = None, **kwargs) -> None:
+        """Write an HF DBRX folder that transformers.AutoModelForCausalLM loads (see model/hf.py)."""
+        from dbrx_train.model.hf import save_pretrained
+
+        save_pretrained(self, folder, dtype=dtype, **kwargs)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:

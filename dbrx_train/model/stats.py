@@ -58,3 +58,63 @@ def flops_per_token(config: DbrxConfig, seq_len: int) -> int:
 def kv_cache_bytes_per_token(config: DbrxConfig, dtype_bytes: int = 2) -> int:
     """Bytes of K and V cached per generated/prefilled token, over all layers."""
     return 2 * config.n_layers * config.attn_config.kv_n_heads * config.head_dim * dtype_bytes
+
+
+class MemoryEstimate(NamedTuple):
+    """Bytes per GPU for FSDP training; see `estimate_training_memory`."""
+
+    params: int
+    grads: int
+    optimizer: int
+    gathered_block: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.gathered_block + self.activations
+
+
+def estimate_training_memory(
+    config: DbrxConfig,
+    world_size: int,
+    micro_batch_size: int,
+    seq_len: int,
+    optimizer_states: int = 2,
+    compute_bytes: int = 2,
+    activation_checkpointing: bool = False,
+) -> MemoryEstimate:
+    """A rough per-GPU budget for FULL_SHARD FSDP with fp32 master weights (Composer's DEFAULT
+    mixed precision: fp32 sharded params, grads and optimizer states; `compute_bytes` per element
+    for gathered weights and activations).
+
+    params + grads + optimizer = total_params * 4 * (1 + 1 + optimizer_states) / world_size
+        (AdamW: 2 states, Lion: 1).
+    gathered_block = 2 blocks' parameters in compute precision (the one running + the prefetched).
+    activations, per micro-batch of N = micro_batch_size * seq_len tokens:
+        per layer ~ N * (D * 16 + top_k * F * 3 + H * seq_len) elements without checkpointing
+        (block inputs, norms, q/k/v/attention output, the routed copies of x and the expert
+        hidden states, attention probabilities for non-fused kernels ~ H * T), or N * D with
+        activation checkpointing plus one layer's full set;
+        plus the fp32 logits and their gradient, N * V * 4 * 2.
+    An estimate to size a job before launching it, not an allocator trace: fragmentation,
+    communication buffers and the CUDA context (a few GB) come on top.
+    """
+    D, F, V, L = config.d_model, config.ffn_config.ffn_hidden_size, config.vocab_size, config.n_layers
+    k, H = config.ffn_config.moe_top_k, config.n_heads
+    total = count_params(config).total
+    shard = -(-total // world_size)
+    dense, experts = _layer_counts(config)
+    N = micro_batch_size * seq_len
+    per_layer = N * (16 * D + 3 * k * F + H * seq_len) * compute_bytes
+    if activation_checkpointing:
+        activations = L * N * D * compute_bytes + per_layer
+    else:
+        activations = L * per_layer
+    activations += N * V * 4 * 2
+    return MemoryEstimate(
+        params=shard * 4,
+        grads=shard * 4,
+        optimizer=shard * 4 * optimizer_states,
+        gathered_block=2 * (dense + experts) * compute_bytes,
+        activations=activations,
+    )

@@ -126,14 +126,20 @@ def test_bf16_autocast_is_close_to_fp32_and_trains():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_attention_mask_with_padding_is_rejected():
+def test_attention_mask_with_padding_is_rejected_in_training():
     model = tiny_model()
     x = tokens()
     torch.testing.assert_close(model(x, attention_mask=torch.ones_like(x)).logits, model(x).logits)
     mask = torch.ones_like(x)
-    mask[0, -3:] = 0
+    mask[0, :3] = 0
     with pytest.raises(NotImplementedError, match="attention_mask"):
-        model(x, attention_mask=mask)
+        model(x, labels=x, attention_mask=mask)
+    # Inference accepts left padding: padded rows give the logits of the unpadded sequence.
+    model.eval()
+    with torch.no_grad():
+        padded = model(x, attention_mask=mask).logits
+        alone = model(x[:1, 3:]).logits
+    torch.testing.assert_close(padded[0, 3:], alone[0], atol=1e-5, rtol=0)
 
 
 def test_tiny_model_overfits_one_batch():

@@ -1,0 +1,61 @@
+"""Convert a Composer checkpoint of this repo into an HF DBRX folder that transformers loads.
+
+    python scripts/convert_to_hf.py runs/dbrx-tiny/ep0-ba120 runs/dbrx-tiny/hf-ba120 \\
+        [--config runs/dbrx-tiny/config.yaml] [--dtype bf16|fp32|fp16] [--max-shard-size BYTES] [--no-tokenizer]
+
+The checkpoint is a sharded folder (`ep0-baN/`, any number of ranks) or `ep0-baN-rank0.pt`; the
+model config comes from the run folder's config.yaml unless --config is given. Runs on one
+process, reading and writing one tensor at a time (see dbrx_train/composer_checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dbrx_train.composer_checkpoint import (
+    check_shapes,
+    read_composer_checkpoint,
+    read_model_config,
+    run_config_path,
+)
+from dbrx_train.model.hf import DEFAULT_MAX_SHARD_BYTES, save_hf_folder
+from dbrx_train.training.hf_export import DTYPES
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("checkpoint", help="Composer checkpoint: ep0-baN/ folder or ep0-baN-rank0.pt")
+    parser.add_argument("out", help="HF folder to write")
+    parser.add_argument("--config", help="the run's config.yaml (default: next to the checkpoint)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--max-shard-size", type=int, default=DEFAULT_MAX_SHARD_BYTES, help="bytes per shard")
+    parser.add_argument("--no-tokenizer", action="store_true", help="skip the tokenizer files")
+    args = parser.parse_args(argv)
+    try:
+        config_path = Path(args.config) if args.config else run_config_path(args.checkpoint)
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} does not exist; pass the run's config.yaml with --config")
+        config = read_model_config(config_path)
+        weights = read_composer_checkpoint(args.checkpoint)
+        check_shapes(weights, config, args.checkpoint)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"convert_to_hf: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    save_hf_folder(
+        args.out,
+        config,
+        {name: weights.shapes[name] for name in weights.shapes},
+        weights.get_tensor,
+        DTYPES[args.dtype],
+        args.max_shard_size,
+        tokenizer=not args.no_tokenizer,
+    )
+    print(f"convert_to_hf: wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
