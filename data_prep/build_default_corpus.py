@@ -8,9 +8,14 @@ Streams (each split into train/val and written as MDS, like convert_text_to_mds.
   code   the standard library's .py sources in sorted path order (no site-packages, no test
          suites, no files that are not UTF-8), up to --max-code-tokens tokens
 
-Output: OUT/{prose,code}/{train,val}/ (MDS folders) and OUT/manifest.json (sizes and sources).
-The content depends on the Python version, which the manifest records. A later "chat" stream
-(pydoc topics turned into Q/A turns) would be one more entry in STREAMS, with its own writer.
+Fine-tuning set (written like convert_finetuning_dataset.py, same --max-seq-len):
+  chat   one question per help topic and phrasing ("Explain the "if" statement in Python.")
+         answered with the topic's opening prose, cut at a sentence so the conversation fits
+
+Output: OUT/{prose,code}/{train,val}/ (pretraining MDS folders), OUT/chat/{train,val}/
+(fine-tuning MDS folders) next to the conversations as OUT/chat/{train,val}.jsonl, and
+OUT/manifest.json (sizes and sources). The content depends on the Python version, which the
+manifest records.
 """
 
 from __future__ import annotations
@@ -28,11 +33,20 @@ from pathlib import Path
 
 import numpy as np
 
+from dbrx_train.data.finetuning import convert_conversations
 from dbrx_train.data.prepare import pack_to_mds, prepare_output_folder, tokenize_documents
+from dbrx_train.tokenizer import DbrxTokenizer, load_tokenizer
 
 VAL_FRACTION = 0.05
 MIN_VAL_SAMPLES = 8
 SKIPPED_STDLIB_PARTS = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
+CHAT_QUESTIONS = (
+    "Explain {title} in Python.",
+    "What does the Python documentation say about {title}?",
+    "Tell me about {title}.",
+)
+CHAT_VAL_FRACTION = 0.1
+MIN_CHAT_VAL_TOPICS = 8
 
 
 def prose_documents() -> Iterator[tuple[str, str]]:
@@ -114,11 +128,113 @@ def split_train_val(
     return train, val
 
 
+def topic_title_and_prose(text: str) -> tuple[str, list[str]]:
+    """A help topic's title and its prose paragraphs (reflowed), without headings, grammar or code."""
+    lines = text.strip().splitlines()
+    title = lines[0].strip()
+    paragraphs, current = [], []
+    for line in [*lines[2:], ""]:
+        if line.strip():
+            current.append(line)
+            continue
+        if current:
+            underlined = len(current) >= 2 and set(current[-1].strip()) <= set("=-*~^")
+            if not underlined and not current[0].startswith(" "):
+                paragraphs.append(" ".join(part.strip() for part in current))
+            current = []
+    return title, paragraphs
+
+
+def _leading_prose(paragraphs: list[str]) -> list[str]:
+    """The first two paragraphs, stopping after one that introduces code or grammar (ends in ':'),
+    whose colon becomes a full stop: the answer must not point at a block it does not contain."""
+    kept = []
+    for paragraph in paragraphs[:2]:
+        if paragraph.endswith(":"):
+            kept.append(paragraph[:-1] + ".")
+            break
+        kept.append(paragraph)
+    return kept
+
+
+def _fit_answer(tokenizer: DbrxTokenizer, paragraphs: list[str], budget: int) -> str:
+    """The longest run of whole sentences from the first paragraphs that fits in `budget` tokens
+    (whole words if even the first sentence does not)."""
+    answer = ""
+    for paragraph in _leading_prose(paragraphs):
+        for sentence in paragraph.replace(". ", ".\0").split("\0"):
+            candidate = f"{answer}{' ' if answer else ''}{sentence}"
+            if len(tokenizer.encode(candidate)) > budget:
+                if not answer:
+                    for word in sentence.split():
+                        if len(tokenizer.encode(f"{answer} {word}".strip())) > budget:
+                            break
+                        answer = f"{answer} {word}".strip()
+                return answer
+            answer = candidate
+    return answer
+
+
+def chat_conversations(max_seq_len: int) -> dict[str, list[dict]]:
+    """{"train": [...], "val": [...]} of {"messages": [user, assistant]} rows from the help topics.
+    Val takes the topics whose names hash lowest; all phrasings of a topic stay on one side."""
+    from pydoc_data.topics import topics
+
+    tokenizer = load_tokenizer()
+    names = sorted(topics)
+    by_hash = sorted(names, key=lambda name: hashlib.sha256(f"chat/{name}".encode()).digest())
+    val_names = set(by_hash[: max(MIN_CHAT_VAL_TOPICS, round(CHAT_VAL_FRACTION * len(names)))])
+    rows: dict[str, list[dict]] = {"train": [], "val": []}
+    titles = set()
+    for name in names:
+        title, paragraphs = topic_title_and_prose(topics[name])
+        if not paragraphs or title in titles:
+            continue  # two topics can share a title ("if", "elif"): one question, one answer
+        titles.add(title)
+        subject = title if title[:2].isupper() else title[0].lower() + title[1:]
+        for template in CHAT_QUESTIONS:
+            question = template.format(title=subject)
+            prompt_ids, _ = tokenizer.encode_chat(
+                [{"role": "user", "content": question}],
+                add_generation_prompt=True,
+                default_system_prompt=False,
+            )
+            answer = _fit_answer(tokenizer, paragraphs, max_seq_len - len(prompt_ids) - 1)  # 1: <|im_end|>
+            if answer:
+                messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+                rows["val" if name in val_names else "train"].append({"messages": messages})
+    return rows
+
+
+def build_chat_set(out: Path, *, max_seq_len: int) -> dict:
+    """OUT/chat/{train,val}.jsonl and their fine-tuning MDS folders; returns the manifest entry."""
+    entry: dict = {
+        "source": "pydoc_data.topics.topics: one question per topic and phrasing, answered with its prose"
+    }
+    for split, rows in chat_conversations(max_seq_len).items():
+        jsonl = out / "chat" / f"{split}.jsonl"
+        jsonl.parent.mkdir(parents=True, exist_ok=True)
+        jsonl.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        conversations = ((f"{jsonl}:{i + 1}", row["messages"]) for i, row in enumerate(rows))
+        summary = convert_conversations(
+            conversations, out / "chat" / split, max_seq_len=max_seq_len, truncation="error"
+        )
+        entry[split] = {
+            "folder": f"chat/{split}",
+            "jsonl": f"chat/{split}.jsonl",
+            "conversations": summary.rows,
+            "samples": summary.samples,
+            "tokens": summary.tokens,
+            "trained_tokens": summary.trained_tokens,
+        }
+    return entry
+
+
 def build_default_corpus(
     out: Path, *, max_seq_len: int, max_code_tokens: int, num_workers: int, overwrite: bool
 ) -> dict:
     """Write every stream's train/val MDS folders under `out`; return the manifest."""
-    folders = [out / stream / split for stream in STREAMS for split in ("train", "val")]
+    folders = [out / stream / split for stream in [*STREAMS, "chat"] for split in ("train", "val")]
     for folder in folders:  # refuse (or clear) all of them before spending time tokenizing
         prepare_output_folder(folder, overwrite)
     caps = {"code": max_code_tokens}
@@ -141,6 +257,7 @@ def build_default_corpus(
                 **{key: value for key, value in asdict(summary).items() if key != "seconds"},
             }
         manifest["streams"][stream] = entry
+    manifest["finetuning"] = {"chat": build_chat_set(out, max_seq_len=max_seq_len)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -154,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--max-code-tokens", type=int, default=3_000_000, help="cap on the code stream (default: 3000000)"
     )
-    parser.add_argument("--num-workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
+    parser.add_argument("--num-workers", type=int, default=os.cpu_count() or 1, help="tokenizer threads")
     parser.add_argument("--overwrite", action="store_true", help="replace existing MDS folders under --out")
     args = parser.parse_args(argv)
 
@@ -177,6 +294,12 @@ def main(argv: list[str] | None = None) -> None:
                 f"  {stream}/{split}: {info['documents']:,} documents, {info['tokens']:,} tokens, "
                 f"{info['samples']:,} samples of {args.max_seq_len}"
             )
+    for split in ("train", "val"):
+        info = manifest["finetuning"]["chat"][split]
+        print(
+            f"  chat/{split}: {info['conversations']:,} conversations, {info['tokens']:,} tokens "
+            f"({info['trained_tokens']:,} trained), padded to {args.max_seq_len}"
+        )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--num-workers",
         type=int,
         default=os.cpu_count() or 1,
-        help="tokenizer processes (default: all cores)",
+        help="tokenizer threads (default: all cores)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing MDS dataset in --out")
     return parser.parse_args(argv)

@@ -3,6 +3,9 @@
 token_mds.py  the on-disk format (LLM Foundry's `tokens` column) and its checks
 prepare.py    text files -> tokenized, packed MDS (used by data_prep/ scripts)
 text.py       pretraining loader: config dataclasses, TokenSequenceDataset, build_text_dataloader
+finetuning.py conversations -> input_ids/labels MDS (assistant turns trained), padded loader
+loaders.py    the loader kinds by `name` (text | finetuning)
+mixture.py    curriculum data-mix schedules -> constant-mix segments
 """
 
 from dbrx_train.data.text import (

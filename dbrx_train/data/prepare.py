@@ -1,10 +1,10 @@
 """Text files -> tokenized, packed, fixed-length MDS samples (the pretraining data format).
 
-    documents (.txt / .jsonl / .parquet) -> token ids + EOS per document (worker processes)
+    documents (.txt / .jsonl / .parquet) -> token ids + EOS per document (worker threads)
       -> one long stream cut into rows of exactly max_seq_len -> MDS `tokens: ndarray:int32`
 
 The output depends only on the inputs and the options: documents are read in sorted path
-order, and the worker processes' results are consumed in submission order, so the same inputs
+order, and the worker threads' results are consumed in submission order, so the same inputs
 give byte-identical shards whatever the number of workers.
 """
 
@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import glob
 import json
-import multiprocessing
 import shutil
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
-from multiprocessing.pool import AsyncResult
 from pathlib import Path
 
 import numpy as np
@@ -108,19 +107,6 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
             row += 1
 
 
-_worker_tokenizer: DbrxTokenizer | None = None
-
-
-def _init_worker() -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = load_tokenizer()
-
-
-def _tokenize_chunk(texts: list[str]) -> list[np.ndarray]:
-    assert _worker_tokenizer is not None
-    return _tokenize_with(_worker_tokenizer, texts)
-
-
 def _tokenize_with(tokenizer: DbrxTokenizer, texts: list[str]) -> list[np.ndarray]:
     eos = tokenizer.eos_token_id
     return [np.array([*tokenizer.encode(text), eos], np.int32) for text in texts]
@@ -134,22 +120,24 @@ def _chunks(texts: Iterable[str], size: int) -> Iterator[list[str]]:
 
 def tokenize_documents(texts: Iterable[str], *, num_workers: int = 1) -> Iterator[np.ndarray]:
     """Each document's token ids followed by EOS (int32), in input order. `num_workers` > 1
-    tokenizes in that many processes."""
+    tokenizes in that many threads."""
+    tokenizer = load_tokenizer()
     if num_workers <= 1:
-        tokenizer = load_tokenizer()
         for chunk in _chunks(texts, DOCUMENTS_PER_TASK):
             yield from _tokenize_with(tokenizer, chunk)
         return
-    # Ordered like Pool.imap, but with a bounded window: imap's feeder thread would read the
-    # whole input into its queue ahead of the writer, which does not scale to large corpora.
-    with multiprocessing.Pool(num_workers, initializer=_init_worker) as pool:
-        in_flight: deque[AsyncResult] = deque()
+    # Threads, not processes: tiktoken's BPE releases the GIL (as in its own encode_ordinary_batch),
+    # so threads encode in parallel while this thread packs and writes, with no pickling of texts
+    # and ids between processes. Results are consumed in submission order through a bounded
+    # window, so memory stays flat and the output does not depend on the number of workers.
+    with ThreadPoolExecutor(num_workers) as pool:
+        in_flight: deque[Future] = deque()
         for chunk in _chunks(texts, DOCUMENTS_PER_TASK):
-            in_flight.append(pool.apply_async(_tokenize_chunk, (chunk,)))
+            in_flight.append(pool.submit(_tokenize_with, tokenizer, chunk))
             if len(in_flight) >= 2 * num_workers:
-                yield from in_flight.popleft().get()
+                yield from in_flight.popleft().result()
         while in_flight:
-            yield from in_flight.popleft().get()
+            yield from in_flight.popleft().result()
 
 
 class TokenPacker:

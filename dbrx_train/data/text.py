@@ -15,7 +15,8 @@ YAML (keys follow LLM Foundry's `train_loader`):
       drop_last: true
       num_workers: 2
 
-Each sample is `{"input_ids": LongTensor (max_seq_len,)}`; the default collate makes `(B, T)`.
+Each sample is `{"input_ids": LongTensor (max_seq_len,), "stream_id": LongTensor ()}` (the index of
+its stream in `streams`, for per-stream counts); the default collate makes `(B, T)` and `(B,)`.
 Problems with the data (missing folder, wrong sequence length, ids outside the vocabulary) are
 reported before training starts by `validate_text_dataset_config`, and again per sample as it
 is read, naming the stream, shard and sample.
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import torch
 from streaming import Stream, StreamingDataLoader, StreamingDataset
@@ -67,7 +68,7 @@ class TextDatasetConfig:
 
 @dataclass
 class TextLoaderConfig:
-    name: str = "text"
+    name: Literal["text"] = "text"
     dataset: TextDatasetConfig = field(default_factory=TextDatasetConfig)
     drop_last: bool = True
     num_workers: int = 0
@@ -92,7 +93,7 @@ class _ResolvedStream:
         return Path(self.local, self.split) if self.split else Path(self.local)
 
 
-def _resolve_streams(dataset: TextDatasetConfig, config_key: str) -> list[_ResolvedStream]:
+def resolve_streams(dataset: TextDatasetConfig, config_key: str) -> list[_ResolvedStream]:
     key = f"{config_key}.dataset"
     if dataset.streams is not None:
         if dataset.local is not None or dataset.remote is not None:
@@ -131,10 +132,21 @@ def _resolve_streams(dataset: TextDatasetConfig, config_key: str) -> list[_Resol
     return streams
 
 
-def _validate_loader_options(cfg: TextLoaderConfig, config_key: str) -> None:
+class LoaderConfig(Protocol):
+    """What the streaming loader builder needs; TextLoaderConfig and FinetuningLoaderConfig both fit."""
+
+    name: str
+    dataset: TextDatasetConfig
+    drop_last: bool
+    num_workers: int
+    pin_memory: bool
+    prefetch_factor: int | None
+    persistent_workers: bool
+    timeout: float
+
+
+def validate_loader_options(cfg: LoaderConfig, config_key: str) -> None:
     dataset = cfg.dataset
-    if cfg.name != "text":
-        raise ValueError(f"{config_key}.name is {cfg.name!r}; the pretraining loader is 'text'")
     if dataset.shuffle_algo not in shuffle_algos:
         raise ValueError(
             f"{config_key}.dataset.shuffle_algo {dataset.shuffle_algo!r} is not one of {sorted(shuffle_algos)}"
@@ -150,6 +162,11 @@ def _validate_loader_options(cfg: TextLoaderConfig, config_key: str) -> None:
         )
 
 
+def stream_names(cfg: LoaderConfig) -> list[str]:
+    """The stream names of a `streams:` mixture in order (= each sample's `stream_id`), or []."""
+    return list(cfg.dataset.streams or {})
+
+
 def validate_text_dataset_config(
     cfg: TextLoaderConfig, max_seq_len: int, vocab_size: int, *, config_key: str = "train_loader"
 ) -> dict[str, TokenMDSInfo]:
@@ -159,14 +176,32 @@ def validate_text_dataset_config(
 
     `config_key` prefixes error messages (e.g. "eval_loader"). Returns what was found per
     checked stream key."""
-    _validate_loader_options(cfg, config_key)
+    if cfg.name != "text":
+        raise ValueError(f"{config_key}.name is {cfg.name!r}; the pretraining loader is 'text'")
+    validate_loader_options(cfg, config_key)
     found = {}
-    for stream in _resolve_streams(cfg.dataset, config_key):
+    for stream in resolve_streams(cfg.dataset, config_key):
         if stream.remote is None:
             found[stream.key] = check_token_mds(
                 stream.folder, max_seq_len=max_seq_len, vocab_size=vocab_size, name=stream.key
             )
     return found
+
+
+def describe_sample(dataset: StreamingDataset, stream_keys: list[str], idx: int) -> str:
+    """'<stream key>: sample i (shard f) in <folder>' for error messages about sample `idx`."""
+    shard_id, _ = dataset.spanner[idx]
+    shard = dataset.shards[shard_id]
+    stream_id = int(dataset.stream_per_shard[shard_id])
+    in_stream = idx - int(dataset.sample_offset_per_stream[stream_id])
+    folder = Path(shard.dirname, shard.split or "")
+    return f"{stream_keys[stream_id]}: sample {in_stream} (shard {shard.raw_data.basename}) in {folder}"
+
+
+def stream_id_of(dataset: StreamingDataset, idx: int) -> torch.Tensor:
+    """Which stream sample `idx` comes from, as a 0-d tensor, so callbacks can count the mix."""
+    shard_id, _ = dataset.spanner[idx]
+    return torch.tensor(int(dataset.stream_per_shard[shard_id]))
 
 
 class TokenSequenceDataset(StreamingDataset):
@@ -193,18 +228,8 @@ class TokenSequenceDataset(StreamingDataset):
         except ValueError as error:
             problem = str(error)
         if problem:
-            raise ValueError(f"{self._describe(idx)} {problem}.")
-        return {"input_ids": torch.from_numpy(ids.astype("int64"))}
-
-    def _describe(self, idx: int) -> str:
-        shard_id, _ = self.spanner[idx]
-        shard = self.shards[shard_id]
-        stream_id = int(self.stream_per_shard[shard_id])
-        in_stream = idx - int(self.sample_offset_per_stream[stream_id])
-        folder = Path(shard.dirname, shard.split or "")
-        return (
-            f"{self.stream_keys[stream_id]}: sample {in_stream} (shard {shard.raw_data.basename}) in {folder}"
-        )
+            raise ValueError(f"{describe_sample(self, self.stream_keys, idx)} {problem}.")
+        return {"input_ids": torch.from_numpy(ids.astype("int64")), "stream_id": stream_id_of(self, idx)}
 
 
 def build_text_dataloader(
@@ -215,20 +240,53 @@ def build_text_dataloader(
     vocab_size: int,
     seed: int,
     config_key: str = "train_loader",
+    choose: dict[str, int] | None = None,
 ) -> StreamingDataLoader:
-    """A resumable loader of `{"input_ids": (device_batch_size, max_seq_len) int64}` batches,
-    shuffled with `seed`. Checks the data first (see `validate_text_dataset_config`)."""
+    """A resumable loader of `{"input_ids": (device_batch_size, max_seq_len) int64, "stream_id": (B,)}`
+    batches, shuffled with `seed`. Checks the data first (see `validate_text_dataset_config`).
+    `choose` (samples per stream and epoch, by stream name) overrides the streams' proportions."""
+    validate_text_dataset_config(cfg, max_seq_len, vocab_size, config_key=config_key)
+    return build_streaming_loader(
+        cfg,
+        TokenSequenceDataset,
+        {"max_seq_len": max_seq_len, "vocab_size": vocab_size},
+        device_batch_size=device_batch_size,
+        seed=seed,
+        config_key=config_key,
+        choose=choose,
+    )
+
+
+def build_streaming_loader(
+    cfg: LoaderConfig,
+    dataset_class: type[StreamingDataset],
+    dataset_kwargs: dict[str, Any],
+    *,
+    device_batch_size: int,
+    seed: int,
+    config_key: str,
+    choose: dict[str, int] | None = None,
+) -> StreamingDataLoader:
+    """The Streaming loader shared by pretraining and fine-tuning data; `dataset_class` decodes samples."""
     if device_batch_size < 1:
         raise ValueError(f"device_batch_size must be >= 1, got {device_batch_size}")
-    validate_text_dataset_config(cfg, max_seq_len, vocab_size, config_key=config_key)
     dataset_cfg = cfg.dataset
-    resolved = _resolve_streams(dataset_cfg, config_key)
-    dataset = TokenSequenceDataset(
-        max_seq_len=max_seq_len,
-        vocab_size=vocab_size,
+    resolved = resolve_streams(dataset_cfg, config_key)
+    if choose is not None:
+        names = stream_names(cfg)
+        if sorted(choose) != sorted(names):
+            raise ValueError(
+                f"{config_key}: samples per stream given for {sorted(choose)}, streams are {names}"
+            )
+        weights = [{"choose": choose[name]} for name in names]
+    else:
+        weights = [{"proportion": s.proportion} for s in resolved]
+    dataset = dataset_class(
+        **dataset_kwargs,
         stream_keys=[s.key for s in resolved],
         streams=[
-            Stream(local=s.local, remote=s.remote, split=s.split, proportion=s.proportion) for s in resolved
+            Stream(local=s.local, remote=s.remote, split=s.split, **weight)
+            for s, weight in zip(resolved, weights, strict=True)
         ],
         download_timeout=dataset_cfg.download_timeout,
         validate_hash=dataset_cfg.validate_hash,

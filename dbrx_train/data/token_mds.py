@@ -107,34 +107,45 @@ class TokenMDSInfo:
     column: str  # "tokens" or the legacy "bytes"
 
 
-def read_index(folder: Path, name: str) -> dict[str, Any]:
-    """Load and sanity-check `folder/index.json`. `name` says which dataset, for error messages."""
+def read_index(
+    folder: Path, name: str, *, columns: tuple[str, ...] | None = None, how_to: str = HOW_TO_MAKE_DATA
+) -> dict[str, Any]:
+    """Load and sanity-check `folder/index.json`. `name` says which dataset, for error messages.
+    `columns`: the columns every shard must have; None means pretraining's `tokens` (or `bytes`).
+    `how_to`: the command that makes such a dataset, appended to errors."""
     if not folder.is_dir():
-        raise FileNotFoundError(f"{name}: dataset folder {folder} does not exist. {HOW_TO_MAKE_DATA}")
+        raise FileNotFoundError(f"{name}: dataset folder {folder} does not exist. {how_to}")
     index_path = folder / INDEX_FILE
     if not index_path.is_file():
         raise FileNotFoundError(
             f"{name}: {folder} has no {INDEX_FILE}, so it is not an MDS dataset (or its writer did not "
-            f"finish). {HOW_TO_MAKE_DATA}"
+            f"finish). {how_to}"
         )
     try:
         index = json.loads(index_path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{name}: {index_path} is not valid JSON ({error}). {HOW_TO_MAKE_DATA}") from error
+        raise ValueError(f"{name}: {index_path} is not valid JSON ({error}). {how_to}") from error
     if index.get("version") != 2:
         raise ValueError(f"{name}: {index_path} has version {index.get('version')!r}; Streaming needs 2")
     shards = index.get("shards") or []
     if sum(shard["samples"] for shard in shards) == 0:
-        raise ValueError(f"{name}: {folder} holds no samples (empty dataset). {HOW_TO_MAKE_DATA}")
+        raise ValueError(f"{name}: {folder} holds no samples (empty dataset). {how_to}")
     for shard in shards:
         basename = shard["raw_data"]["basename"]
         if shard.get("format") != "mds":
             raise ValueError(f"{name}: shard {basename} in {folder} is `{shard.get('format')}`, not `mds`")
-        columns = shard["column_names"]
-        if TOKENS_COLUMN not in columns and LEGACY_BYTES_COLUMN not in columns:
+        have = shard["column_names"]
+        if columns is not None:
+            missing = [column for column in columns if column not in have]
+            if missing:
+                raise ValueError(
+                    f"{name}: shard {basename} in {folder} has columns {have}, but this dataset needs "
+                    f"{list(columns)} (missing {missing})"
+                )
+        elif TOKENS_COLUMN not in have and LEGACY_BYTES_COLUMN not in have:
             raise ValueError(
-                f"{name}: shard {basename} in {folder} has columns {columns}, but pretraining data needs "
-                f"`{TOKENS_COLUMN}` ({TOKENS_ENCODING}) or legacy `{LEGACY_BYTES_COLUMN}`. {HOW_TO_MAKE_DATA}"
+                f"{name}: shard {basename} in {folder} has columns {have}, but pretraining data needs "
+                f"`{TOKENS_COLUMN}` ({TOKENS_ENCODING}) or legacy `{LEGACY_BYTES_COLUMN}`. {how_to}"
             )
     return index
 
@@ -150,10 +161,10 @@ def _shard_file_bytes(folder: Path, shard: dict[str, Any], name: str) -> bytes:
     raise FileNotFoundError(f"{name}: shard file {folder / missing} listed in {INDEX_FILE} is missing")
 
 
-def iter_token_samples(
+def iter_samples(
     folder: Path, shards: list[dict[str, Any]], name: str, *, limit_per_shard: int | None = None
-) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (where, for messages; token ids) for each sample of these shards of index.json."""
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (where, for messages; decoded sample) for each sample of these shards of index.json."""
     first_in_shard = 0
     for shard in shards:
         reader = reader_from_json(str(folder), None, shard)
@@ -164,13 +175,20 @@ def iter_token_samples(
         stop = count if limit_per_shard is None else min(count, limit_per_shard)
         for i in range(stop):
             sample = reader.decode_sample(data[offsets[i] : offsets[i + 1]])
-            location = f"sample {first_in_shard + i} (shard {shard['raw_data']['basename']})"
-            try:
-                ids = sample_token_ids(sample)
-            except ValueError as error:
-                raise ValueError(f"{name}: {location} in {folder} {error}") from None
-            yield location, ids
+            yield f"sample {first_in_shard + i} (shard {shard['raw_data']['basename']})", sample
         first_in_shard += count
+
+
+def iter_token_samples(
+    folder: Path, shards: list[dict[str, Any]], name: str, *, limit_per_shard: int | None = None
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (where, for messages; token ids) for each sample of these shards of index.json."""
+    for location, sample in iter_samples(folder, shards, name, limit_per_shard=limit_per_shard):
+        try:
+            ids = sample_token_ids(sample)
+        except ValueError as error:
+            raise ValueError(f"{name}: {location} in {folder} {error}") from None
+        yield location, ids
 
 
 def check_token_mds(

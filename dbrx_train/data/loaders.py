@@ -1,0 +1,40 @@
+"""The two kinds of training data behind one interface, chosen by the loader's `name`.
+
+name: text        pretraining: fixed-length token sequences (data/text.py)
+name: finetuning  conversations with a loss mask, padded per sample (data/finetuning.py)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streaming import StreamingDataLoader
+
+from dbrx_train.data.finetuning import (
+    FinetuningLoaderConfig,
+    build_finetuning_dataloader,
+    validate_finetuning_dataset_config,
+)
+from dbrx_train.data.text import TextLoaderConfig, build_text_dataloader, validate_text_dataset_config
+
+LoaderConfig = TextLoaderConfig | FinetuningLoaderConfig
+LOADER_KINDS: dict[str, type[TextLoaderConfig] | type[FinetuningLoaderConfig]] = {
+    "text": TextLoaderConfig,
+    "finetuning": FinetuningLoaderConfig,
+}
+
+
+def validate_loader_config(
+    cfg: LoaderConfig, max_seq_len: int, vocab_size: int, *, config_key: str = "train_loader"
+) -> dict[str, Any]:
+    """Check the options and each local stream's index and first sample; errors name the stream."""
+    if isinstance(cfg, FinetuningLoaderConfig):
+        return validate_finetuning_dataset_config(cfg, max_seq_len, vocab_size, config_key=config_key)
+    return validate_text_dataset_config(cfg, max_seq_len, vocab_size, config_key=config_key)
+
+
+def build_dataloader(cfg: LoaderConfig, **kwargs: Any) -> StreamingDataLoader:
+    """`build_text_dataloader` or `build_finetuning_dataloader`, by the type of `cfg`."""
+    if isinstance(cfg, FinetuningLoaderConfig):
+        return build_finetuning_dataloader(cfg, **kwargs)
+    return build_text_dataloader(cfg, **kwargs)
