@@ -12,6 +12,10 @@ The forward pass is a sequence of named steps over plain tensors, each testable 
 Every token reaches all of its top-k experts (dropless: no capacity factor, no token dropping), so
 the result equals a dense loop over experts exactly, up to float summation order.
 
+The torch backend runs gather -> expert_glu -> combine as one autograd.Function, `fused_experts`,
+whose hand-written backward saves less and copies less than autograd through the three steps (see
+its docstring); the steps themselves stay the readable reference it is tested against.
+
 The experts' backend ("torch" here; "megablocks" on CUDA later) is chosen once in `build_experts`;
 every backend keeps its parameters in the same `ExpertGLU` (`mlp.w1`, `mlp.v1`, `mlp.w2`, each
 (E*F, D) as in HF DBRX) so checkpoints move between backends. The load-balancing loss is returned
@@ -133,6 +137,136 @@ def combine(y_MD: torch.Tensor, bins: ExpertBins, weights_Nk: torch.Tensor, num_
 
 
 # ---------------------------------------------------------------------------------------------
+# Steps 3-5 fused: the torch backend's fast path
+# ---------------------------------------------------------------------------------------------
+# d act(h) / dh times a gradient, for the activations `fused_experts` differentiates by hand.
+ACTIVATION_BACKWARD: dict[Callable, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    F.silu: lambda grad, h: torch.ops.aten.silu_backward(grad, h),
+    F.gelu: lambda grad, h: torch.ops.aten.gelu_backward(grad, h),  # exact (erf), as F.gelu
+    F.relu: lambda grad, h: grad.masked_fill(h <= 0, 0.0),
+}
+
+
+class _FusedExperts(torch.autograd.Function):
+    """gather -> expert_glu -> combine with a hand-written backward; see `fused_experts`."""
+
+    @staticmethod
+    def forward(ctx, x_ND, weights_Nk, w1_EFD, v1_EFD, w2_EFD, order_M, tokens_per_expert, act):
+        top_k = weights_Nk.shape[-1]
+        token_M = order_M // top_k
+        x_MD = x_ND.index_select(0, token_M)  # freed after forward; backward gathers again
+        weight_M = weights_Nk.reshape(-1).index_select(0, order_M).to(x_ND.dtype)
+        M, D = x_MD.shape
+        h1_MF = x_MD.new_empty(M, w1_EFD.shape[1])  # gate pre-activation
+        h2_MF = torch.empty_like(h1_MF)  # up projection
+        y_MD = x_MD.new_empty(M, D)
+        start = 0
+        for e, rows in enumerate(tokens_per_expert):
+            if rows == 0:
+                continue
+            sl = slice(start, start + rows)
+            start += rows
+            x_e = x_MD[sl]
+            torch.mm(x_e, w1_EFD[e].t(), out=h1_MF[sl])
+            torch.mm(x_e, v1_EFD[e].t(), out=h2_MF[sl])
+            torch.mm(act(h1_MF[sl]) * h2_MF[sl], w2_EFD[e], out=y_MD[sl])
+        out_ND = x_ND.new_zeros(x_ND.shape)
+        out_ND.index_add_(0, token_M, y_MD.mul_(weight_M[:, None]))
+        ctx.save_for_backward(x_ND, weight_M, w1_EFD, v1_EFD, w2_EFD, order_M, h1_MF, h2_MF)
+        ctx.tokens_per_expert, ctx.act, ctx.weights_shape = tokens_per_expert, act, weights_Nk.shape
+        ctx.weights_dtype = weights_Nk.dtype
+        return out_ND
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout_ND):
+        x_ND, weight_M, w1_EFD, v1_EFD, w2_EFD, order_M, h1_MF, h2_MF = ctx.saved_tensors
+        act, act_backward = ctx.act, ACTIVATION_BACKWARD[ctx.act]
+        need_x, need_weights, need_w1, need_v1, need_w2 = ctx.needs_input_grad[:5]
+        top_k = ctx.weights_shape[-1]
+        token_M = order_M // top_k
+        x_MD = x_ND.index_select(0, token_M)
+        dout_MD = dout_ND.index_select(0, token_M)  # gradient reaching each assignment, unweighted
+        dx_MD = torch.empty_like(x_MD) if need_x else None
+        dweight_M = weight_M.new_empty(weight_M.shape) if need_weights else None
+        # Experts without rows run no matmul, so their gradient slices must start at zero.
+        alloc = torch.zeros_like if 0 in ctx.tokens_per_expert else torch.empty_like
+        dw1 = alloc(w1_EFD) if need_w1 else None
+        dv1 = alloc(v1_EFD) if need_v1 else None
+        dw2 = alloc(w2_EFD) if need_w2 else None
+        start = 0
+        for e, rows in enumerate(ctx.tokens_per_expert):
+            if rows == 0:
+                continue
+            sl = slice(start, start + rows)
+            start += rows
+            x_e, h1_e, h2_e, dout_e, w_e1 = x_MD[sl], h1_MF[sl], h2_MF[sl], dout_MD[sl], weight_M[sl, None]
+            g_e = act(h1_e)
+            glu_e = g_e * h2_e  # (rows, F), recomputed rather than saved
+            dz_e = dout_e @ w2_EFD[e].t()  # d out / d glu, before the routing weight
+            if need_weights:
+                # d out / d weight_m = <dout_m, glu_m @ w2_e> = <dz_m, glu_m>: no second w2 matmul.
+                torch.sum(dz_e * glu_e, dim=-1, out=dweight_M[sl])
+            if need_w2:
+                torch.mm(glu_e.mul_(w_e1).t(), dout_e, out=dw2[e])
+            dglu_e = dz_e.mul_(w_e1)
+            dh1_e = act_backward(dglu_e * h2_e, h1_e)
+            dh2_e = dglu_e.mul_(g_e)
+            if need_w1:
+                torch.mm(dh1_e.t(), x_e, out=dw1[e])
+            if need_v1:
+                torch.mm(dh2_e.t(), x_e, out=dv1[e])
+            if need_x:
+                torch.mm(dh1_e, w1_EFD[e], out=dx_MD[sl])
+                dx_MD[sl].addmm_(dh2_e, v1_EFD[e])
+        dx_ND = x_ND.new_zeros(x_ND.shape).index_add_(0, token_M, dx_MD) if need_x else None
+        dweights_Nk = None
+        if need_weights:
+            dweights_flat = dweight_M.new_empty(weight_M.shape).index_copy_(0, order_M, dweight_M)
+            dweights_Nk = dweights_flat.view(ctx.weights_shape).to(ctx.weights_dtype)
+        return dx_ND, dweights_Nk, dw1, dv1, dw2, None, None, None
+
+
+def fused_experts(
+    x_ND: torch.Tensor,
+    weights_Nk: torch.Tensor,
+    bins: ExpertBins,
+    tokens_per_expert: list[int],
+    w1_EFD: torch.Tensor,
+    v1_EFD: torch.Tensor,
+    w2_EFD: torch.Tensor,
+    act: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """`combine(expert_glu(gather(x)), ...)` in one step, equal to it up to float summation order.
+
+    Same matmuls as the steps (one per weight per expert with rows); what differs is backward:
+    - memory: per layer it keeps only the two pre-activations h1, h2 (M, F) besides its inputs;
+      autograd through the steps keeps the gathered x (M, D), act(h1), the GLU product (both M, F)
+      and the expert output (M, D) too. The gathered x is gathered again in backward, the GLU
+      product recomputed (elementwise);
+    - copies: matmuls write straight into slices of one buffer (`out=`), so no torch.cat of expert
+      outputs and no stack of E per-expert gradients into each (E*F, D) weight gradient (three
+      weight-sized copies per layer per step, the largest non-matmul cost of the steps on CPU);
+    - the routing weights' gradient comes from the w2 backward matmul's output, not a second pass.
+    Activations other than silu, gelu and relu fall back to the steps.
+    """
+    if act not in ACTIVATION_BACKWARD:
+        x_MD = gather(x_ND, bins.order_M, weights_Nk.shape[-1])
+        y_MD = expert_glu(x_MD, tokens_per_expert, w1_EFD, v1_EFD, w2_EFD, act)
+        return combine(y_MD, bins, weights_Nk, x_ND.shape[0])
+    device_type = x_ND.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Autocast does not reach inside an autograd.Function: cast as it would for the matmuls.
+        dtype = torch.get_autocast_dtype(device_type)
+        x_ND, w1_EFD, v1_EFD, w2_EFD = (t.to(dtype) for t in (x_ND, w1_EFD, v1_EFD, w2_EFD))
+        with torch.autocast(device_type, enabled=False):
+            return _FusedExperts.apply(
+                x_ND, weights_Nk, w1_EFD, v1_EFD, w2_EFD, bins.order_M, tokens_per_expert, act
+            )
+    return _FusedExperts.apply(x_ND, weights_Nk, w1_EFD, v1_EFD, w2_EFD, bins.order_M, tokens_per_expert, act)
+
+
+# ---------------------------------------------------------------------------------------------
 # Load-balancing loss
 # ---------------------------------------------------------------------------------------------
 def load_balancing_loss(probs_NE: torch.Tensor, experts_Nk: torch.Tensor) -> torch.Tensor:
@@ -200,12 +334,10 @@ class TorchExperts(nn.Module):
     def forward(self, x_ND: torch.Tensor, routing: Routing) -> torch.Tensor:
         mlp = self.mlp
         bins = sort_by_expert(routing.experts_Nk, mlp.num_experts)
-        x_MD = gather(x_ND, bins.order_M, routing.experts_Nk.shape[-1])
-        # The one host sync of the layer: E slice lengths, needed to split x_MD.
+        # The one host sync of the layer: E slice lengths, needed to slice the sorted rows.
         tokens_per_expert = bins.tokens_per_expert_E.tolist()
         w1, v1, w2 = mlp.per_expert(mlp.w1), mlp.per_expert(mlp.v1), mlp.per_expert(mlp.w2)
-        y_MD = expert_glu(x_MD, tokens_per_expert, w1, v1, w2, mlp.act)
-        return combine(y_MD, bins, routing.weights_Nk, x_ND.shape[0])
+        return fused_experts(x_ND, routing.weights_Nk, bins, tokens_per_expert, w1, v1, w2, mlp.act)
 
 
 def resolve_moe_backend(requested: str) -> str:

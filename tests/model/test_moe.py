@@ -213,3 +213,92 @@ def test_megablocks_backend_not_implemented_yet(monkeypatch):
     monkeypatch.setattr(moe_lib, "resolve_moe_backend", lambda requested: "megablocks")
     with pytest.raises(NotImplementedError, match="megablocks"):
         DbrxFFN(D, DbrxFFNConfig(ffn_hidden_size=FF))
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch backend's fused gather -> expert_glu -> combine against the steps it fuses
+# ---------------------------------------------------------------------------------------------
+def unfused_experts(x_ND, weights_Nk, bins, tokens_per_expert, w1, v1, w2, act):
+    x_MD = gather(x_ND, bins.order_M, weights_Nk.shape[-1])
+    return combine(
+        moe_lib.expert_glu(x_MD, tokens_per_expert, w1, v1, w2, act), bins, weights_Nk, x_ND.shape[0]
+    )
+
+
+def fused_inputs(N, E, k, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=gen, dtype=dtype)
+    weights = torch.rand(N, k, generator=gen)
+    experts = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(N)])
+    w1, v1, w2 = (0.3 * torch.randn(E, FF, D, generator=gen) for _ in range(3))
+    return x, weights, experts, w1, v1, w2
+
+
+@pytest.mark.parametrize("act", [F.silu, F.gelu, F.relu, torch.tanh])  # tanh: the fallback path
+@pytest.mark.parametrize("N", [3, 40])  # 3 tokens x top-2 of 16 experts leaves most experts empty
+def test_fused_experts_match_the_steps(act, N):
+    x, weights, experts, w1, v1, w2 = fused_inputs(N, E=16, k=2)
+    bins = sort_by_expert(experts, 16)
+    counts = bins.tokens_per_expert_E.tolist()
+    leaves = [t.clone().requires_grad_(True) for t in (x, weights, w1, v1, w2)]
+    fused_leaves = [t.clone().requires_grad_(True) for t in (x, weights, w1, v1, w2)]
+    expected = unfused_experts(leaves[0], leaves[1], bins, counts, *leaves[2:], act)
+    got = moe_lib.fused_experts(fused_leaves[0], fused_leaves[1], bins, counts, *fused_leaves[2:], act)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(got)
+    for name, g, e in zip(
+        ["x", "weights", "w1", "v1", "w2"],
+        torch.autograd.grad(got, fused_leaves, grad_out),
+        torch.autograd.grad(expected, leaves, grad_out),
+        strict=True,
+    ):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+def test_fused_experts_under_bf16_autocast_match_the_steps():
+    x, weights, experts, w1, v1, w2 = fused_inputs(40, E=8, k=2)
+    bins = sort_by_expert(experts, 8)
+    counts = bins.tokens_per_expert_E.tolist()
+    results = []
+    for fn in (unfused_experts, moe_lib.fused_experts):
+        leaves = [t.clone().requires_grad_(True) for t in (x, weights, w1, v1, w2)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(leaves[0], leaves[1], bins, counts, *leaves[2:], F.silu)
+        out.float().pow(2).sum().backward()
+        results.append((out, [t.grad for t in leaves]))
+    (expected, expected_grads), (got, got_grads) = results
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        assert g.dtype == e.dtype == torch.float32
+        # bf16 rounds at different points in the two backward passes: compare whole tensors.
+        assert (g - e).norm() <= 2e-2 * e.norm()
+
+
+def saved_bytes(fn):
+    """Bytes of the tensors autograd keeps for backward while `fn` runs, counted once per storage."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_fused_experts_keep_less_for_backward_than_the_steps():
+    x, weights, experts, w1, v1, w2 = fused_inputs(64, E=4, k=2)
+    bins = sort_by_expert(experts, 4)
+    counts = bins.tokens_per_expert_E.tolist()
+    leaves = [t.requires_grad_(True) for t in (x, weights, w1, v1, w2)]
+    inputs = sum(t.untyped_storage().nbytes() for t in leaves)
+    M = 64 * 2
+    fused = saved_bytes(
+        lambda: moe_lib.fused_experts(leaves[0], leaves[1], bins, counts, *leaves[2:], F.silu)
+    )
+    steps = saved_bytes(lambda: unfused_experts(leaves[0], leaves[1], bins, counts, *leaves[2:], F.silu))
+    # fused: h1, h2 (M, F) + the routing order and weights; the steps add x_MD, y_MD, act(h1), glu.
+    assert fused - inputs <= 4 * (2 * M * FF + 3 * M)
+    assert steps - inputs >= 4 * (4 * M * FF + 2 * M * D)

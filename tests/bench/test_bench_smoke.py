@@ -1,0 +1,58 @@
+"""`make bench`'s code paths at toy size: every figure is a finite positive number (no timing asserts)."""
+
+import math
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench"
+sys.path.insert(0, str(BENCH))
+
+import bench_cluster  # noqa: E402
+import run  # noqa: E402
+
+
+def positive(x) -> bool:
+    return isinstance(x, float | int) and math.isfinite(x) and x > 0
+
+
+def test_quick_bench_prints_well_formed_numbers():
+    lines = []
+    results = run.run(quick=True, threads=2, out=lines.append)
+    assert any(line.startswith("machine:") for line in lines)
+    for row in results["train_step"]:
+        assert all(positive(row[k]) for k in ("ours_s", "hf_s", "speedup", "mfu_ours", "mfu_hf"))
+    assert set(results["moe_layer"]) == {"ours", "ours unfused", "hf", "dense GLU"}
+    assert all(positive(t) for t in results["moe_layer"].values())
+    assert results["moe_layer_max_diff"] < 1e-4  # the peers compute the same thing
+    for mem in results["memory"].values():
+        for which in ("ours", "hf"):
+            assert all(positive(mem[which][k]) for k in ("rest_mib", "total_mib", "step_mib"))
+        assert positive(mem["step_ratio"])
+    for table in (results["seq_scaling"], results["expert_scaling"]):
+        assert all(positive(t) for times in table.values() for t in times.values())
+    assert len(results["cluster"]) == len(bench_cluster.GPU_COUNTS)
+
+
+def test_cluster_estimate_is_consistent():
+    from dbrx_train.model import DbrxConfig
+
+    cfg = DbrxConfig.from_dict(
+        {
+            "d_model": 6144,
+            "n_heads": 48,
+            "n_layers": 40,
+            "max_seq_len": 32768,
+            "vocab_size": 100352,
+            "attn_config": {"kv_n_heads": 8},
+            "ffn_config": {"ffn_hidden_size": 10752, "moe_num_experts": 16, "moe_top_k": 4},
+        }
+    )
+    a = bench_cluster.Assumptions()
+    small, large = bench_cluster.estimate(cfg, 64, a), bench_cluster.estimate(cfg, 512, a)
+    # 8x the GPUs at the same batch: compute time / 8, MFU bounded by the assumed compute MFU.
+    assert math.isclose(small.compute_s / large.compute_s, 8.0)
+    for e in (small, large):
+        assert e.mfu_serial <= e.mfu_overlapped <= a.compute_mfu + 1e-9
+        assert e.overlapped_s == max(e.compute_s, e.comm_s)
+    # Inside one node the ring runs on NVLink, faster than a group spanning nodes.
+    assert bench_cluster.shard_group_bandwidth(8, a) > bench_cluster.shard_group_bandwidth(64, a)
