@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DATA := data/default
 SEQ_LEN := 128
 
-.PHONY: setup data train test test-fast lint format clean
+.PHONY: setup data pretrain finetune sample train test test-fast bench lint format clean
 
 setup: $(STAMP)
 
@@ -18,18 +18,34 @@ $(STAMP): pyproject.toml
 
 data: setup $(DATA)/manifest.json
 
-$(DATA)/manifest.json:
+# Rebuilt when the builder changes (e.g. a new stream), so an old data/ never goes stale silently.
+$(DATA)/manifest.json: data_prep/build_default_corpus.py
 	$(PY) data_prep/build_default_corpus.py --out $(DATA) --max-seq-len $(SEQ_LEN) --overwrite
 
-# The main job: tiny DBRX (16 experts, top-4) pretrained on the embedded corpus, on CPU.
-train: data
+# The main job, on CPU: build the corpus -> pretrain a tiny DBRX (16 experts, top-4) with a
+# prose -> code curriculum (~5 min) -> fine-tune it on the chat set (~1-2 min) -> ask it a question.
+train: pretrain finetune sample
+
+pretrain: data
 	$(VENV)/bin/composer -n 1 train.py yamls/pretrain/dbrx-tiny.yaml
+
+finetune: data
+	$(VENV)/bin/composer -n 1 train.py yamls/finetune.yaml
+
+# Greedy answer of the fine-tuned model (runs/dbrx-tiny-chat) to one chat prompt.
+sample: setup
+	$(PY) scripts/generate.py --model runs/dbrx-tiny-chat/latest-rank0.pt --chat --no-system-prompt \
+		--max-new-tokens 24 --prompt 'Explain the "for" statement in Python.'
 
 test: setup
 	$(PY) -m pytest -q
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# CPU benchmarks against peers measured in the same run + the 132B cluster estimate (docs/performance.md).
+bench: setup
+	$(PY) scripts/bench/run.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

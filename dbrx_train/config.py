@@ -17,6 +17,9 @@ from typing import Any, Literal
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dbrx_train.data.finetuning import FinetuningLoaderConfig
+from dbrx_train.data.loaders import LOADER_KINDS
+from dbrx_train.data.mixture import CurriculumConfig, plan_segments
 from dbrx_train.data.text import TextLoaderConfig
 from dbrx_train.model import DbrxConfig
 from dbrx_train.schema import ConfigError, build, to_dict, unknown_key_error
@@ -34,9 +37,24 @@ class ModelConfig:
     # mixed: rank 0 builds it, the others start on `meta` and receive rank 0's weights while sharding.
     # meta: every rank starts on `meta`; weights are initialised shard by shard after FSDP (GPU).
     init_device: Literal["cpu", "mixed", "meta"] = "cpu"
+    # An HF DBRX folder (config.json + safetensors) to start from instead of random weights. Its
+    # config.json supplies every architecture key the YAML omits; shape keys the YAML does give
+    # (PRETRAINED_SHAPE_KEYS) must agree with it, other keys override it (e.g. moe_loss_weight).
+    pretrained: str | None = None
 
 
-MODEL_KEYS = ("name", "init_device")
+MODEL_KEYS = ("name", "init_device", "pretrained")
+# Keys that fix parameter shapes: a pretrained folder and the YAML must agree on them.
+PRETRAINED_SHAPE_KEYS = (
+    "d_model",
+    "n_heads",
+    "n_layers",
+    "vocab_size",
+    "tie_word_embeddings",
+    "attn_config.kv_n_heads",
+    "ffn_config.ffn_hidden_size",
+    "ffn_config.moe_num_experts",
+)
 
 
 @dataclass
@@ -149,18 +167,35 @@ class ExpertLoadConfig:
 
 
 @dataclass
+class HFExportConfig:
+    """``callbacks.hf_export:`` an HF DBRX folder `{folder}/ba{N}` every save_interval and at the end."""
+
+    save_interval: str = "1000ba"
+    folder: str = "{save_folder}/hf"  # {save_folder} and {run_name} are filled in
+    dtype: Literal["bf16", "fp32", "fp16"] = "bf16"
+    max_shard_size: int = 5 * 1024**3  # bytes per safetensors shard (transformers' default 5GB)
+    tokenizer: bool = True  # also write tokenizer.json, tokenizer_config.json (chat template), ...
+
+    def __post_init__(self):
+        check_time("callbacks.hf_export.save_interval", self.save_interval)
+        if self.max_shard_size <= 0:
+            raise ValueError(f"max_shard_size must be > 0; got {self.max_shard_size}")
+
+
+@dataclass
 class CallbacksConfig:
     speed_monitor: SpeedMonitorConfig | None = field(default_factory=SpeedMonitorConfig)
     expert_load: ExpertLoadConfig | None = field(default_factory=ExpertLoadConfig)
     lr_monitor: EmptyConfig | None = field(default_factory=EmptyConfig)
     memory_monitor: EmptyConfig | None = None
     runtime_estimator: EmptyConfig | None = field(default_factory=EmptyConfig)
+    hf_export: HFExportConfig | None = None
 
 
 @dataclass
 class TrainConfig:
     model: ModelConfig
-    train_loader: TextLoaderConfig
+    train_loader: TextLoaderConfig | FinetuningLoaderConfig  # chosen by `name`: text | finetuning
     max_duration: str
     global_train_batch_size: int
     run_name: str | None = None
@@ -168,7 +203,8 @@ class TrainConfig:
     max_seq_len: int = 2048
     variables: dict[str, Any] | None = None  # free-form, for ${variables.x} interpolation in YAML
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    eval_loader: TextLoaderConfig | None = None
+    eval_loader: TextLoaderConfig | FinetuningLoaderConfig | None = None
+    curriculum: CurriculumConfig | None = None  # data-mix schedule over train_loader's streams
     eval_interval: str = "1ep"
     eval_first: bool = False
     eval_subset_num_batches: int = -1
@@ -241,6 +277,9 @@ def parse_config(data: dict[str, Any]) -> TrainConfig:
     if model is None:
         raise ConfigError("missing required config key 'model'")
     data["model"] = _parse_model(model, data.get("max_seq_len"))
+    for key in ("train_loader", "eval_loader"):
+        if data.get(key) is not None:
+            data[key] = _parse_loader(data[key], key)
     cfg = build(TrainConfig, data)
     _check(cfg)
     return cfg
@@ -254,6 +293,8 @@ def _parse_model(model: Any, max_seq_len: int | None) -> ModelConfig:
         if key not in dbrx_fields and key not in MODEL_KEYS:
             raise unknown_key_error("model", key, dbrx_fields | set(MODEL_KEYS))
     dbrx_dict = {k: v for k, v in model.items() if k in dbrx_fields}
+    if model.get("pretrained") is not None:
+        dbrx_dict = _merge_pretrained(str(model["pretrained"]), dbrx_dict)
     if "max_seq_len" not in dbrx_dict and isinstance(max_seq_len, int):
         dbrx_dict["max_seq_len"] = max_seq_len
     try:
@@ -263,6 +304,75 @@ def _parse_model(model: Any, max_seq_len: int | None) -> ModelConfig:
         raise ConfigError(f"config section 'model': {e}") from e
     rest = {k: v for k, v in model.items() if k in MODEL_KEYS}
     return build(ModelConfig, {"dbrx": dbrx, **rest}, "model")
+
+
+def _merge_pretrained(folder: str, yaml_model: dict[str, Any]) -> dict[str, Any]:
+    """config.json of `model.pretrained`, overridden by the YAML's keys; shape keys must agree."""
+    from dbrx_train.model.hf import read_hf_config_dict
+
+    try:
+        hf = read_hf_config_dict(folder)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"model.pretrained: {e}") from e
+    for dotted in PRETRAINED_SHAPE_KEYS:
+        section, _, key = dotted.rpartition(".")
+        ours = yaml_model.get(section, {}) if section else yaml_model
+        theirs = hf.get(section, {}) if section else hf
+        if isinstance(ours, dict) and key in ours and key in theirs and ours[key] != theirs[key]:
+            raise ConfigError(
+                f"model.{dotted} is {ours[key]!r} but the pretrained model {folder} has {theirs[key]!r} "
+                f"in its config.json; remove model.{dotted} from the YAML or make it agree"
+            )
+    merged = {**hf, **{k: v for k, v in yaml_model.items() if k not in ("attn_config", "ffn_config")}}
+    for section in ("attn_config", "ffn_config"):
+        if section in yaml_model:
+            merged[section] = {**hf.get(section, {}), **(yaml_model[section] or {})}
+    return merged
+
+
+def load_model_config(path: str | Path) -> DbrxConfig:
+    """The model architecture of a run's resolved config.yaml (complete, so `pretrained` is not
+    re-read): what converting or sampling a checkpoint of that run needs."""
+    data = load_yaml(path)
+    model = {k: v for k, v in (data.get("model") or {}).items() if k != "pretrained"}
+    try:
+        return _parse_model(model, data.get("max_seq_len")).dbrx
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def _parse_loader(loader: Any, key: str) -> TextLoaderConfig | FinetuningLoaderConfig:
+    """By `name`, so a mistake in a finetuning loader is reported against that schema only."""
+    if not isinstance(loader, dict):
+        raise ConfigError(f"config key '{key}' must be a mapping; got {loader!r}")
+    name = loader.get("name", "text")
+    if name not in LOADER_KINDS:
+        raise ConfigError(
+            f"config key '{key}.name' must be one of {', '.join(map(repr, LOADER_KINDS))}; got {name!r}"
+        )
+    return build(LOADER_KINDS[name], loader, key)
+
+
+def _check_curriculum(cfg: TrainConfig) -> None:
+    if cfg.curriculum is None:
+        return
+    streams = cfg.train_loader.dataset.streams or {}
+    with_proportion = [name for name, stream in streams.items() if stream.proportion is not None]
+    if with_proportion:
+        raise ConfigError(
+            f"the curriculum sets the mix; remove 'proportion' from train_loader.dataset.streams "
+            f"{', '.join(with_proportion)}"
+        )
+    try:
+        plan_segments(
+            cfg.curriculum,
+            list(streams),
+            max_duration=cfg.max_duration,
+            global_batch_size=cfg.global_train_batch_size,
+            max_seq_len=cfg.max_seq_len,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -293,6 +403,7 @@ def _check(cfg: TrainConfig) -> None:
         )
     if cfg.load_weights_only and not cfg.load_path:
         raise ConfigError("load_weights_only: true needs 'load_path'")
+    _check_curriculum(cfg)
 
 
 @dataclass(frozen=True)

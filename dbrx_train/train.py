@@ -15,9 +15,11 @@ from composer.utils import dist, reproducibility
 from omegaconf import OmegaConf
 
 from dbrx_train.config import BatchLayout, TrainConfig, batch_layout, load_config, resolved_dict
-from dbrx_train.data.text import build_text_dataloader, validate_text_dataset_config
+from dbrx_train.data.loaders import build_dataloader, validate_loader_config
 from dbrx_train.model import DbrxForCausalLM
+from dbrx_train.model.hf import check_hf_folder, load_hf_weights
 from dbrx_train.model.stats import count_params
+from dbrx_train.report import write_report
 from dbrx_train.schema import ConfigError
 from dbrx_train.training.builders import (
     build_algorithms,
@@ -27,6 +29,7 @@ from dbrx_train.training.builders import (
     build_scheduler,
 )
 from dbrx_train.training.composer_model import DbrxComposerModel
+from dbrx_train.training.curriculum import build_train_data
 from dbrx_train.training.parallelize import build_parallelism_config, mark_fsdp_units
 
 log = logging.getLogger("dbrx_train")
@@ -45,6 +48,8 @@ def main(argv: list[str] | None = None) -> Trainer:
         device = resolve_device(cfg)
         check_init_device(cfg, device)
         check_data(cfg)
+        check_pretrained(cfg)
+        check_load_path(cfg)
     except ConfigError as e:
         # One clear line per rank instead of a traceback through the config machinery.
         print(f"dbrx-train: config error: {e}", file=sys.stderr)
@@ -56,11 +61,39 @@ def check_data(cfg: TrainConfig) -> None:
     """Missing folders, wrong sequence length, out-of-vocab ids: found before any process group starts."""
     vocab = cfg.model.dbrx.vocab_size
     try:
-        validate_text_dataset_config(cfg.train_loader, cfg.max_seq_len, vocab)
+        validate_loader_config(cfg.train_loader, cfg.max_seq_len, vocab)
         if cfg.eval_loader is not None:
-            validate_text_dataset_config(cfg.eval_loader, cfg.max_seq_len, vocab, config_key="eval_loader")
+            validate_loader_config(cfg.eval_loader, cfg.max_seq_len, vocab, config_key="eval_loader")
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
+
+
+def check_pretrained(cfg: TrainConfig) -> None:
+    """model.pretrained: every weight file and tensor present with the config's shapes (headers only)."""
+    folder = cfg.model.pretrained
+    if folder is None:
+        return
+    if cfg.model.init_device == "meta":
+        raise ConfigError(
+            "model.pretrained with init_device: meta is not supported (weights would be random-"
+            "initialised after sharding); use init_device: mixed (rank 0 loads, FSDP broadcasts) or cpu"
+        )
+    try:
+        check_hf_folder(folder, cfg.model.dbrx)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"model.pretrained: {e}") from e
+
+
+def check_load_path(cfg: TrainConfig) -> None:
+    """A missing local checkpoint to start from (e.g. fine-tuning before pretraining) says how to make it."""
+    path = cfg.load_path
+    if path is None or "://" in path or Path(path).exists():
+        return
+    raise ConfigError(
+        f"load_path '{path}' does not exist. To fine-tune the tiny model, pretrain it first: `make pretrain` "
+        f"(or `composer train.py yamls/pretrain/dbrx-tiny.yaml`), which writes runs/dbrx-tiny/; "
+        f"or point load_path at another Composer checkpoint"
+    )
 
 
 def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
@@ -80,16 +113,10 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
     composer_model = DbrxComposerModel(model)
     optimizer = build_optimizer(cfg, composer_model.parameters())
 
-    train_loader = build_text_dataloader(
-        cfg.train_loader,
-        device_batch_size=layout.device_train_batch_size,
-        max_seq_len=cfg.max_seq_len,
-        vocab_size=cfg.model.dbrx.vocab_size,
-        seed=cfg.seed,
-    )
+    train_loader, data_callbacks = build_train_data(cfg, layout)
     evaluators = []
     if cfg.eval_loader is not None:
-        eval_loader = build_text_dataloader(
+        eval_loader = build_dataloader(
             cfg.eval_loader,
             device_batch_size=layout.device_eval_batch_size,
             max_seq_len=cfg.max_seq_len,
@@ -118,7 +145,7 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
         parallelism_config=parallelism,
         algorithms=build_algorithms(cfg),
         loggers=build_loggers(cfg, save_folder),
-        callbacks=build_callbacks(cfg),
+        callbacks=build_callbacks(cfg, save_folder) + data_callbacks,
         log_to_console=False,  # our ConsoleLogger, configured by console_log_interval, replaces it
         progress_bar=cfg.progress_bar,
         save_folder=save_folder,
@@ -167,9 +194,16 @@ def build_model(cfg: TrainConfig) -> DbrxForCausalLM:
     reproducibility.seed_all(cfg.seed)
     init_device = cfg.model.init_device
     on_meta = init_device == "meta" or (init_device == "mixed" and dist.get_global_rank() != 0)
-    with torch.device("meta" if on_meta else "cpu"):
+    pretrained = cfg.model.pretrained
+    with torch.device("meta" if on_meta or pretrained else "cpu"):
         model = DbrxForCausalLM(cfg.model.dbrx)
-    if not on_meta:
+    if pretrained and not on_meta:
+        # No random init to overwrite: allocate, fill the RoPE buffers, copy tensor by tensor.
+        model.to_empty(device="cpu")
+        model.transformer.rotary.init_weights()
+        load_hf_weights(model, pretrained)
+        log.info("loaded pretrained weights from %s", pretrained)
+    elif not on_meta:
         model.init_weights()
     counts = count_params(cfg.model.dbrx)
     log.info("DBRX model: %.2fM total / %.2fM active parameters", counts.total / 1e6, counts.active / 1e6)
@@ -187,15 +221,31 @@ def write_resolved_config(cfg: TrainConfig, run_name: str, save_folder: str) -> 
 
 
 def print_summary(trainer: Trainer, save_folder: str, seconds: float) -> None:
+    """What a user looks for at the end: how far, how good, where the checkpoints and report are."""
     if dist.get_global_rank() != 0:
         return
     state = trainer.state
     losses = getattr(state, "total_loss_dict", {}) or {}
-    final = losses.get("loss/train/total")
-    print(
+    lines = [
         f"dbrx-train: finished {int(state.timestamp.batch)} batches, {int(state.timestamp.token):,} tokens "
-        f"in {seconds:.0f}s; final train loss {final:.4f}; run folder {save_folder}"
-        if final is not None
-        else f"dbrx-train: finished in {seconds:.0f}s; run folder {save_folder}",
-        flush=True,
-    )
+        f"in {seconds:.0f}s",
+    ]
+    if "loss/train/total" in losses:
+        lines.append(f"  final train loss: {losses['loss/train/total']:.4f}")
+    if "://" in save_folder:
+        lines.append(f"  run folder: {save_folder}")
+    else:
+        folder = Path(save_folder)
+        checkpoints = sorted(p.name for p in folder.glob("ep*-ba*"))
+        lines.append(f"  run folder: {folder}")
+        lines.append(f"  checkpoints: {', '.join(checkpoints) if checkpoints else 'none saved'}")
+        try:
+            report = write_report(folder)
+        except (OSError, ValueError) as e:  # a report is a convenience; never fail a finished run
+            lines.append(f"  report: not written ({e})")
+        else:
+            best = report.summary["best_eval_loss"]
+            if best is not None:
+                lines.append(f"  best eval loss: {best:.4f}")
+            lines.append(f"  report: {report.html}")
+    print("\n".join(lines), flush=True)

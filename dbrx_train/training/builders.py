@@ -20,6 +20,7 @@ from composer.optim import (
 from dbrx_train.config import SchedulerConfig, TrainConfig
 from dbrx_train.training.callbacks import TrainPerplexity
 from dbrx_train.training.expert_load import ExpertLoadMonitor
+from dbrx_train.training.hf_export import HFExport
 from dbrx_train.training.lion import DecoupledLionW
 from dbrx_train.training.metrics_file import MetricsFileLogger
 from dbrx_train.training.peak_flops import device_peak_flops
@@ -78,7 +79,7 @@ def build_loggers(cfg: TrainConfig, save_folder: str) -> list[LoggerDestination]
     return loggers
 
 
-def build_callbacks(cfg: TrainConfig) -> list[Callback]:
+def build_callbacks(cfg: TrainConfig, save_folder: str | None = None) -> list[Callback]:
     callbacks: list[Callback] = [TrainPerplexity()]
     cb = cfg.callbacks
     if cb.speed_monitor is not None:
@@ -95,4 +96,8 @@ def build_callbacks(cfg: TrainConfig) -> list[Callback]:
         callbacks.append(MemoryMonitor())
     if cb.runtime_estimator is not None:
         callbacks.append(RuntimeEstimator())
+    if cb.hf_export is not None:
+        hf = cb.hf_export
+        folder = hf.folder.format(save_folder=save_folder or "runs/{run_name}", run_name=cfg.run_name or "")
+        callbacks.append(HFExport(folder, hf.save_interval, hf.dtype, hf.max_shard_size, hf.tokenizer))
     return callbacks

@@ -21,7 +21,10 @@ def test_collapse_needs_a_sustained_window():
 def test_recovery_resets_the_window():
     monitor = ExpertLoadMonitor(log_interval=10, collapse_fraction=0.1, collapse_window=30)
     starved, healthy = loads(0.01), loads(0.2)
-    counts = [monitor._track_collapse(0, f, b) for f, b in ((starved, 10), (starved, 20), (healthy, 30), (starved, 40))]
+    counts = [
+        monitor._track_collapse(0, f, b)
+        for f, b in ((starved, 10), (starved, 20), (healthy, 30), (starved, 40))
+    ]
     assert counts == [0, 0, 0, 0]
 
 

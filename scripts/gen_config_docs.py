@@ -1,0 +1,35 @@
+"""Rewrite docs/config.md from the config dataclasses: `python scripts/gen_config_docs.py [--check]`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dbrx_train.config import TrainConfig
+from dbrx_train.config_docs import render
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+
+
+def config_markdown() -> tuple[str, list[str]]:
+    # The YAML writes the DbrxConfig fields directly under `model:` (as LLM Foundry does).
+    return render(TrainConfig, rename={"model.dbrx.": "model."})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true", help="exit 1 if docs/config.md is stale")
+    args = parser.parse_args()
+    text, missing = config_markdown()
+    if missing:
+        raise SystemExit(f"config keys without a comment (add one beside the field): {', '.join(missing)}")
+    if args.check:
+        if not DOC.exists() or DOC.read_text() != text:
+            raise SystemExit(f"{DOC} is stale: run `python scripts/gen_config_docs.py`")
+        return
+    DOC.write_text(text)
+    print(f"wrote {DOC}")
+
+
+if __name__ == "__main__":
+    main()
