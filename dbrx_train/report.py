@@ -1,6 +1,6 @@
 """A run's report: PNG plots and one self-contained HTML page, drawn from ``metrics.jsonl``.
 
-Reads only the run folder's files (``metrics.jsonl``, ``config.yaml``), so it works on a finished
+Reads only the run folder's ``metrics.jsonl``, so it works on a finished
 run, a crashed one, or one still training, on any machine.
 """
 
@@ -180,7 +180,7 @@ def plot_expert_load(m: RunMetrics):
             cmap="RdBu_r",
             vmin=0.0,
             vmax=2.0,
-            extent=(batches[0], batches[-1], -0.5, num_experts - 0.5),
+            extent=(batches[0] - 0.5, batches[-1] + 0.5, -0.5, num_experts - 0.5),
         )
         ax.set(title=f"layer {layer}", xlabel="batch", ylabel="expert")
     for ax in list(axes.flat)[len(layers) :]:

@@ -103,7 +103,8 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
         dist.initialize_dist(device, cfg.dist_timeout)
     run_name = cfg.run_name or shared_run_name()
     save_folder = (cfg.save_folder or "runs/{run_name}").format(run_name=run_name)
-    write_resolved_config(cfg, run_name, save_folder)
+    resolved = {**resolved_dict(cfg), "run_name": run_name, "save_folder": save_folder}
+    write_resolved_config(resolved, save_folder)
 
     model = build_model(cfg)
     parallelism = None
@@ -147,7 +148,7 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
         loggers=build_loggers(cfg, save_folder),
         callbacks=build_callbacks(cfg, save_folder) + data_callbacks,
         log_to_console=False,  # our ConsoleLogger, configured by console_log_interval, replaces it
-        progress_bar=cfg.progress_bar,
+        progress_bar=False,  # our TrainingProgressBar (loggers), which also shows tokens/s, MFU and ETA
         save_folder=save_folder,
         save_interval=cfg.save_interval,
         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
@@ -157,6 +158,7 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
         load_weights_only=cfg.load_weights_only,
         dist_timeout=cfg.dist_timeout,
     )
+    trainer.logger.log_hyperparameters(resolved)  # the whole resolved config, e.g. into W&B's run config
     start = time.monotonic()
     trainer.fit()
     print_summary(trainer, save_folder, time.monotonic() - start)
@@ -210,14 +212,12 @@ def build_model(cfg: TrainConfig) -> DbrxForCausalLM:
     return model
 
 
-def write_resolved_config(cfg: TrainConfig, run_name: str, save_folder: str) -> None:
+def write_resolved_config(resolved: dict, save_folder: str) -> None:
     if dist.get_global_rank() != 0 or "://" in save_folder:
         return
     folder = Path(save_folder)
     folder.mkdir(parents=True, exist_ok=True)
-    data = resolved_dict(cfg)
-    data["run_name"] = run_name
-    OmegaConf.save(OmegaConf.create(data), folder / "config.yaml")
+    OmegaConf.save(OmegaConf.create(resolved), folder / "config.yaml")
 
 
 def print_summary(trainer: Trainer, save_folder: str, seconds: float) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 from dbrx_train.model.config import DbrxAttentionConfig, DbrxConfig, DbrxFFNConfig
 
@@ -214,8 +215,16 @@ def write_hf_weights(
         paths = [folder / SINGLE_FILE]
     else:
         paths = [folder / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for path, names in zip(paths, shards, strict=False):
-        _write_safetensors(path, {name: specs[name] for name in names}, get_tensor)
+    # A bar on terminals only (disable=None): exporting 132B parameters takes a while.
+    with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="export weights", disable=None) as bar:
+
+        def fetch(name: str) -> torch.Tensor:
+            tensor = get_tensor(name)
+            bar.update(sizes[name])
+            return tensor
+
+        for path, names in zip(paths, shards, strict=False):
+            _write_safetensors(path, {name: specs[name] for name in names}, fetch)
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(sizes.values())},

@@ -24,6 +24,7 @@ from dbrx_train.training.hf_export import HFExport
 from dbrx_train.training.lion import DecoupledLionW
 from dbrx_train.training.metrics_file import MetricsFileLogger
 from dbrx_train.training.peak_flops import device_peak_flops
+from dbrx_train.training.progress import TrainingProgressBar
 
 
 def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -57,6 +58,8 @@ def build_loggers(cfg: TrainConfig, save_folder: str) -> list[LoggerDestination]
     loggers: list[LoggerDestination] = [MetricsFileLogger(Path(save_folder) / "metrics.jsonl")]
     if cfg.log_to_console:
         loggers.append(ConsoleLogger(log_interval=cfg.console_log_interval))
+    if cfg.progress_bar:
+        loggers.append(TrainingProgressBar())
     if cfg.loggers.file is not None:
         loggers.append(
             FileLogger(filename=cfg.loggers.file.filename, flush_interval=cfg.loggers.file.log_interval)

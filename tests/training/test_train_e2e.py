@@ -120,7 +120,17 @@ def test_one_rank_run_trains_logs_and_checkpoints(one_rank_run):
 @pytest.mark.slow
 def test_two_rank_fsdp_run_shards_and_trains(default_corpus, tmp_path):
     run_dir = tmp_path / "run2"
-    launch(2, run_dir, default_corpus, "max_duration=12ba", "save_interval=12ba", "eval_interval=12ba")
+    proc = launch(
+        2,
+        run_dir,
+        default_corpus,
+        "max_duration=12ba",
+        "save_interval=12ba",
+        "eval_interval=12ba",
+        "progress_bar=true",
+    )
+    bar = proc.stdout + proc.stderr
+    assert "tok/s=" in bar and "MFU=" in bar and "ETA=" in bar, bar[-3000:]
     rows = read_metrics(run_dir)
     assert [r["batch"] for r in rows] == list(range(1, 13))
     assert rows[-1]["tokens"] == 12 * 8 * 64  # global batch over both ranks
