@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DATA := data/default
 SEQ_LEN := 128
 
-.PHONY: setup data pretrain finetune sample train test test-fast bench lint format clean
+.PHONY: setup data pretrain finetune sample train test test-fast bench docs lint format clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,10 @@ test-fast: setup
 # CPU benchmarks against peers measured in the same run + the 132B cluster estimate (docs/performance.md).
 bench: setup
 	$(PY) scripts/bench/run.py
+
+# docs/config.md from the config dataclasses' field comments (tests/test_config_docs.py checks it).
+docs: setup
+	$(PY) scripts/gen_config_docs.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

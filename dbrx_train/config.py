@@ -32,7 +32,7 @@ class ModelConfig:
     """``model:`` — the DbrxConfig fields (HF names) plus how to build the weights."""
 
     dbrx: DbrxConfig
-    name: Literal["dbrx"] = "dbrx"
+    name: Literal["dbrx"] = "dbrx"  # the model family; only `dbrx`
     # cpu: every rank builds and initialises the full model from the run seed (identical on all ranks).
     # mixed: rank 0 builds it, the others start on `meta` and receive rank 0's weights while sharding.
     # meta: every rank starts on `meta`; weights are initialised shard by shard after FSDP (GPU).
@@ -59,15 +59,21 @@ PRETRAINED_SHAPE_KEYS = (
 
 @dataclass
 class TokenizerConfig:
+    # The tokenizer the data was prepared with; only `dbrx` (cl100k-based). Training reads token ids, so
+    # the key is validated but not otherwise used.
     name: Literal["dbrx"] = "dbrx"
 
 
 @dataclass
 class OptimizerConfig:
+    # decoupled_adamw: Composer's DecoupledAdamW; decoupled_lionw: Lion (LLM Foundry's DecoupledLionW);
+    # adamw: torch.optim.AdamW.
     name: Literal["decoupled_adamw", "decoupled_lionw", "adamw"] = "decoupled_adamw"
-    lr: float = 6.0e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1.0e-8
+    lr: float = 6.0e-4  # peak learning rate (> 0), reached at the end of warmup; the scheduler scales it
+    betas: tuple[float, float] = (0.9, 0.95)  # (beta1, beta2), each in [0, 1): the moment decay rates
+    eps: float = 1.0e-8  # added to Adam's denominator for stability; unused by decoupled_lionw
+    # decoupled_*: each step p *= 1 - weight_decay * lr / peak lr (not scaled by lr itself);
+    # adamw: p *= 1 - lr * weight_decay. 0: no weight decay.
     weight_decay: float = 0.0
 
     def __post_init__(self):
@@ -79,11 +85,12 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
+    # After a linear warmup from 0 to lr: cosine or linear decay to alpha_f * lr at max_duration, or constant.
     name: Literal["cosine_with_warmup", "linear_decay_with_warmup", "constant_with_warmup"] = (
         "cosine_with_warmup"
     )
-    t_warmup: str = "0ba"
-    alpha_f: float = 0.0
+    t_warmup: str = "0ba"  # warmup length, a Composer time string (e.g. 100ba, 0.01dur)
+    alpha_f: float = 0.0  # final lr as a fraction of lr; ignored by constant_with_warmup
 
     def __post_init__(self):
         check_time("t_warmup", self.t_warmup)
@@ -91,13 +98,15 @@ class SchedulerConfig:
 
 @dataclass
 class GradientClippingConfig:
+    # norm: scale gradients so their total L2 norm <= threshold; value: clamp each element to
+    # [-threshold, threshold]; adaptive: per parameter, cap grad norm / weight norm at threshold (AGC).
     clipping_type: Literal["norm", "value", "adaptive"] = "norm"
-    clipping_threshold: float = 1.0
+    clipping_threshold: float = 1.0  # the bound on the norm, the value or the ratio (see clipping_type)
 
 
 @dataclass
 class AlgorithmsConfig:
-    gradient_clipping: GradientClippingConfig | None = None
+    gradient_clipping: GradientClippingConfig | None = None  # Composer's GradientClipping; null: no clipping
 
 
 @dataclass
@@ -109,46 +118,51 @@ class FSDPConfig:
     # HYBRID_SHARD: shard within a group of `data_parallel_shard_degree` ranks (default: one node),
     #               replicate across groups.
     sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD"] = "FULL_SHARD"
+    # HYBRID_SHARD: ranks per shard group, must divide the world size (null: ranks per node).
+    # Other strategies shard over all ranks: leave null (or set it to the world size).
     data_parallel_shard_degree: int | None = None
-    activation_checkpointing: bool = False
-    activation_cpu_offload: bool = False
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
+    activation_cpu_offload: bool = False  # keep the activations saved for backward in CPU memory
     # DEFAULT: params in low precision, reductions in fp32. PURE: both low. FULL: both fp32.
     mixed_precision: Literal["DEFAULT", "PURE", "FULL"] = "DEFAULT"
+    # Checkpoint format: sharded (every rank writes its shard) or full (one gathered state dict).
     state_dict_type: Literal["sharded", "full"] = "sharded"
-    verbose: bool = False
+    verbose: bool = False  # log Composer's FSDP setup details
 
 
 @dataclass
 class ParallelismConfig:
-    fsdp: FSDPConfig | None = None
+    fsdp: FSDPConfig | None = None  # the same keys as fsdp_config (LLM Foundry's newer spelling)
 
 
 @dataclass
 class WandBConfig:
-    project: str = "dbrx-train"
-    entity: str | None = None
-    name: str | None = None
-    group: str | None = None
-    tags: list[str] | None = None
-    # offline unless the user asks otherwise: a run must never need the network.
+    project: str = "dbrx-train"  # W&B project
+    entity: str | None = None  # W&B user or team; null: your default entity
+    name: str | None = None  # W&B run name; null: the run's run_name
+    group: str | None = None  # W&B group to file the run under; null: none
+    tags: list[str] | None = None  # W&B tags of the run
+    # offline: log locally (upload later with `wandb sync`); online: stream to W&B; disabled: no W&B.
+    # Offline unless the user asks otherwise: a run must never need the network.
     mode: Literal["offline", "online", "disabled"] = "offline"
 
 
 @dataclass
 class FileLoggerConfig:
-    filename: str = "{run_name}/logs-rank{rank}.txt"
-    log_interval: int = 1
+    # Text log per rank (metrics, stdout, stderr); {save_folder}, {run_name}, {rank}, {local_rank} are filled in
+    filename: str = "{save_folder}/logs-rank{rank}.txt"
+    flush_interval: int = 1  # batches between flushes of the file to disk
 
 
 @dataclass
 class LoggersConfig:
-    wandb: WandBConfig | None = None
-    file: FileLoggerConfig | None = None
+    wandb: WandBConfig | None = None  # Weights & Biases (offline unless `mode` says otherwise); null: off
+    file: FileLoggerConfig | None = None  # Composer's FileLogger; null: off (metrics.jsonl is always written)
 
 
 @dataclass
 class SpeedMonitorConfig:
-    window_size: int = 10
+    window_size: int = 10  # batches averaged for the logged throughput and MFU
     # FLOP/s of one device for MFU. "auto": Composer's table on known GPUs; on CPU a large fp32
     # matmul is timed once at start-up. A number overrides both.
     peak_flops: float | Literal["auto"] | None = "auto"
@@ -162,17 +176,18 @@ class EmptyConfig:
 @dataclass
 class ExpertLoadConfig:
     log_interval: int = 10  # batches between logs of per-layer expert load and router entropy
-    collapse_fraction: float = 0.1  # an expert below this fraction of its fair share (1/E) ...
-    collapse_window: int = 100  # ... for this many batches is reported as collapsed
+    # An expert below this fraction of its fair share (1/E) for collapse_window batches counts as collapsed.
+    collapse_fraction: float = 0.1
+    collapse_window: int = 100  # batches an expert must stay below collapse_fraction to count as collapsed
 
 
 @dataclass
 class HFExportConfig:
     """``callbacks.hf_export:`` an HF DBRX folder `{folder}/ba{N}` every save_interval and at the end."""
 
-    save_interval: str = "1000ba"
-    folder: str = "{save_folder}/hf"  # {save_folder} and {run_name} are filled in
-    dtype: Literal["bf16", "fp32", "fp16"] = "bf16"
+    save_interval: str = "1000ba"  # how often to export, a Composer time string; also once at the end
+    folder: str = "{save_folder}/hf"  # holds the ba{N} folders; {save_folder} and {run_name} are filled in
+    dtype: Literal["bf16", "fp32", "fp16"] = "bf16"  # dtype of the exported weights
     max_shard_size: int = 5 * 1024**3  # bytes per safetensors shard (transformers' default 5GB)
     tokenizer: bool = True  # also write tokenizer.json, tokenizer_config.json (chat template), ...
 
@@ -184,52 +199,68 @@ class HFExportConfig:
 
 @dataclass
 class CallbacksConfig:
+    # Logs throughput (tokens/s, samples/s, ...) and MFU; null: off.
     speed_monitor: SpeedMonitorConfig | None = field(default_factory=SpeedMonitorConfig)
+    # MoE health: per-layer expert load, router entropy, collapse warnings; null: off.
     expert_load: ExpertLoadConfig | None = field(default_factory=ExpertLoadConfig)
-    lr_monitor: EmptyConfig | None = field(default_factory=EmptyConfig)
-    memory_monitor: EmptyConfig | None = None
+    lr_monitor: EmptyConfig | None = field(default_factory=EmptyConfig)  # `{}`: log the lr; null: off
+    memory_monitor: EmptyConfig | None = None  # `{}`: log GPU memory use (CUDA only); null: off
+    # `{}`: log the estimated time remaining; null: off.
     runtime_estimator: EmptyConfig | None = field(default_factory=EmptyConfig)
-    hf_export: HFExportConfig | None = None
+    hf_export: HFExportConfig | None = None  # write HF DBRX folders during training; null: off
 
 
 @dataclass
 class TrainConfig:
     model: ModelConfig
     train_loader: TextLoaderConfig | FinetuningLoaderConfig  # chosen by `name`: text | finetuning
+    # Training length, a Composer time string: 1000ba, 2ep, 100000sp, 1000000tok (curriculum: ba/sp/tok).
     max_duration: str
+    # Samples per optimizer step over all ranks; a multiple of world size x device_train_microbatch_size.
     global_train_batch_size: int
+    # Names the run: save_folder runs/{run_name}, W&B run. null: dbrx-YYYYMMDD-HHMMSS (autoresume needs one).
     run_name: str | None = None
-    seed: int = 17
+    seed: int = 17  # seeds weight init, data shuffling and dropout
+    # Training sequence length: text samples must have exactly this many tokens, fine-tuning samples are
+    # padded to it. model.max_seq_len defaults to it and must not be smaller.
     max_seq_len: int = 2048
     variables: dict[str, Any] | None = None  # free-form, for ${variables.x} interpolation in YAML
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # The same keys as train_loader (its own `name`); null: no evaluation.
     eval_loader: TextLoaderConfig | FinetuningLoaderConfig | None = None
     curriculum: CurriculumConfig | None = None  # data-mix schedule over train_loader's streams
+    # How often to evaluate, a Composer time string (with a curriculum, each mix segment is one epoch).
     eval_interval: str = "1ep"
-    eval_first: bool = False
-    eval_subset_num_batches: int = -1
-    device_train_microbatch_size: int | None = None  # default: the whole device batch
-    device_eval_batch_size: int | None = None  # default: the device train batch
-    device: Literal["auto", "cpu", "gpu"] = "auto"
-    precision: Literal["auto", "fp32", "amp_bf16", "amp_fp16"] = "auto"
+    eval_first: bool = False  # evaluate once before the first training batch (not when resuming mid-run)
+    eval_subset_num_batches: int = -1  # batches per evaluation; -1: the whole eval_loader
+    # Samples per forward/backward on one device (gradient accumulation over the device batch); null: all.
+    device_train_microbatch_size: int | None = None
+    device_eval_batch_size: int | None = None  # eval samples per device batch; null: the device train batch
+    device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: gpu when CUDA is available, else cpu
+    precision: Literal["auto", "fp32", "amp_bf16", "amp_fp16"] = "auto"  # auto: amp_bf16 on GPU, fp32 on CPU
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     algorithms: AlgorithmsConfig = field(default_factory=AlgorithmsConfig)
+    # FSDP2 sharding (needed by model.init_device mixed/meta); null: no FSDP (plain DDP on several ranks).
     fsdp_config: FSDPConfig | None = None
-    parallelism_config: ParallelismConfig | None = None
-    save_folder: str | None = None  # default: runs/{run_name}
-    save_interval: str = "1000ba"
-    save_num_checkpoints_to_keep: int = -1
-    save_overwrite: bool = False
+    parallelism_config: ParallelismConfig | None = None  # holds `fsdp:`, instead of fsdp_config (not both)
+    # The run folder (checkpoints, config.yaml, metrics.jsonl, report); {run_name} is filled in.
+    # null: runs/{run_name}.
+    save_folder: str | None = None
+    save_interval: str = "1000ba"  # how often to write a Composer checkpoint (time string); also at the end
+    save_num_checkpoints_to_keep: int = -1  # local checkpoints kept, oldest deleted first; -1: all
+    save_overwrite: bool = False  # allow overwriting existing checkpoint files in save_folder
+    # Resume from the latest checkpoint in save_folder if there is one (then load_path is ignored);
+    # needs a fixed run_name.
     autoresume: bool = False
-    load_path: str | None = None
-    load_weights_only: bool = False
+    load_path: str | None = None  # Composer checkpoint (path or URI) to start from; null: start fresh
+    load_weights_only: bool = False  # take only the model weights from load_path (not optimizer, time, data)
     loggers: LoggersConfig = field(default_factory=LoggersConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
-    log_to_console: bool = True
-    console_log_interval: str = "1ba"
-    progress_bar: bool = False
-    dist_timeout: float = 600.0
+    log_to_console: bool = True  # print metrics to the console every console_log_interval
+    console_log_interval: str = "1ba"  # how often to print metrics, a Composer time string
+    progress_bar: bool = False  # a progress bar with the losses, tokens/s, MFU and ETA
+    dist_timeout: float = 600.0  # seconds: timeout of the distributed process group (setup and collectives)
 
     @property
     def fsdp(self) -> FSDPConfig | None:

@@ -112,12 +112,14 @@ def rows(cls: type, prefix: str, missing: list[str]) -> list[tuple[str, str, str
             if not meaning and not subs:
                 missing.append(key)
             out.append((key, type_name(tp), default_text(f), meaning))
-        for sub in subs:
-            sub_rows = rows(sub, f"{key}.<name>." if is_map else f"{key}.", missing)
-            variant = variant_name(sub) if len(subs) > 1 else None
+        per_variant = [rows(sub, f"{key}.<name>." if is_map else f"{key}.", missing) for sub in subs]
+        for sub, sub_rows in zip(subs, per_variant, strict=True):
             for row in sub_rows:
-                if variant is not None and not row[0].endswith(".name"):
-                    row = (row[0], row[1], row[2], f"(`name: {variant}`) {row[3]}")
+                # A key that reads the same in every variant (e.g. loader `text` / `finetuning`) is
+                # listed once; one that differs says which `name:` it belongs to.
+                shared = all(row in other for other in per_variant)
+                if not shared and not row[0].endswith(".name"):
+                    row = (row[0], row[1], row[2], f"(`name: {variant_name(sub)}`) {row[3]}")
                 if row not in out:
                     out.append(row)
     return out

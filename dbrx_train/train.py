@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import sys
@@ -47,9 +48,9 @@ def main(argv: list[str] | None = None) -> Trainer:
         layout = batch_layout(cfg, dist.get_world_size())
         device = resolve_device(cfg)
         check_init_device(cfg, device)
-        check_data(cfg)
         check_pretrained(cfg)
         check_load_path(cfg)
+        check_data(cfg)
     except ConfigError as e:
         # One clear line per rank instead of a traceback through the config machinery.
         print(f"dbrx-train: config error: {e}", file=sys.stderr)
@@ -103,7 +104,9 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
         dist.initialize_dist(device, cfg.dist_timeout)
     run_name = cfg.run_name or shared_run_name()
     save_folder = (cfg.save_folder or "runs/{run_name}").format(run_name=run_name)
-    resolved = {**resolved_dict(cfg), "run_name": run_name, "save_folder": save_folder}
+    # From here on every builder sees the run's actual name and folder.
+    cfg = dataclasses.replace(cfg, run_name=run_name, save_folder=save_folder)
+    resolved = resolved_dict(cfg)
     write_resolved_config(resolved, save_folder)
 
     model = build_model(cfg)
@@ -160,6 +163,8 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
     )
     trainer.logger.log_hyperparameters(resolved)  # the whole resolved config, e.g. into W&B's run config
     start = time.monotonic()
+    if cfg.eval_first and evaluators and int(trainer.state.timestamp.batch) == 0:
+        trainer.eval()  # a baseline before the first step (not again when resuming)
     trainer.fit()
     print_summary(trainer, save_folder, time.monotonic() - start)
     return trainer

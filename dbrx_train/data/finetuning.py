@@ -26,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from streaming import MDSWriter, StreamingDataLoader, StreamingDataset
+from tqdm import tqdm
 
 from dbrx_train.chat import validate_messages
 from dbrx_train.data.prepare import expand_inputs, prepare_output_folder
@@ -54,14 +55,15 @@ HOW_TO_MAKE_CHAT_DATA = (
 class FinetuningLoaderConfig:
     """``train_loader: {name: finetuning, dataset: {...}}``: the same dataset keys as `text`."""
 
+    # Conversations (MDS `input_ids` + `labels`), padded to max_seq_len; loss on assistant turns only.
     name: Literal["finetuning"] = "finetuning"
     dataset: TextDatasetConfig = field(default_factory=TextDatasetConfig)
-    drop_last: bool = True
-    num_workers: int = 0
-    pin_memory: bool = False
-    prefetch_factor: int | None = None
-    persistent_workers: bool = False
-    timeout: float = 0.0
+    drop_last: bool = True  # drop an epoch's last incomplete device batch
+    num_workers: int = 0  # DataLoader worker processes; 0: load in the training process
+    pin_memory: bool = False  # put batches in page-locked memory (faster copies to the GPU)
+    prefetch_factor: int | None = None  # batches each worker loads ahead; only with num_workers > 0
+    persistent_workers: bool = False  # keep workers alive between epochs; only with num_workers > 0
+    timeout: float = 0.0  # seconds to wait for a batch from a worker; 0: no limit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +278,7 @@ def convert_conversations(
         columns=COLUMNS, out=str(out), compression=compression, hashes=["sha1"], size_limit=size_limit
     )
     try:
-        for example in rows:
+        for example in tqdm(rows, desc="fine-tuning samples", unit=" samples", disable=None):
             writer.write({"input_ids": example.input_ids, "labels": example.labels})
             summary.samples += 1
             summary.tokens += len(example.input_ids)

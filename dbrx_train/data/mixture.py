@@ -40,7 +40,10 @@ class MixPhaseConfig:
 
 @dataclass
 class CurriculumConfig:
+    # In order, each `{start: time (ba/sp/tok/dur), mix: {stream: weight}}`: the mix from `start` on;
+    # the first starts at 0. Weights are normalised; a stream left out gets 0.
     phases: list[MixPhaseConfig]
+    # step: each phase's mix holds until the next starts; linear: it moves to the next phase's mix in `step`s.
     interpolation: Literal["step", "linear"] = "step"
     step: str = "10ba"  # linear: size of each constant piece (same units as `start`)
 

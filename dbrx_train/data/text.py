@@ -39,43 +39,46 @@ from dbrx_train.data.token_mds import TokenMDSInfo, check_token_mds, find_token_
 class StreamConfig:
     """One named stream of a mixture: the MDS folder is `local/split` (or `local`)."""
 
-    local: str
+    local: str  # the MDS folder (with `split`: its parent); where `remote`'s shards are downloaded to
     remote: str | None = None  # if set, shards are downloaded from here into `local`
-    split: str | None = None  # defaults to the dataset's `split`
+    split: str | None = None  # subfolder of `local` to read; null: the dataset's `split`
     proportion: float | None = None  # relative weight; give it to all streams or none
 
 
 @dataclass
 class TextDatasetConfig:
     local: str | None = None  # single-stream shorthand: the MDS folder is `local/split`
-    remote: str | None = None
-    split: str | None = None
+    remote: str | None = None  # if set (e.g. s3://bucket/dir), shards are downloaded from here into `local`
+    split: str | None = None  # subfolder of local (and remote) to read, e.g. train or val; null: none
     streams: dict[str, StreamConfig] | None = None  # named streams (mixtures); exclusive with local/remote
-    shuffle: bool = True
-    shuffle_algo: str = "py1e"
-    shuffle_block_size: int | None = None  # None: Streaming's default, max(4M / num_canonical_nodes, 2**18)
+    shuffle: bool = True  # shuffle the sample order (seeded by `seed`); false: stored order
+    shuffle_algo: str = "py1e"  # Streaming's shuffle algorithm: py1e, py1br, py1s, py2s or naive
+    # Samples per shuffle block; null: Streaming's default, max(4M / num_canonical_nodes, 2**18).
+    shuffle_block_size: int | None = None
     # The sample order is a function of (seed, num_canonical_nodes), not of the world size.
     # Streaming saves the value in checkpoints, so a resumed run keeps its order; pin it
     # (e.g. to the node count of the first run) to get identical order across runs that use
-    # different numbers of nodes. None: Streaming's default (the number of nodes of this run,
+    # different numbers of nodes. null: Streaming's default (the number of nodes of this run,
     # times 64 for py1s/py2s).
     num_canonical_nodes: int | None = None
-    predownload: int | None = None  # samples to download ahead per worker; None: 8 * device_batch_size
-    download_timeout: float = 60.0
-    validate_hash: str | None = None  # e.g. "sha1" (written by data_prep/convert_text_to_mds.py)
-    keep_zip: bool = False
+    predownload: int | None = None  # samples to download ahead per worker; null: 8 * device_batch_size
+    download_timeout: float = 60.0  # seconds to wait for one shard to download before failing
+    # Hash to check each shard against its index, e.g. "sha1" (written by data_prep/convert_text_to_mds.py);
+    # null: no check.
+    validate_hash: str | None = None
+    keep_zip: bool = False  # keep compressed shards after decompressing them (Streaming's keep_zip)
 
 
 @dataclass
 class TextLoaderConfig:
-    name: Literal["text"] = "text"
+    name: Literal["text"] = "text"  # pretraining data: fixed-length token sequences (MDS `tokens`)
     dataset: TextDatasetConfig = field(default_factory=TextDatasetConfig)
-    drop_last: bool = True
-    num_workers: int = 0
-    pin_memory: bool = False
-    prefetch_factor: int | None = None  # only with num_workers > 0
-    persistent_workers: bool = False  # only with num_workers > 0
-    timeout: float = 0.0
+    drop_last: bool = True  # drop an epoch's last incomplete device batch
+    num_workers: int = 0  # DataLoader worker processes; 0: load in the training process
+    pin_memory: bool = False  # put batches in page-locked memory (faster copies to the GPU)
+    prefetch_factor: int | None = None  # batches each worker loads ahead; only with num_workers > 0
+    persistent_workers: bool = False  # keep workers alive between epochs; only with num_workers > 0
+    timeout: float = 0.0  # seconds to wait for a batch from a worker; 0: no limit
 
 
 @dataclass

@@ -21,38 +21,50 @@ NON_HF_FFN_KEYS = ("uniform_expert_assignment", "moe_backend")
 
 @dataclass
 class DbrxAttentionConfig:
-    attn_pdrop: float = 0.0
-    clip_qkv: float | None = None  # clamp q, k, v to [-clip_qkv, clip_qkv] after Wqkv
+    attn_pdrop: float = 0.0  # dropout probability on the attention weights, in [0, 1); training only
+    clip_qkv: float | None = None  # clamp q, k, v to [-clip_qkv, clip_qkv] after Wqkv; null: no clamp
+    # Key/value heads for grouped-query attention; must divide n_heads (= n_heads: plain multi-head).
     kv_n_heads: int = 1
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # RoPE base frequency (DBRX uses 500000)
 
 
 @dataclass
 class DbrxFFNConfig:
+    # `{name: silu | gelu | relu}`: the activation of the experts' GLU gate, act(x W1) * (x V1).
     ffn_act_fn: dict = field(default_factory=lambda: {"name": "silu"})
-    ffn_hidden_size: int = 3584
-    moe_num_experts: int = 4
-    moe_top_k: int = 1
-    moe_jitter_eps: float | None = None  # router input *= U(1 - eps, 1 + eps) while training
+    ffn_hidden_size: int = 3584  # hidden width of each expert's GLU (per expert)
+    moe_num_experts: int = 4  # experts per MoE layer (every layer's FFN is an MoE)
+    moe_top_k: int = 1  # experts each token is routed to, in [1, moe_num_experts]
+    # Router input *= U(1 - eps, 1 + eps) while training; in (0, 1), null: no jitter.
+    moe_jitter_eps: float | None = None
+    # Weight of the load-balancing loss (mean over layers, 1 = balanced) added to the LM loss; 0: only logged.
     moe_loss_weight: float = 0.01
-    moe_normalize_expert_weights: float | None = 1.0  # p of the p-norm the top-k weights are divided by
+    # p of the p-norm the top-k routing weights are divided by (1: they sum to 1); null: raw softmax probs.
+    moe_normalize_expert_weights: float | None = 1.0
     uniform_expert_assignment: bool = False  # round-robin expert choice, for benchmarking only
-    moe_backend: str = "auto"  # "auto" | "torch" | "megablocks"; resolved once when the model is built
+    # "auto" | "torch" | "megablocks", resolved when the model is built; auto = torch for now.
+    moe_backend: str = "auto"
 
 
 @dataclass
 class DbrxConfig:
-    d_model: int = 2048
-    n_heads: int = 16
-    n_layers: int = 24
+    d_model: int = 2048  # hidden size (residual stream width); must be divisible by n_heads
+    n_heads: int = 16  # attention (query) heads; head_dim = d_model / n_heads must be even (RoPE)
+    n_layers: int = 24  # transformer blocks (attention + MoE FFN each)
+    # Longest sequence the model supports (RoPE table, KV cache size); >= the run's max_seq_len. Omitted in
+    # the YAML: taken from the top-level max_seq_len when that is given.
     max_seq_len: int = 2048
-    vocab_size: int = 32000
-    resid_pdrop: float = 0.0
-    emb_pdrop: float = 0.0
+    vocab_size: int = 32000  # rows of the embedding and LM head; token ids must be below it (DBRX: 100352)
+    resid_pdrop: float = 0.0  # dropout on the attention and FFN outputs before each residual add, in [0, 1)
+    emb_pdrop: float = 0.0  # dropout on the token embeddings, in [0, 1)
     attn_config: DbrxAttentionConfig = field(default_factory=DbrxAttentionConfig)
     ffn_config: DbrxFFNConfig = field(default_factory=DbrxFFNConfig)
+    # Std of the normal init of linear, embedding, router and expert weights; the residual-stream outputs
+    # (attention out_proj, expert w2) use initializer_range / sqrt(2 * n_layers).
     initializer_range: float = 0.02
+    # Share one matrix between the embedding and the LM head (cannot be exported as an HF DBRX folder).
     tie_word_embeddings: bool = False
+    # Also return each layer's router logits in the model output (the load-balancing loss is always added).
     output_router_logits: bool = False
 
     def __post_init__(self) -> None:

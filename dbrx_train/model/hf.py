@@ -216,7 +216,9 @@ def write_hf_weights(
     else:
         paths = [folder / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     # A bar on terminals only (disable=None): exporting 132B parameters takes a while.
-    with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="export weights", disable=None) as bar:
+    with tqdm(
+        total=sum(sizes.values()), unit="B", unit_scale=True, desc="export weights", disable=None
+    ) as bar:
 
         def fetch(name: str) -> torch.Tensor:
             tensor = get_tensor(name)

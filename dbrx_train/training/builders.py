@@ -62,7 +62,10 @@ def build_loggers(cfg: TrainConfig, save_folder: str) -> list[LoggerDestination]
         loggers.append(TrainingProgressBar())
     if cfg.loggers.file is not None:
         loggers.append(
-            FileLogger(filename=cfg.loggers.file.filename, flush_interval=cfg.loggers.file.log_interval)
+            FileLogger(
+                filename=cfg.loggers.file.filename.replace("{save_folder}", save_folder),
+                flush_interval=cfg.loggers.file.flush_interval,
+            )
         )
     wandb = cfg.loggers.wandb
     if wandb is not None and wandb.mode != "disabled":
@@ -101,6 +104,6 @@ def build_callbacks(cfg: TrainConfig, save_folder: str | None = None) -> list[Ca
         callbacks.append(RuntimeEstimator())
     if cb.hf_export is not None:
         hf = cb.hf_export
-        folder = hf.folder.format(save_folder=save_folder or "runs/{run_name}", run_name=cfg.run_name or "")
+        folder = hf.folder.format(save_folder=save_folder, run_name=cfg.run_name)
         callbacks.append(HFExport(folder, hf.save_interval, hf.dtype, hf.max_shard_size, hf.tokenizer))
     return callbacks

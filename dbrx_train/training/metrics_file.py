@@ -2,7 +2,8 @@
 
 Each line is ``{"batch": n, "tokens": t, <metric>: value, ...}`` where ``n`` counts completed
 batches (1-based) and metric names are Composer's (``loss/train/total``, ...). Everything logged
-while batch ``n`` runs, including evaluation after it, lands on that batch's line.
+while batch ``n`` runs, including evaluation after it, lands on that batch's line; what is logged
+between batches (e.g. ``eval_first``) lands on the next batch's line.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ class MetricsFileLogger(LoggerDestination):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._record: dict[str, Any] | None = None
+        self._completed = 0  # batches trained when the last line was written
+        self._pending: dict[str, Any] = {}
 
     def fit_start(self, state: State, logger: Logger) -> None:
+        self._completed = int(state.timestamp.batch.value)
         if dist.get_global_rank() != 0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,21 +36,30 @@ class MetricsFileLogger(LoggerDestination):
 
     def batch_start(self, state: State, logger: Logger) -> None:
         self._flush()
-        self._record = {"batch": int(state.timestamp.batch.value) + 1}
+        self._record = {"batch": int(state.timestamp.batch.value) + 1, **self._pending}
+        self._pending = {}
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if self._record is None:
-            return
+        # Between batches (evaluation before the first one, an epoch change): kept for the next
+        # batch's line, or written on its own at the end of training.
+        target = self._record if self._record is not None else self._pending
         for key, value in metrics.items():
-            self._record[key] = _plain(value)
+            target[key] = _plain(value)
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
         if self._record is not None:
             self._record["tokens"] = int(state.timestamp.token.value)
+        self._completed = int(state.timestamp.batch.value)
         self._flush()
 
     def fit_end(self, state: State, logger: Logger) -> None:
         self._flush()
+        # Left over after the last batch: Composer's epoch-end time counters repeat the last line's;
+        # anything else (an evaluation after training) gets a line of its own.
+        if any(not key.startswith("time/") for key in self._pending):
+            self._record = {"batch": self._completed, **self._pending}
+            self._flush()
+        self._pending = {}
 
     def close(self, state: State, logger: Logger) -> None:
         self._flush()

@@ -162,11 +162,12 @@ def test_pretrained_config_takes_architecture_and_refuses_shape_mismatch(tmp_pat
         load_config(TINY, [f"model.pretrained={tmp_path / 'nowhere'}"])
 
 
-def test_incomplete_pretrained_folder_is_a_config_error_naming_the_file(tmp_path, capsys):
+def test_incomplete_pretrained_folder_is_a_config_error_naming_the_file(tmp_path, capsys, default_corpus):
     folder = small_export(tmp_path)
     (folder / "model.safetensors").unlink()
     args = [
         str(TINY),
+        f"variables.data_root={default_corpus}",
         f"model.pretrained={folder}",
         "model.d_model=64",
         "model.ffn_config.ffn_hidden_size=32",
