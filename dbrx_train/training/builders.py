@@ -55,7 +55,9 @@ def build_algorithms(cfg: TrainConfig) -> list[Algorithm]:
 
 
 def build_loggers(cfg: TrainConfig, save_folder: str) -> list[LoggerDestination]:
-    loggers: list[LoggerDestination] = [MetricsFileLogger(Path(save_folder) / "metrics.jsonl")]
+    # An object-store save_folder (s3://...) gets checkpoints only; the metrics file stays local.
+    local_folder = Path(f"runs/{cfg.run_name}") if "://" in save_folder else Path(save_folder)
+    loggers: list[LoggerDestination] = [MetricsFileLogger(local_folder / "metrics.jsonl")]
     if cfg.log_to_console:
         loggers.append(ConsoleLogger(log_interval=cfg.console_log_interval))
     if cfg.progress_bar:
