@@ -1,7 +1,8 @@
 """MoE health: per-layer expert load, router entropy and load balance, and a collapse warning.
 
-Forward hooks on each ``DbrxFFN`` read the router logits the layer already returns, so nothing in
-the model changes. Counts accumulate on the device over ``log_interval`` batches and are reduced
+Forward hooks on each ``DbrxRouter`` read the routing it already computed (the experts actually
+chosen, with jitter and uniform assignment, and the fp32 probabilities), so nothing is recomputed
+and nothing in the model changes. Counts accumulate on the device over ``log_interval`` batches and are reduced
 over ranks only when logged. Logged metrics (``i`` = layer, ``e`` = expert):
 
 - ``moe/layer_{i}/load/expert_{e}``: fraction of the layer's top-k assignments routed to ``e``
@@ -24,7 +25,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from dbrx_train.model.moe import DbrxFFN, MoEOutput
+from dbrx_train.model.moe import DbrxRouter, Routing
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ class ExpertLoadMonitor(Callback):
         self.log_interval = log_interval
         self.collapse_fraction = collapse_fraction
         self.collapse_window = collapse_window
-        self._layers: list[tuple[int, DbrxFFN]] = []
         self._handles: list = []
         self._counting = False
         # per layer: assignment counts (E,), summed router probs (E,), summed token entropy, tokens
@@ -51,23 +51,18 @@ class ExpertLoadMonitor(Callback):
 
     def fit_start(self, state: State, logger: Logger) -> None:
         for name, module in state.model.named_modules():
-            if isinstance(module, DbrxFFN):
+            if isinstance(module, DbrxRouter):
                 layer = int(re.search(r"blocks\.(\d+)\.", name).group(1))
-                self._layers.append((layer, module))
-                self._handles.append(module.register_forward_hook(self._make_hook(layer, module)))
+                self._handles.append(module.register_forward_hook(self._make_hook(layer)))
 
-    def _make_hook(self, layer: int, module: DbrxFFN):
-        top_k = module.router.top_k
-
-        def hook(_module, _inputs, output: MoEOutput) -> None:
+    def _make_hook(self, layer: int):
+        def hook(_module, _inputs, routing: Routing) -> None:
             # Only the training forward: activation checkpointing re-runs forward inside backward.
             if not self._counting:
                 return
             with torch.no_grad():
-                logits_NE = output.router_logits_NE.detach().float()
-                probs_NE = logits_NE.softmax(dim=-1)
-                experts = probs_NE.topk(top_k, dim=-1).indices.reshape(-1)
-                counts_E = torch.bincount(experts, minlength=probs_NE.shape[-1])
+                probs_NE = routing.probs_NE.detach()
+                counts_E = torch.bincount(routing.experts_Nk.reshape(-1), minlength=probs_NE.shape[-1])
                 entropy = -(probs_NE * probs_NE.clamp_min(1e-30).log()).sum()
                 if layer in self._counts:
                     self._counts[layer] += counts_E
