@@ -202,10 +202,11 @@ PLOTS = (
 def summarize(m: RunMetrics) -> dict[str, float | int | None]:
     last = m.rows[-1]
     evals = m.series("metrics/eval/LanguageCrossEntropy")[1]
+    train = m.series("loss/train/total")[1]
     return {
         "batches": last.get("batch"),
         "tokens": last.get("tokens"),
-        "final_train_loss": m.series("loss/train/total")[1][-1] if m.series("loss/train/total")[1] else None,
+        "final_train_loss": train[-1] if train else None,
         "best_eval_loss": min(evals) if evals else None,
     }
 
