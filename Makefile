@@ -34,7 +34,7 @@ finetune: data
 
 # Greedy answer of the fine-tuned model (runs/dbrx-tiny-chat) to one chat prompt.
 sample: setup
-	$(PY) scripts/generate.py --model runs/dbrx-tiny-chat/latest-rank0.pt --chat --no-system-prompt \
+	$(PY) scripts/generate.py --model runs/dbrx-tiny-chat --chat --no-system-prompt \
 		--max-new-tokens 24 --prompt 'Explain the "for" statement in Python.'
 
 test: setup

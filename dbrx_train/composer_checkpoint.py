@@ -8,7 +8,7 @@ Two layouts, as Composer writes them:
   `torch.load(weights_only=True)`), so any world size converts on one process and the full model is
   never held twice. `.metadata` is a pickle: it is read with an unpickler that only accepts
   DCP's metadata classes, torch.Size, dtypes and paths.
-- Unsharded: `ep0-baN-rank0.pt`, a torch.save of Composer's state (`state.model` holds the
+- Unsharded: `ep0-baN/rank0.pt` (dbrx-train; Composer's own saver writes `ep0-baN-rank0.pt`), a torch.save of Composer's state (`state.model` holds the
   weights as `model.<HF name>`). Besides tensors it pickles Composer/numpy objects; we unpickle it
   with torch's tensor rebuilders and replace every other class by an inert placeholder, so no
   class from the file is imported or called.
@@ -63,7 +63,7 @@ def _is_dtype(module: str, name: str) -> bool:
     return module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+class DcpMetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module == _DCP_METADATA_MODULE or (module, name) in _DCP_SAFE or _is_dtype(module, name):
             return super().find_class(module, name)
@@ -73,7 +73,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 class _SafeFileSystemReader(FileSystemReader):
     def read_metadata(self) -> Metadata:
         with open(Path(self.path) / ".metadata", "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
+            metadata = DcpMetadataUnpickler(f).load()
         metadata.storage_meta = metadata.storage_meta or dcp.metadata.StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
@@ -165,9 +165,22 @@ def _read_pt(path: Path) -> CheckpointWeights:
     return CheckpointWeights({k: v.shape for k, v in tensors.items()}, tensors.__getitem__)
 
 
+def newest_in_run_folder(path: Path) -> Path:
+    """A run folder stands for its newest committed checkpoint; any other path for itself."""
+    from dbrx_train.checkpoint_store import list_checkpoints
+
+    if path.is_dir() and not any((path / name).is_file() for name in (".metadata", "rank0.pt", CONFIG_FILE)):
+        committed = list_checkpoints(path)
+        if committed:
+            return committed[-1].path
+    return path
+
+
 def read_composer_checkpoint(path: str | Path) -> CheckpointWeights:
-    path = Path(path)
+    path = newest_in_run_folder(Path(path))
     if path.is_dir():
+        if (path / "rank0.pt").is_file() and not (path / ".metadata").is_file():
+            return _read_pt(path / "rank0.pt")  # an unsharded dbrx-train checkpoint folder
         if not (path / ".metadata").is_file():
             raise FileNotFoundError(f"{path} is not a sharded Composer checkpoint: it has no .metadata file")
         return _read_dcp(path)
@@ -177,7 +190,11 @@ def read_composer_checkpoint(path: str | Path) -> CheckpointWeights:
 
 
 def run_config_path(checkpoint: str | Path) -> Path:
-    return Path(checkpoint).resolve().parent / "config.yaml"
+    """The run folder's config.yaml: next to the checkpoint folder or .pt, above `ep0-baN/rank0.pt`, or in
+    the run folder itself."""
+    path = Path(checkpoint).resolve()
+    candidates = [path.parent / "config.yaml", path.parent.parent / "config.yaml", path / "config.yaml"]
+    return next((c for c in candidates if c.is_file()), candidates[0])
 
 
 def read_model_config(config_yaml: str | Path) -> DbrxConfig:

@@ -110,6 +110,23 @@ class AlgorithmsConfig:
 
 
 @dataclass
+class NonFiniteLossConfig:
+    """``nonfinite_loss:`` a batch whose loss is NaN or infinite (on any rank, in any microbatch)."""
+
+    # Either way the batch's optimizer step is skipped (weights and optimizer state unchanged) and the
+    # batch index is reported. stop: end the run with a checkpoint of the last good weights, exit code 3.
+    # skip: go on, counting the skipped batches in the metric nonfinite/skipped_batches.
+    policy: Literal["stop", "skip"] = "stop"
+    # skip: the most non-finite batches in a row that are skipped; one more stops the run as `stop` does
+    # (a diverged model rather than a bad batch). null: no limit.
+    max_consecutive_skips: int | None = 10
+
+    def __post_init__(self):
+        if self.max_consecutive_skips is not None and self.max_consecutive_skips < 0:
+            raise ValueError(f"max_consecutive_skips must be >= 0 or null; got {self.max_consecutive_skips}")
+
+
+@dataclass
 class FSDPConfig:
     """``fsdp_config:`` (or ``parallelism_config.fsdp``); FSDP2 per-block sharding under Composer."""
 
@@ -208,6 +225,9 @@ class CallbacksConfig:
     # `{}`: log the estimated time remaining; null: off.
     runtime_estimator: EmptyConfig | None = field(default_factory=EmptyConfig)
     hf_export: HFExportConfig | None = None  # write HF DBRX folders during training; null: off
+    # `{}`: write {save_folder}/samples.jsonl, the dataset indices of every batch's samples (data provenance:
+    # which samples a loss spike saw; that a resume saw each sample once); null: off.
+    sample_log: EmptyConfig | None = None
 
 
 @dataclass
@@ -241,20 +261,36 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     algorithms: AlgorithmsConfig = field(default_factory=AlgorithmsConfig)
+    nonfinite_loss: NonFiniteLossConfig = field(
+        default_factory=NonFiniteLossConfig
+    )  # NaN/inf loss: stop or skip
     # FSDP2 sharding (needed by model.init_device mixed/meta); null: no FSDP (plain DDP on several ranks).
     fsdp_config: FSDPConfig | None = None
     parallelism_config: ParallelismConfig | None = None  # holds `fsdp:`, instead of fsdp_config (not both)
     # The run folder (checkpoints, config.yaml, metrics.jsonl, report); {run_name} is filled in.
-    # null: runs/{run_name}.
+    # null: runs/{run_name}. An object-store URI (s3://, gs://, oci://, file://...): checkpoints are
+    # written and committed in runs/{run_name} first, then uploaded; autoresume also looks there.
     save_folder: str | None = None
-    save_interval: str = "1000ba"  # how often to write a Composer checkpoint (time string); also at the end
-    save_num_checkpoints_to_keep: int = -1  # local checkpoints kept, oldest deleted first; -1: all
-    save_overwrite: bool = False  # allow overwriting existing checkpoint files in save_folder
-    # Resume from the latest checkpoint in save_folder if there is one (then load_path is ignored);
-    # needs a fixed run_name.
+    # How often to write a checkpoint (time string); also at the end and when a run stops early (SIGTERM).
+    save_interval: str = "1000ba"
+    # Checkpoints kept in save_folder, counted on disk (also across resumes), oldest deleted first; -1: all.
+    save_num_checkpoints_to_keep: int = -1
+    # Replace checkpoints in save_folder that lie past this run's starting batch (another run's, or a
+    # rewound run's); false: such checkpoints stop the run before it starts.
+    save_overwrite: bool = False
+    # Resume from the newest intact checkpoint in save_folder if there is one (then load_path is ignored);
+    # damaged ones are reported, renamed <name>.corrupt, and the previous one is used. Needs a fixed run_name.
     autoresume: bool = False
-    load_path: str | None = None  # Composer checkpoint (path or URI) to start from; null: start fresh
+    # Checkpoint to start from: a checkpoint folder, a run folder (its newest intact checkpoint), a Composer
+    # .pt file, or an object-store URI; null: start fresh.
+    load_path: str | None = None
     load_weights_only: bool = False  # take only the model weights from load_path (not optimizer, time, data)
+    # Before loading a checkpoint, check its files against its manifest: hash (sha256, shared over the ranks)
+    # or size (fast, catches truncation only).
+    checkpoint_verify: Literal["hash", "size"] = "hash"
+    # Config keys (or prefixes, e.g. optimizer.lr) allowed to differ when resuming; by default a changed
+    # model, global batch, seed, max_seq_len, train data, curriculum or optimizer stops the resume.
+    allow_config_changes: list[str] = field(default_factory=list)
     loggers: LoggersConfig = field(default_factory=LoggersConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     log_to_console: bool = True  # print metrics to the console every console_log_interval

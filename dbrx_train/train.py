@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -15,8 +17,11 @@ from composer.core import Evaluator
 from composer.utils import dist, reproducibility
 from omegaconf import OmegaConf
 
-from dbrx_train.config import BatchLayout, TrainConfig, batch_layout, load_config, resolved_dict
+from dbrx_train.checkpoint_store import CheckpointError, list_checkpoints
+from dbrx_train.config import BatchLayout, TrainConfig, batch_layout, load_config, parse_config, resolved_dict
+from dbrx_train.data.integrity import ShardReadError
 from dbrx_train.data.loaders import build_dataloader, validate_loader_config
+from dbrx_train.data.streaming_shm import release_stale_shared_memory
 from dbrx_train.model import DbrxForCausalLM
 from dbrx_train.model.hf import check_hf_folder, load_hf_weights
 from dbrx_train.model.stats import count_params
@@ -29,9 +34,23 @@ from dbrx_train.training.builders import (
     build_optimizer,
     build_scheduler,
 )
+from dbrx_train.training.callbacks import BatchSeededRNG
+from dbrx_train.training.checkpointing import (
+    CheckpointManager,
+    CheckpointSaveError,
+    Start,
+    later_checkpoints,
+    resolve_start,
+)
 from dbrx_train.training.composer_model import DbrxComposerModel
 from dbrx_train.training.curriculum import build_train_data
+from dbrx_train.training.nonfinite import exit_if_stopped
+from dbrx_train.training.object_store import RemoteCheckpoints
 from dbrx_train.training.parallelize import build_parallelism_config, mark_fsdp_units
+from dbrx_train.training.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
+from dbrx_train.training.preemption import PreemptionHandler
+from dbrx_train.training.rank_zero import on_rank0
+from dbrx_train.training.resume_guard import check_resume_config
 
 log = logging.getLogger("dbrx_train")
 
@@ -55,7 +74,14 @@ def main(argv: list[str] | None = None) -> Trainer:
         # One clear line per rank instead of a traceback through the config machinery.
         print(f"dbrx-train: config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    return train(cfg, layout, device)
+    try:
+        return train(cfg, layout, device)
+    except (ConfigError, CheckpointError) as e:
+        print(f"dbrx-train: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except (CheckpointSaveError, ShardReadError) as e:
+        print(f"dbrx-train: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 def check_data(cfg: TrainConfig) -> None:
@@ -65,8 +91,14 @@ def check_data(cfg: TrainConfig) -> None:
         validate_loader_config(cfg.train_loader, cfg.max_seq_len, vocab)
         if cfg.eval_loader is not None:
             validate_loader_config(cfg.eval_loader, cfg.max_seq_len, vocab, config_key="eval_loader")
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: e.g. a shard file that may not be read
         raise ConfigError(str(e)) from e
+    # Before any dataset exists: Streaming shared memory of killed runs (never of live ones).
+    stale = release_stale_shared_memory()
+    if stale:
+        print(
+            f"dbrx-train: removed Streaming shared memory of killed runs: {', '.join(stale)}", file=sys.stderr
+        )
 
 
 def check_pretrained(cfg: TrainConfig) -> None:
@@ -107,7 +139,11 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
     # From here on every builder sees the run's actual name and folder.
     cfg = dataclasses.replace(cfg, run_name=run_name, save_folder=save_folder)
     resolved = resolved_dict(cfg)
-    write_resolved_config(resolved, save_folder)
+    # An object-store save_folder: checkpoints are written in runs/{run_name} first, then uploaded.
+    remote = RemoteCheckpoints(save_folder) if "://" in save_folder else None
+    run_folder = f"runs/{run_name}" if remote is not None else save_folder
+    start = choose_start(cfg, Path(run_folder), resolved, remote)
+    write_resolved_config(resolved, run_folder)
 
     model = build_model(cfg)
     parallelism = None
@@ -132,6 +168,10 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
             Evaluator(label="eval", dataloader=eval_loader, metric_names=list(composer_model.get_metrics()))
         )
 
+    checkpoints = CheckpointManager(
+        run_folder, cfg.save_interval, cfg.save_num_checkpoints_to_keep, resolved, remote
+    )
+    preemption = PreemptionHandler()
     trainer = Trainer(
         run_name=run_name,
         seed=cfg.seed,
@@ -148,26 +188,83 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
         device_train_microbatch_size=layout.device_train_microbatch_size,
         parallelism_config=parallelism,
         algorithms=build_algorithms(cfg),
-        loggers=build_loggers(cfg, save_folder),
-        callbacks=build_callbacks(cfg, save_folder) + data_callbacks,
+        loggers=build_loggers(cfg, run_folder),
+        callbacks=[
+            *build_callbacks(cfg, run_folder),
+            *data_callbacks,
+            BatchSeededRNG(cfg.seed),
+            preemption,
+            checkpoints,  # last: saves after every other callback has updated its state
+        ],
         log_to_console=False,  # our ConsoleLogger, configured by console_log_interval, replaces it
         progress_bar=False,  # our TrainingProgressBar (loggers), which also shows tokens/s, MFU and ETA
-        save_folder=save_folder,
-        save_interval=cfg.save_interval,
-        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
-        save_overwrite=cfg.save_overwrite,
-        autoresume=cfg.autoresume,
-        load_path=cfg.load_path,
-        load_weights_only=cfg.load_weights_only,
+        save_folder=None,  # checkpoints are written and committed by CheckpointManager
+        load_path=start.load_path,  # chosen and verified by choose_start (also for autoresume)
+        load_weights_only=start.weights_only,
         dist_timeout=cfg.dist_timeout,
     )
     trainer.logger.log_hyperparameters(resolved)  # the whole resolved config, e.g. into W&B's run config
-    start = time.monotonic()
+    started = time.monotonic()
     if cfg.eval_first and evaluators and int(trainer.state.timestamp.batch) == 0:
         trainer.eval()  # a baseline before the first step (not again when resuming)
     trainer.fit()
-    print_summary(trainer, save_folder, time.monotonic() - start)
+    print_summary(trainer, run_folder, time.monotonic() - started)
+    exit_if_stopped(trainer)  # a non-finite loss stopped the run: say where and why, exit code 3
+    if preemption.stopped_at_batch is not None:
+        if dist.get_global_rank() == 0:
+            last = checkpoints.saved[-1].path if checkpoints.saved else "none"
+            print(
+                f"dbrx-train: stopped by SIGTERM after batch {preemption.stopped_at_batch}; checkpoint {last}. "
+                "Run the same command (with autoresume: true) to continue from it.",
+                flush=True,
+            )
+        raise SystemExit(PREEMPTED_EXIT_CODE)
     return trainer
+
+
+def choose_start(
+    cfg: TrainConfig, run_folder: Path, resolved: dict, remote: RemoteCheckpoints | None
+) -> Start:
+    """What the run loads (autoresume's newest good checkpoint, or load_path), checked before any work."""
+    start = resolve_start(
+        run_folder,
+        autoresume=cfg.autoresume,
+        load_path=cfg.load_path,
+        load_weights_only=cfg.load_weights_only,
+        hashes=cfg.checkpoint_verify == "hash",
+        remote=remote,
+    )
+    if start.checkpoint is not None and start.resumed:
+        saved = normalized_config(start.checkpoint.manifest.get("config") or {})
+        try:
+            accepted = check_resume_config(saved, resolved, cfg.allow_config_changes, start.checkpoint.name)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        interesting = [line for line in accepted if not line.startswith(("run_name", "save_folder"))]
+        if interesting and dist.get_global_rank() == 0:
+            log.info("resuming with changed settings: %s", "; ".join(interesting))
+        log.info("resuming from %s (batch %d)", start.checkpoint.path, start.checkpoint.batch)
+    later = later_checkpoints(run_folder, start)
+    if later:
+        names = ", ".join(c.name for c in later)
+        if not cfg.save_overwrite:
+            raise ConfigError(
+                f"save_folder {run_folder} already holds checkpoints past this run's start (batch {start.batch}): "
+                f"{names}. Set autoresume: true to continue that run, save_overwrite: true to replace them, "
+                f"or choose another save_folder"
+            )
+        dist.barrier()  # every rank has listed them before rank 0 deletes them
+        on_rank0(lambda: [shutil.rmtree(checkpoint.path) for checkpoint in later])
+        log.warning("save_overwrite: removed checkpoints past the start (batch %d): %s", start.batch, names)
+    return start
+
+
+def normalized_config(saved: dict) -> dict:
+    """The checkpoint's config through today's schema, so keys added since then compare as their defaults."""
+    try:
+        return resolved_dict(parse_config(copy.deepcopy(saved)))
+    except ConfigError:
+        return saved  # a key since removed or renamed: compare what was written
 
 
 def resolve_device(cfg: TrainConfig) -> str:
@@ -217,15 +314,15 @@ def build_model(cfg: TrainConfig) -> DbrxForCausalLM:
     return model
 
 
-def write_resolved_config(resolved: dict, save_folder: str) -> None:
-    if dist.get_global_rank() != 0 or "://" in save_folder:
+def write_resolved_config(resolved: dict, run_folder: str) -> None:
+    if dist.get_global_rank() != 0:
         return
-    folder = Path(save_folder)
+    folder = Path(run_folder)
     folder.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(resolved), folder / "config.yaml")
 
 
-def print_summary(trainer: Trainer, save_folder: str, seconds: float) -> None:
+def print_summary(trainer: Trainer, run_folder: str, seconds: float) -> None:
     """What a user looks for at the end: how far, how good, where the checkpoints and report are."""
     if dist.get_global_rank() != 0:
         return
@@ -237,20 +334,17 @@ def print_summary(trainer: Trainer, save_folder: str, seconds: float) -> None:
     ]
     if "loss/train/total" in losses:
         lines.append(f"  final train loss: {losses['loss/train/total']:.4f}")
-    if "://" in save_folder:
-        lines.append(f"  run folder: {save_folder}")
+    folder = Path(run_folder)
+    checkpoints = [c.name for c in list_checkpoints(folder)]
+    lines.append(f"  run folder: {folder}")
+    lines.append(f"  checkpoints: {', '.join(checkpoints) if checkpoints else 'none saved'}")
+    try:
+        report = write_report(folder)
+    except (OSError, ValueError) as e:  # a report is a convenience; never fail a finished run
+        lines.append(f"  report: not written ({e})")
     else:
-        folder = Path(save_folder)
-        checkpoints = sorted(p.name for p in folder.glob("ep*-ba*"))
-        lines.append(f"  run folder: {folder}")
-        lines.append(f"  checkpoints: {', '.join(checkpoints) if checkpoints else 'none saved'}")
-        try:
-            report = write_report(folder)
-        except (OSError, ValueError) as e:  # a report is a convenience; never fail a finished run
-            lines.append(f"  report: not written ({e})")
-        else:
-            best = report.summary["best_eval_loss"]
-            if best is not None:
-                lines.append(f"  best eval loss: {best:.4f}")
-            lines.append(f"  report: {report.html}")
+        best = report.summary["best_eval_loss"]
+        if best is not None:
+            lines.append(f"  best eval loss: {best:.4f}")
+        lines.append(f"  report: {report.html}")
     print("\n".join(lines), flush=True)

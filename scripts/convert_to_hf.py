@@ -3,7 +3,7 @@
     python scripts/convert_to_hf.py runs/dbrx-tiny/ep0-ba120 runs/dbrx-tiny/hf-ba120 \\
         [--config runs/dbrx-tiny/config.yaml] [--dtype bf16|fp32|fp16] [--max-shard-size BYTES] [--no-tokenizer]
 
-The checkpoint is a sharded folder (`ep0-baN/`, any number of ranks) or `ep0-baN-rank0.pt`; the
+The checkpoint is a sharded folder (`ep0-baN/`, any number of ranks) or `ep0-baN/rank0.pt`; the
 model config comes from the run folder's config.yaml unless --config is given. Runs on one
 process, reading and writing one tensor at a time (see dbrx_train/composer_checkpoint.py).
 """
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("checkpoint", help="Composer checkpoint: ep0-baN/ folder or ep0-baN-rank0.pt")
+    parser.add_argument("checkpoint", help="Composer checkpoint: ep0-baN/ folder or ep0-baN/rank0.pt")
     parser.add_argument("out", help="HF folder to write")
     parser.add_argument("--config", help="the run's config.yaml (default: next to the checkpoint)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")

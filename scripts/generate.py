@@ -6,7 +6,7 @@
 
 Several --prompt flags decode as one left-padded batch. --chat wraps each prompt as a user turn in
 DBRX's ChatML (with its default system prompt unless --no-system-prompt) and adds the assistant
-header. A Composer checkpoint (sharded folder `ep0-baN/` or `ep0-baN-rank0.pt`) takes its model
+header. A Composer checkpoint (sharded folder `ep0-baN/` or `ep0-baN/rank0.pt`) takes its model
 config from the run folder's config.yaml, or from --config.
 """
 

@@ -6,6 +6,8 @@ text.py       pretraining loader: config dataclasses, TokenSequenceDataset, buil
 finetuning.py conversations -> input_ids/labels MDS (assistant turns trained), padded loader
 loaders.py    the loader kinds by `name` (text | finetuning)
 mixture.py    curriculum data-mix schedules -> constant-mix segments
+integrity.py  shard files against index.json (verify_shards) and read errors naming the shard
+streaming_shm.py  Streaming shared memory left by killed runs, removed safely
 """
 
 from dbrx_train.data.text import (

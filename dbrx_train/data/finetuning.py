@@ -25,20 +25,19 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from streaming import MDSWriter, StreamingDataLoader, StreamingDataset
+from streaming import MDSWriter, StreamingDataLoader
 from tqdm import tqdm
 
 from dbrx_train.chat import validate_messages
+from dbrx_train.data.integrity import GuardedStreamingDataset, at_most_size, check_shard_files
 from dbrx_train.data.prepare import expand_inputs, prepare_output_folder
 from dbrx_train.data.text import (
     TextDatasetConfig,
     build_streaming_loader,
-    describe_sample,
-    resolve_streams,
+    check_local_streams,
     stream_id_of,
-    validate_loader_options,
 )
-from dbrx_train.data.token_mds import iter_samples, read_index
+from dbrx_train.data.token_mds import SHARD_HASHES, iter_samples, read_index
 from dbrx_train.tokenizer import DBRX_ADDED_TOKENS, DBRX_VOCAB_SIZE, DbrxTokenizer, load_tokenizer
 
 IGNORE_INDEX = -100  # the label of a position that is not trained (HF / PyTorch convention)
@@ -187,6 +186,11 @@ def find_sample_problem(
         return (
             f"has input_ids of shape {input_ids.shape} but labels of shape {labels.shape}; both must be (T,)"
         )
+    if not np.issubdtype(input_ids.dtype, np.integer) or not np.issubdtype(labels.dtype, np.signedinteger):
+        return (
+            f"has input_ids of dtype {input_ids.dtype} and labels of dtype {labels.dtype}; both must be signed "
+            f"integers (ndarray:int32). Re-convert it with data_prep/convert_finetuning_dataset.py"
+        )
     if len(input_ids) == 0:
         return "is empty"
     if len(input_ids) > max_seq_len:
@@ -275,7 +279,7 @@ def convert_conversations(
 
     rows = pack_examples(examples(), max_seq_len) if pack else examples()
     writer = MDSWriter(
-        columns=COLUMNS, out=str(out), compression=compression, hashes=["sha1"], size_limit=size_limit
+        columns=COLUMNS, out=str(out), compression=compression, hashes=SHARD_HASHES, size_limit=size_limit
     )
     try:
         for example in tqdm(rows, desc="fine-tuning samples", unit=" samples", disable=None):
@@ -322,13 +326,22 @@ class FinetuningMDSInfo:
 
 
 def check_finetuning_mds(
-    folder: str | Path, *, max_seq_len: int, vocab_size: int, name: str = "dataset", all_samples: bool = False
+    folder: str | Path,
+    *,
+    max_seq_len: int,
+    vocab_size: int,
+    name: str = "dataset",
+    all_samples: bool = False,
+    verify_shards: str = "size",
+    remote: bool = False,
 ) -> FinetuningMDSInfo:
-    """Index, columns and the first sample of each shard (or every sample) of a local folder."""
+    """Index, columns, shard files (`verify_shards`, see data/integrity.py) and the first sample of
+    each shard (or every sample, with `all_samples` or `full`) of a local folder."""
     folder = Path(folder)
-    index = read_index(folder, name, columns=tuple(COLUMNS), how_to=HOW_TO_MAKE_CHAT_DATA)
+    index = read_index(folder, name, columns=tuple(COLUMNS), signed=("labels",), how_to=HOW_TO_MAKE_CHAT_DATA)
+    check_shard_files(folder, index, name, verify_shards, remote=remote)
     max_length = 0
-    limit = None if all_samples else 1
+    limit = None if all_samples or verify_shards == "full" else 1
     for location, sample in iter_samples(folder, index["shards"], name, limit_per_shard=limit):
         input_ids, labels = np.asarray(sample["input_ids"]), np.asarray(sample["labels"])
         problem = find_sample_problem(input_ids, labels, max_seq_len, vocab_size)
@@ -339,41 +352,45 @@ def check_finetuning_mds(
 
 
 def validate_finetuning_dataset_config(
-    cfg: FinetuningLoaderConfig, max_seq_len: int, vocab_size: int, *, config_key: str = "train_loader"
+    cfg: FinetuningLoaderConfig,
+    max_seq_len: int,
+    vocab_size: int,
+    *,
+    config_key: str = "train_loader",
+    verify_shards: str | None = None,
 ) -> dict[str, FinetuningMDSInfo]:
     """Like `validate_text_dataset_config`, for fine-tuning MDS folders."""
     if cfg.name != "finetuning":
         raise ValueError(f"{config_key}.name is {cfg.name!r}; the fine-tuning loader is 'finetuning'")
-    validate_loader_options(cfg, config_key)
-    return {
-        stream.key: check_finetuning_mds(
-            stream.folder, max_seq_len=max_seq_len, vocab_size=vocab_size, name=stream.key
-        )
-        for stream in resolve_streams(cfg.dataset, config_key)
-        if stream.remote is None
-    }
+    return check_local_streams(cfg, check_finetuning_mds, max_seq_len, vocab_size, config_key, verify_shards)
 
 
-class FinetuningDataset(StreamingDataset):
+class FinetuningDataset(GuardedStreamingDataset):
     """Samples padded to max_seq_len: `input_ids` (pad id after the sample) and `labels` (-100 there)."""
 
-    def __init__(self, *, max_seq_len: int, vocab_size: int, stream_keys: list[str], **streaming_kwargs: Any):
+    def __init__(
+        self,
+        *,
+        max_seq_len: int,
+        vocab_size: int,
+        stream_keys: list[str] | None = None,
+        **streaming_kwargs: Any,
+    ):
         self.max_seq_len = max_seq_len
         self.vocab_size = vocab_size
-        super().__init__(**streaming_kwargs)
-        self.stream_keys = stream_keys
+        super().__init__(stream_keys=stream_keys, **streaming_kwargs)
 
     def get_item(self, idx: int, retry: int = 7) -> dict[str, torch.Tensor]:
         sample = super().get_item(idx, retry)
         if "input_ids" not in sample or "labels" not in sample:
             raise ValueError(
-                f"{describe_sample(self, self.stream_keys, idx)} has columns {sorted(sample)}, but fine-tuning "
+                f"{self.describe_sample(idx)} has columns {sorted(sample)}, but fine-tuning "
                 f"data needs {list(COLUMNS)}. {HOW_TO_MAKE_CHAT_DATA}"
             )
         input_ids, labels = np.asarray(sample["input_ids"]), np.asarray(sample["labels"])
         problem = find_sample_problem(input_ids, labels, self.max_seq_len, self.vocab_size)
         if problem:
-            raise ValueError(f"{describe_sample(self, self.stream_keys, idx)} {problem}.")
+            raise ValueError(f"{self.describe_sample(idx)} {problem}.")
         padded_ids = np.full(self.max_seq_len, PAD_TOKEN_ID, np.int64)
         padded_labels = np.full(self.max_seq_len, IGNORE_INDEX, np.int64)
         padded_ids[: len(input_ids)] = input_ids
@@ -382,6 +399,7 @@ class FinetuningDataset(StreamingDataset):
             "input_ids": torch.from_numpy(padded_ids),
             "labels": torch.from_numpy(padded_labels),
             "stream_id": stream_id_of(self, idx),
+            "sample_idx": torch.tensor(idx),  # for callbacks.sample_log
         }
 
 
@@ -396,7 +414,13 @@ def build_finetuning_dataloader(
     choose: dict[str, int] | None = None,
 ) -> StreamingDataLoader:
     """Batches of `input_ids`/`labels` (B, max_seq_len) int64 and `stream_id` (B,)."""
-    validate_finetuning_dataset_config(cfg, max_seq_len, vocab_size, config_key=config_key)
+    validate_finetuning_dataset_config(
+        cfg,
+        max_seq_len,
+        vocab_size,
+        config_key=config_key,
+        verify_shards=at_most_size(cfg.dataset.verify_shards),
+    )
     return build_streaming_loader(
         cfg,
         FinetuningDataset,

@@ -15,24 +15,35 @@ YAML (keys follow LLM Foundry's `train_loader`):
       drop_last: true
       num_workers: 2
 
-Each sample is `{"input_ids": LongTensor (max_seq_len,), "stream_id": LongTensor ()}` (the index of
-its stream in `streams`, for per-stream counts); the default collate makes `(B, T)` and `(B,)`.
-Problems with the data (missing folder, wrong sequence length, ids outside the vocabulary) are
-reported before training starts by `validate_text_dataset_config`, and again per sample as it
-is read, naming the stream, shard and sample.
+Each sample is `{"input_ids": LongTensor (max_seq_len,), "stream_id": LongTensor (), "sample_idx":
+LongTensor ()}` (the index of its stream in `streams`, for per-stream counts; its global index in
+the dataset, for provenance); the default collate makes `(B, T)`, `(B,)` and `(B,)`.
+Problems with the data (missing folder, missing or damaged shard files, wrong sequence length, ids
+outside the vocabulary) are reported before training starts by `validate_text_dataset_config`,
+and again per shard and sample as they are read (data/integrity.py), naming the stream, shard and
+sample.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
-from streaming import Stream, StreamingDataLoader, StreamingDataset
+from streaming import StreamingDataLoader, StreamingDataset
 from streaming.base.shuffle import algos as shuffle_algos
 
-from dbrx_train.data.token_mds import TokenMDSInfo, check_token_mds, find_token_problem, sample_token_ids
+from dbrx_train.data.integrity import CheckedStream, GuardedStreamingDataset, VerifyShards, at_most_size
+from dbrx_train.data.token_mds import (
+    LEGACY_BYTES_COLUMN,
+    TOKENS_COLUMN,
+    TokenMDSInfo,
+    check_token_mds,
+    find_token_problem,
+    sample_token_ids,
+)
 
 
 @dataclass
@@ -67,6 +78,11 @@ class TextDatasetConfig:
     # null: no check.
     validate_hash: str | None = None
     keep_zip: bool = False  # keep compressed shards after decompressing them (Streaming's keep_zip)
+    # Checks of each local (or local `remote`) folder's shard files before training, on every rank:
+    # size: each file index.json lists is there with its recorded size (stat only). hash: also each
+    # file's hash in index.json (reads every byte). full: also every sample decompressed, decoded and
+    # checked (reads and decodes everything). none: only index.json and the first sample.
+    verify_shards: VerifyShards = "size"
 
 
 @dataclass
@@ -94,6 +110,13 @@ class _ResolvedStream:
     @property
     def folder(self) -> Path:
         return Path(self.local, self.split) if self.split else Path(self.local)
+
+    @property
+    def remote_folder(self) -> Path | None:
+        """The `remote` folder when it is a path on this machine (no scheme such as s3://), else None."""
+        if self.remote is None or "://" in self.remote:
+            return None
+        return Path(self.remote, self.split) if self.split else Path(self.remote)
 
 
 def resolve_streams(dataset: TextDatasetConfig, config_key: str) -> list[_ResolvedStream]:
@@ -170,35 +193,57 @@ def stream_names(cfg: LoaderConfig) -> list[str]:
     return list(cfg.dataset.streams or {})
 
 
-def validate_text_dataset_config(
-    cfg: TextLoaderConfig, max_seq_len: int, vocab_size: int, *, config_key: str = "train_loader"
-) -> dict[str, TokenMDSInfo]:
-    """Check the loader config and every local stream's data (index, columns, the first sample's
-    length and ids) without building a loader. Streams with a `remote` are checked when the
-    loader is built, after Streaming has downloaded their index.
+def folders_to_check(dataset: TextDatasetConfig, config_key: str) -> Iterator[tuple[str, Path, str, bool]]:
+    """(stream key, folder, name for messages, is a remote) of each stream whose data is on this
+    machine: its `local` folder, or its `remote` when that is a local path. A stream with a remote
+    URL (s3://...) is checked when its loader is built, after Streaming has downloaded its index."""
+    for stream in resolve_streams(dataset, config_key):
+        if stream.remote is None:
+            yield stream.key, stream.folder, stream.key, False
+        elif stream.remote_folder is not None:
+            yield stream.key, stream.remote_folder, f"{stream.key}.remote", True
 
-    `config_key` prefixes error messages (e.g. "eval_loader"). Returns what was found per
-    checked stream key."""
+
+def validate_text_dataset_config(
+    cfg: TextLoaderConfig,
+    max_seq_len: int,
+    vocab_size: int,
+    *,
+    config_key: str = "train_loader",
+    verify_shards: str | None = None,
+) -> dict[str, TokenMDSInfo]:
+    """Check the loader config and each stream's data on this machine (index, columns, shard files,
+    the first sample's length and ids; see `folders_to_check`) without building a loader.
+
+    `config_key` prefixes error messages (e.g. "eval_loader"). `verify_shards` overrides the
+    config's level. Returns what was found per checked stream key."""
     if cfg.name != "text":
         raise ValueError(f"{config_key}.name is {cfg.name!r}; the pretraining loader is 'text'")
+    return check_local_streams(cfg, check_token_mds, max_seq_len, vocab_size, config_key, verify_shards)
+
+
+def check_local_streams(
+    cfg: LoaderConfig,
+    check: Callable[..., Any],
+    max_seq_len: int,
+    vocab_size: int,
+    config_key: str,
+    verify_shards: str | None,
+) -> dict[str, Any]:
+    """The loader options, then `check` (check_token_mds / check_finetuning_mds) on each local stream."""
     validate_loader_options(cfg, config_key)
-    found = {}
-    for stream in resolve_streams(cfg.dataset, config_key):
-        if stream.remote is None:
-            found[stream.key] = check_token_mds(
-                stream.folder, max_seq_len=max_seq_len, vocab_size=vocab_size, name=stream.key
-            )
-    return found
-
-
-def describe_sample(dataset: StreamingDataset, stream_keys: list[str], idx: int) -> str:
-    """'<stream key>: sample i (shard f) in <folder>' for error messages about sample `idx`."""
-    shard_id, _ = dataset.spanner[idx]
-    shard = dataset.shards[shard_id]
-    stream_id = int(dataset.stream_per_shard[shard_id])
-    in_stream = idx - int(dataset.sample_offset_per_stream[stream_id])
-    folder = Path(shard.dirname, shard.split or "")
-    return f"{stream_keys[stream_id]}: sample {in_stream} (shard {shard.raw_data.basename}) in {folder}"
+    level = verify_shards or cfg.dataset.verify_shards
+    return {
+        key: check(
+            folder,
+            max_seq_len=max_seq_len,
+            vocab_size=vocab_size,
+            name=name,
+            verify_shards=level,
+            remote=remote,
+        )
+        for key, folder, name, remote in folders_to_check(cfg.dataset, config_key)
+    }
 
 
 def stream_id_of(dataset: StreamingDataset, idx: int) -> torch.Tensor:
@@ -207,7 +252,7 @@ def stream_id_of(dataset: StreamingDataset, idx: int) -> torch.Tensor:
     return torch.tensor(int(dataset.stream_per_shard[shard_id]))
 
 
-class TokenSequenceDataset(StreamingDataset):
+class TokenSequenceDataset(GuardedStreamingDataset):
     """A StreamingDataset of fixed-length token sequences, checked as they are read."""
 
     def __init__(
@@ -220,19 +265,23 @@ class TokenSequenceDataset(StreamingDataset):
     ):
         self.max_seq_len = max_seq_len
         self.vocab_size = vocab_size
-        super().__init__(**streaming_kwargs)
-        self.stream_keys = stream_keys or [f"stream {i}" for i in range(self.num_streams)]
+        super().__init__(stream_keys=stream_keys, **streaming_kwargs)
 
     def get_item(self, idx: int, retry: int = 7) -> dict[str, torch.Tensor]:
         sample = super().get_item(idx, retry)
         try:
             ids = sample_token_ids(sample)
-            problem = find_token_problem(ids, self.max_seq_len, self.vocab_size)
+            legacy = TOKENS_COLUMN not in sample and LEGACY_BYTES_COLUMN in sample
+            problem = find_token_problem(ids, self.max_seq_len, self.vocab_size, legacy_bytes=legacy)
         except ValueError as error:
             problem = str(error)
         if problem:
-            raise ValueError(f"{describe_sample(self, self.stream_keys, idx)} {problem}.")
-        return {"input_ids": torch.from_numpy(ids.astype("int64")), "stream_id": stream_id_of(self, idx)}
+            raise ValueError(f"{self.describe_sample(idx)} {problem}.")
+        return {
+            "input_ids": torch.from_numpy(ids.astype("int64")),
+            "stream_id": stream_id_of(self, idx),
+            "sample_idx": torch.tensor(idx),  # for callbacks.sample_log
+        }
 
 
 def build_text_dataloader(
@@ -246,9 +295,16 @@ def build_text_dataloader(
     choose: dict[str, int] | None = None,
 ) -> StreamingDataLoader:
     """A resumable loader of `{"input_ids": (device_batch_size, max_seq_len) int64, "stream_id": (B,)}`
-    batches, shuffled with `seed`. Checks the data first (see `validate_text_dataset_config`).
+    batches, shuffled with `seed`. Checks the data first (see `validate_text_dataset_config`; the
+    costly `verify_shards` levels ran once before training, here only sizes are checked again).
     `choose` (samples per stream and epoch, by stream name) overrides the streams' proportions."""
-    validate_text_dataset_config(cfg, max_seq_len, vocab_size, config_key=config_key)
+    validate_text_dataset_config(
+        cfg,
+        max_seq_len,
+        vocab_size,
+        config_key=config_key,
+        verify_shards=at_most_size(cfg.dataset.verify_shards),
+    )
     return build_streaming_loader(
         cfg,
         TokenSequenceDataset,
@@ -262,7 +318,7 @@ def build_text_dataloader(
 
 def build_streaming_loader(
     cfg: LoaderConfig,
-    dataset_class: type[StreamingDataset],
+    dataset_class: type[GuardedStreamingDataset],
     dataset_kwargs: dict[str, Any],
     *,
     device_batch_size: int,
@@ -288,7 +344,7 @@ def build_streaming_loader(
         **dataset_kwargs,
         stream_keys=[s.key for s in resolved],
         streams=[
-            Stream(local=s.local, remote=s.remote, split=s.split, **weight)
+            CheckedStream(key=s.key, local=s.local, remote=s.remote, split=s.split, **weight)
             for s, weight in zip(resolved, weights, strict=True)
         ],
         download_timeout=dataset_cfg.download_timeout,

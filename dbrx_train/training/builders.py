@@ -23,8 +23,10 @@ from dbrx_train.training.expert_load import ExpertLoadMonitor
 from dbrx_train.training.hf_export import HFExport
 from dbrx_train.training.lion import DecoupledLionW
 from dbrx_train.training.metrics_file import MetricsFileLogger
+from dbrx_train.training.nonfinite import NonFiniteLossGuard
 from dbrx_train.training.peak_flops import device_peak_flops
 from dbrx_train.training.progress import TrainingProgressBar
+from dbrx_train.training.sample_log import SampleLog
 
 
 def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -54,10 +56,9 @@ def build_algorithms(cfg: TrainConfig) -> list[Algorithm]:
     return algorithms
 
 
-def build_loggers(cfg: TrainConfig, save_folder: str) -> list[LoggerDestination]:
-    # An object-store save_folder (s3://...) gets checkpoints only; the metrics file stays local.
-    local_folder = Path(f"runs/{cfg.run_name}") if "://" in save_folder else Path(save_folder)
-    loggers: list[LoggerDestination] = [MetricsFileLogger(local_folder / "metrics.jsonl")]
+def build_loggers(cfg: TrainConfig, run_folder: str) -> list[LoggerDestination]:
+    """`run_folder` is local: save_folder, or runs/{run_name} when save_folder is an object-store URI."""
+    loggers: list[LoggerDestination] = [MetricsFileLogger(Path(run_folder) / "metrics.jsonl")]
     if cfg.log_to_console:
         loggers.append(ConsoleLogger(log_interval=cfg.console_log_interval))
     if cfg.progress_bar:
@@ -65,7 +66,7 @@ def build_loggers(cfg: TrainConfig, save_folder: str) -> list[LoggerDestination]
     if cfg.loggers.file is not None:
         loggers.append(
             FileLogger(
-                filename=cfg.loggers.file.filename.replace("{save_folder}", save_folder),
+                filename=cfg.loggers.file.filename.replace("{save_folder}", run_folder),
                 flush_interval=cfg.loggers.file.flush_interval,
             )
         )
@@ -74,7 +75,7 @@ def build_loggers(cfg: TrainConfig, save_folder: str) -> list[LoggerDestination]
         # wandb reads its mode from the environment only; set it here from the config, never the
         # other way round, so an unset variable cannot send a run online by accident.
         os.environ["WANDB_MODE"] = wandb.mode
-        os.environ.setdefault("WANDB_DIR", save_folder)
+        os.environ.setdefault("WANDB_DIR", run_folder)
         loggers.append(
             WandBLogger(
                 project=wandb.project,
@@ -88,7 +89,11 @@ def build_loggers(cfg: TrainConfig, save_folder: str) -> list[LoggerDestination]
 
 
 def build_callbacks(cfg: TrainConfig, save_folder: str | None = None) -> list[Callback]:
-    callbacks: list[Callback] = [TrainPerplexity()]
+    nonfinite = cfg.nonfinite_loss
+    callbacks: list[Callback] = [
+        TrainPerplexity(),
+        NonFiniteLossGuard(nonfinite.policy, nonfinite.max_consecutive_skips, save_folder),
+    ]
     cb = cfg.callbacks
     if cb.speed_monitor is not None:
         peak = cb.speed_monitor.peak_flops
@@ -108,4 +113,6 @@ def build_callbacks(cfg: TrainConfig, save_folder: str | None = None) -> list[Ca
         hf = cb.hf_export
         folder = hf.folder.format(save_folder=save_folder, run_name=cfg.run_name)
         callbacks.append(HFExport(folder, hf.save_interval, hf.dtype, hf.max_shard_size, hf.tokenizer))
+    if cb.sample_log is not None and save_folder is not None:
+        callbacks.append(SampleLog(Path(save_folder) / "samples.jsonl"))
     return callbacks

@@ -31,6 +31,7 @@ from dbrx_train.config import BatchLayout, TrainConfig
 from dbrx_train.data.loaders import build_dataloader
 from dbrx_train.data.mixture import Segment, plan_segments
 from dbrx_train.data.text import stream_names
+from dbrx_train.schema import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +79,12 @@ class CurriculumLearning(Callback):
                 i for i in range(started) if i >= len(self.segments) or saved[i] != self.segments[i]
             )
             now = self.segments[changed] if changed < len(self.segments) else "nothing"
-            raise ValueError(
+            raise ConfigError(
                 f"curriculum: the schedule differs from the checkpoint's in a segment already trained "
                 f"(segment {changed}: checkpoint {saved[changed]}, now {now}). Changing the past mix "
                 f"would silently mix two schedules; only segments after batch {saved[started - 1].end_batch} "
-                f"may change. Restore the earlier phases, or start a new run (load_weights_only: true)."
+                f"may change. Restore the earlier phases (phases given in `dur` move when max_duration "
+                f"changes: give them in `ba` to extend a run), or start a new run (load_weights_only: true)."
             )
 
 

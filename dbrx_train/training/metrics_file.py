@@ -73,14 +73,23 @@ class MetricsFileLogger(LoggerDestination):
             f.write(json.dumps(ordered) + "\n")
 
     def _truncate_after(self, batch: int) -> None:
-        if not self.path.exists():
-            return
-        kept = [
-            line for line in self.path.read_text().splitlines() if line and json.loads(line)["batch"] <= batch
-        ]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        truncate_jsonl_after(self.path, batch)
+
+
+def truncate_jsonl_after(path: Path, batch: int) -> None:
+    """Keep the lines of batches <= `batch` (a resume redoes the rest); drop a line torn by a kill."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["batch"] <= batch:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def _plain(value: Any) -> Any:

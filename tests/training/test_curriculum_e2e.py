@@ -75,9 +75,7 @@ def test_curriculum_mix_resume_on_other_world_size_and_finetune(default_corpus, 
 
     # Fine-tune the final checkpoint on the default chat set (weights only, a fresh schedule).
     tuned = tmp_path / "finetuned"
-    proc = finetune(
-        default_corpus, tuned, f"load_path={two / 'latest-rank0.pt'}", "max_duration=4ba", "eval_interval=4ba"
-    )
+    proc = finetune(default_corpus, tuned, f"load_path={two}", "max_duration=4ba", "eval_interval=4ba")
     assert proc.returncode == 0, proc.stderr[-4000:]
     tuned_rows = read_metrics(tuned)
     assert [r["batch"] for r in tuned_rows] == [1, 2, 3, 4]

@@ -49,7 +49,7 @@ def assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
 
 @pytest.mark.slow
 def test_export_convert_pretrained_start_and_generate(default_corpus, tmp_path):
-    # Run A: 1 rank, no FSDP (checkpoints are ep0-baN-rank0.pt), HF export every 3 batches + end.
+    # Run A: 1 rank, no FSDP (checkpoints are ep0-baN/rank0.pt), HF export every 3 batches + end.
     run_a = tmp_path / "a"
     launch(
         1,
@@ -64,7 +64,7 @@ def test_export_convert_pretrained_start_and_generate(default_corpus, tmp_path):
     )
     assert sorted(p.name for p in (run_a / "hf").iterdir()) == ["ba3", "ba4"]
     export_a = run_a / "hf/ba4"
-    (checkpoint_a,) = run_a.glob("ep*-ba4-rank0.pt")  # the tiny data set can end epochs early
+    (checkpoint_a,) = run_a.glob("ep*-ba4/rank0.pt")  # the tiny data set can end epochs early
     weights = read_composer_checkpoint(checkpoint_a)  # in-process; the CLI is run on run B below
     config = load_model_config(run_a / "config.yaml")
     save_hf_folder(

@@ -1,0 +1,273 @@
+"""Checkpoint folders that are either complete and verified or ignored: commit, manifest, verify, rotate.
+
+A checkpoint is a folder `ep<E>-ba<B>/` inside the run folder. It is written under a hidden temporary
+name (`.tmp-ep<E>-ba<B>-<id>/`), its files are fsynced, a `manifest.json` with every file's size and
+sha256 is written last, and only then is the folder renamed to its final name (atomic on POSIX).
+So a crash or a full disk during a save leaves at most a `.tmp-*` folder, never a damaged checkpoint,
+and the previous checkpoints are untouched. On resume the newest checkpoint whose files match its
+manifest is used; a damaged one is renamed `<name>.corrupt` and reported.
+
+Loading never runs code from the file: before Composer reads a checkpoint, every pickle in it is
+read here with restricted unpicklers (`.metadata` with DCP's metadata classes only; every other
+pickled entry with `torch.load(weights_only=True)` and a short list of harmless types), and a
+checkpoint that needs anything else is refused. No Composer import: the file layout is Composer's
+(DCP folder, or `rank0.pt` when not sharded), the rules are ours.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+from dbrx_train.composer_checkpoint import DcpMetadataUnpickler
+
+MANIFEST = "manifest.json"
+FORMAT = "dbrx-train-checkpoint/1"
+TMP_PREFIX = ".tmp-"
+CORRUPT_SUFFIX = ".corrupt"
+MONOLITH_FILE = "rank0.pt"  # an unsharded (no FSDP) checkpoint inside its folder
+NAME_RE = re.compile(r"^ep(\d+)-ba(\d+)$")
+_CHUNK = 8 << 20
+
+# The only non-tensor types Composer's state needs (timestamps' wall-clock times, the torch version,
+# numpy's RNG state). torch.load(weights_only=True) accepts these and refuses everything else.
+SAFE_GLOBALS: list[Any] = [
+    datetime.timedelta,
+    torch.torch_version.TorchVersion,
+    np.ndarray,
+    np.dtype,
+    np._core.multiarray._reconstruct,
+    type(np.dtype(np.uint32)),
+    type(np.dtype(np.int64)),
+    type(np.dtype(np.float64)),
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: damaged, incomplete or unsafe. The message names the file."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def batch(self) -> int:
+        return int(self.manifest["batch"])
+
+    @property
+    def load_path(self) -> Path:
+        """What Composer's load_path takes: the DCP folder, or the .pt file inside it."""
+        return self.path if self.manifest["sharded"] else self.path / MONOLITH_FILE
+
+
+# ---------------------------------------------------------------------------------------------
+# Durable writes
+# ---------------------------------------------------------------------------------------------
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory so that a rename inside it survives power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """Size and sha256 of one checkpoint file; fsyncs it first so the manifest never outlives the data."""
+    fsync_path(path)
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def checkpoint_files(folder: Path) -> list[str]:
+    """Every file of a checkpoint folder but the manifest, as sorted relative paths."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def dcp_data_files(folder: Path) -> set[str]:
+    """The data files a sharded checkpoint's .metadata refers to (one per rank that wrote one)."""
+    with open(folder / ".metadata", "rb") as f:
+        metadata = DcpMetadataUnpickler(f).load()
+    return {info.relative_path for info in metadata.storage_data.values()}
+
+
+def temp_folder(run_folder: Path, name: str) -> Path:
+    return run_folder / f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+
+
+def commit(tmp: Path, final: Path, manifest: dict[str, Any]) -> Checkpoint:
+    """Write the manifest into the finished temporary folder, then rename it into place."""
+    write_json_atomic(tmp / MANIFEST, manifest)
+    if final.exists():
+        # Same name again (a resume that fell back past it): keep the old one aside, never delete it here.
+        final.rename(final.with_name(f"{final.name}.replaced-{uuid.uuid4().hex[:8]}"))
+    os.rename(tmp, final)
+    fsync_path(final.parent)
+    return Checkpoint(final, manifest)
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing and verifying
+# ---------------------------------------------------------------------------------------------
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{folder} has no {MANIFEST}: it is not a complete dbrx-train checkpoint"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a {FORMAT} manifest")
+    return manifest
+
+
+def list_checkpoints(run_folder: Path) -> list[Checkpoint]:
+    """Committed checkpoints (a manifest is present) in the run folder, oldest first."""
+    found = []
+    if not run_folder.is_dir():
+        return found
+    for path in run_folder.iterdir():
+        if path.is_dir() and NAME_RE.match(path.name) and (path / MANIFEST).is_file():
+            try:
+                found.append(Checkpoint(path, read_manifest(path)))
+            except CheckpointError:
+                continue  # reported when it is the candidate; a bad manifest is a bad checkpoint
+    return sorted(found, key=lambda c: (c.batch, c.name))
+
+
+def verify_files(checkpoint: Checkpoint, names: Iterable[str] | None = None, *, hashes: bool = True) -> None:
+    """Every listed file present, with its recorded size (and sha256 when `hashes`)."""
+    files: dict[str, dict[str, Any]] = checkpoint.manifest["files"]
+    for name in files if names is None else names:
+        record = files[name]
+        path = checkpoint.path / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            raise CheckpointError(
+                f"{path} has {size} bytes, its manifest says {record['bytes']} (truncated?)"
+            )
+        if hashes and sha256_file(path) != record["sha256"]:
+            raise CheckpointError(f"{path} does not match the sha256 in its manifest (corrupted)")
+
+
+def quarantine(checkpoint: Checkpoint) -> Path:
+    """Move a damaged checkpoint out of the way (kept for inspection, never loaded again)."""
+    target = checkpoint.path.with_name(checkpoint.name + CORRUPT_SUFFIX)
+    if target.exists():
+        target = target.with_name(f"{target.name}-{uuid.uuid4().hex[:8]}")
+    checkpoint.path.rename(target)
+    return target
+
+
+def remove_stale_temporaries(run_folder: Path) -> list[str]:
+    """`.tmp-*` folders are saves that never committed (the process died mid-save)."""
+    removed = []
+    if run_folder.is_dir():
+        for path in run_folder.glob(f"{TMP_PREFIX}*"):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+def rotate(run_folder: Path, keep: int) -> list[str]:
+    """Keep the newest `keep` committed checkpoints (counted on disk, so across resumes); -1 keeps all.
+
+    Called only right after a save committed, so the newest one is complete and at least one is kept.
+    """
+    if keep < 0:
+        return []
+    checkpoints = list_checkpoints(run_folder)
+    doomed = checkpoints[: max(0, len(checkpoints) - max(keep, 1))]
+    for checkpoint in doomed:
+        shutil.rmtree(checkpoint.path)
+    return [c.name for c in doomed]
+
+
+# ---------------------------------------------------------------------------------------------
+# No code from checkpoints
+# ---------------------------------------------------------------------------------------------
+def _load_restricted(blob: bytes | io.BufferedIOBase, where: str) -> None:
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            torch.load(blob if not isinstance(blob, bytes) else io.BytesIO(blob), weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        detail = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), first[0])
+        raise CheckpointError(
+            f"{where} would run code from the file when loaded; refusing it ({detail.strip()})"
+        ) from None
+    except Exception as e:  # noqa: BLE001 (a damaged blob is a damaged checkpoint, whatever torch says)
+        raise CheckpointError(f"{where} cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def check_no_code(load_path: Path) -> None:
+    """Refuse a checkpoint whose pickles reference anything beyond tensors and plain data."""
+    if load_path.is_file():
+        _load_restricted(open(load_path, "rb"), str(load_path))  # noqa: SIM115 (torch.load reads it)
+        return
+    metadata_path = load_path / ".metadata"
+    try:
+        with open(metadata_path, "rb") as f:
+            metadata = DcpMetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise CheckpointError(f"{load_path} is not a sharded checkpoint: it has no .metadata") from None
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{metadata_path} would run code from the file when loaded; refusing it ({e})"
+        ) from None
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{metadata_path} cannot be read ({type(e).__name__}: {e})") from None
+    for key, meta in metadata.state_dict_metadata.items():
+        if not isinstance(meta, BytesStorageMetadata):
+            continue  # tensors: DCP itself reads them with torch.load(weights_only=True)
+        info = metadata.storage_data[MetadataIndex(key)]
+        path = load_path / info.relative_path
+        with open(path, "rb") as f:
+            f.seek(info.offset)
+            blob = f.read(info.length)
+        if len(blob) != info.length:
+            raise CheckpointError(f"{path} is truncated (entry '{key}' runs past its end)")
+        _load_restricted(blob, f"{path} entry '{key}'")

@@ -1,0 +1,66 @@
+"""Broken YAML configs get one clear line naming the file, key or value, and exit code 2: no
+traceback, nothing started. Each `yaml/*.yaml` holds one mistake and, in its first line
+(`# expect: ...`), the text its error must contain."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dbrx_train.train import main
+from tests.training.test_train_e2e import ROOT
+
+CASES = Path(__file__).parent / "yaml"
+
+
+def expected(path: Path) -> str:
+    first = path.read_text(errors="replace").splitlines()[0]
+    assert first.startswith("# expect: "), f"{path.name}: the first line must say `# expect: <error text>`"
+    return first.removeprefix("# expect: ")
+
+
+def config_error(argv: list[str], capsys) -> str:
+    """`python train.py <argv>` run in this process: the one error line it prints."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err
+    assert "Traceback" not in err
+    assert err.startswith("dbrx-train: config error: "), err
+    return err
+
+
+@pytest.mark.parametrize("path", sorted(CASES.glob("*.yaml")), ids=lambda path: path.stem)
+def test_broken_yaml_gets_one_clear_error(path, capsys):
+    err = config_error([str(path)], capsys)
+    assert expected(path) in err, err
+    assert len(err.strip().splitlines()) <= 4, err  # the YAML parser's own message spans a few lines
+
+
+def test_files_that_are_not_yaml_configs(tmp_path, capsys):
+    missing = tmp_path / "typo.yaml"
+    assert f"config file '{missing}' does not exist" in config_error([str(missing)], capsys)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    assert "is not valid YAML" in config_error([str(binary)], capsys)
+    override = config_error([str(CASES / "missing-data-folder.yaml"), "optimizer.lr"], capsys)
+    assert "override 'optimizer.lr' must look like key=value" in override
+
+
+@pytest.mark.slow
+def test_two_rank_launch_of_a_broken_yaml_exits_2_without_traceback(tmp_path):
+    path = CASES / "syntax-unclosed-bracket.yaml"
+    cmd = [sys.executable, "-m", "composer.cli.launcher", "-n", "2", str(ROOT / "train.py"), str(path)]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    # Every rank prints the error and exits 2; the launcher stops the others when the first one
+    # exits, so which rank's line reaches the console (rank 0: stderr; others: the launcher's
+    # stdout) and the launcher's exit code (2, or a stopped rank's signal) depend on which was first.
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert f"dbrx-train: config error: config file '{path}' {expected(path)}" in output
+    assert "Traceback" not in output

@@ -1,0 +1,320 @@
+"""Real interrupted runs: SIGKILL at an arbitrary batch and mid-save, a size-limited disk, a damaged
+latest checkpoint, SIGTERM, elastic 2 <-> 1 resumes, and changed configs on resume.
+
+Every run uses dropout (all three kinds), so bit-exact per-batch losses after a resume show that
+every RNG, the optimizer, the schedule and the data position came back exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.training.test_train_e2e import ROOT, SMALL, TINY, read_metrics
+
+RELIABLE = [
+    "run_name=reliable",
+    "autoresume=true",
+    "max_duration=8ba",
+    "save_interval=3ba",
+    "save_num_checkpoints_to_keep=2",
+    "eval_interval=100ba",
+    "curriculum=null",
+    "callbacks.sample_log={}",
+    "callbacks.expert_load=null",
+    "model.resid_pdrop=0.1",
+    "model.emb_pdrop=0.1",
+    "model.attn_config.attn_pdrop=0.1",
+]
+
+
+def command(
+    nproc: int, run_dir: Path | str, data_root: Path, *overrides: str, launcher_logs: Path | None = None
+):
+    launcher = [sys.executable, "-m", "composer.cli.launcher", "-n", str(nproc)]
+    if launcher_logs is not None:
+        launcher += [
+            "--stdout",
+            f"{launcher_logs}/rank{{rank}}.out",
+            "--stderr",
+            f"{launcher_logs}/rank{{rank}}.err",
+        ]
+    return [
+        *launcher,
+        str(ROOT / "train.py"),
+        str(TINY),
+        f"variables.data_root={data_root}",
+        f"save_folder={run_dir}",
+        *SMALL,
+        *RELIABLE,
+        *overrides,
+    ]
+
+
+def environment(nproc: int) -> dict[str, str]:
+    return {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": str(max(1, 2 // nproc))}
+
+
+def run(
+    nproc: int, run_dir: Path | str, data_root: Path, *overrides: str, cwd: Path = ROOT, **kwargs
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command(nproc, run_dir, data_root, *overrides),
+        cwd=cwd,
+        env=environment(nproc),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
+
+
+def run_ok(
+    nproc: int, run_dir: Path | str, data_root: Path, *overrides: str, **kwargs
+) -> subprocess.CompletedProcess:
+    proc = run(nproc, run_dir, data_root, *overrides, **kwargs)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def start(nproc: int, run_dir: Path, data_root: Path, *overrides: str, logs: Path) -> subprocess.Popen:
+    """A run in its own session, so the test can signal the launcher and all its ranks at once."""
+    logs.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        command(nproc, run_dir, data_root, *overrides, launcher_logs=logs),
+        cwd=ROOT,
+        env=environment(nproc),
+        stdout=open(logs / "launcher.out", "w"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def last_batch(run_dir: Path) -> int:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return json.loads(line)["batch"]
+        except ValueError:
+            continue
+    return 0
+
+
+def wait_until(condition, proc: subprocess.Popen, timeout: float = 300, poll: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended (code {proc.returncode}) before the condition held"
+        assert time.monotonic() < deadline, "timed out waiting for the run"
+        time.sleep(poll)
+
+
+def kill_session(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    os.killpg(proc.pid, sig)
+    proc.wait(timeout=60)
+
+
+def session_gone(proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Every process of the run's session has exited (no rank left hanging)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("processes of the run were still alive")
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["batch"]: r["loss/train/total"] for r in read_metrics(run_dir)}
+
+
+def samples(run_dir: Path) -> dict[int, list[int]]:
+    rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    return {r["batch"]: r["samples"] for r in rows}
+
+
+def checkpoints(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.iterdir() if p.name.startswith("ep"))
+
+
+@pytest.fixture(scope="module")
+def reference(default_corpus, tmp_path_factory) -> dict[int, Path]:
+    """Uninterrupted 8-batch runs on 1 and 2 ranks (every checkpoint kept, for the elastic tests)."""
+    runs = {}
+    for nproc in (1, 2):
+        run_dir = tmp_path_factory.mktemp("reference") / f"ranks{nproc}"
+        run_ok(nproc, run_dir, default_corpus, "save_num_checkpoints_to_keep=-1")
+        runs[nproc] = run_dir
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigkill_at_any_batch_then_autoresume_is_bit_exact(nproc, reference, default_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(nproc, run_dir, default_corpus, logs=tmp_path / "logs")
+    wait_until(lambda: last_batch(run_dir) >= 5, proc)  # past the checkpoint at batch 3
+    kill_session(proc)
+    session_gone(proc)
+    assert "ep0-ba3" in checkpoints(run_dir)
+
+    proc = run_ok(nproc, run_dir, default_corpus)  # the same command again
+    assert "resuming from" in proc.stdout + proc.stderr
+    want = losses(reference[nproc])
+    assert sorted(want) == list(range(1, 9))
+    assert losses(run_dir) == want  # bit for bit, dropout included
+    assert samples(run_dir) == samples(reference[nproc])
+    # rotation counted the first process's checkpoints too: only the newest two are left
+    assert checkpoints(run_dir) == ["ep0-ba6", "ep0-ba8"]
+
+
+@pytest.mark.slow
+def test_same_samples_on_any_world_size(reference):
+    # num_canonical_nodes is pinned in dbrx-tiny.yaml: the sample order does not depend on the ranks
+    assert samples(reference[1]) == samples(reference[2])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("saved_on", "resumed_on"), [(2, 1), (1, 2)])
+def test_elastic_resume_sees_each_sample_exactly_once(
+    saved_on, resumed_on, reference, default_corpus, tmp_path
+):
+    run_dir = tmp_path / "elastic"
+    checkpoint = reference[saved_on] / "ep0-ba3"
+    proc = run_ok(resumed_on, run_dir, default_corpus, f"load_path={checkpoint}")
+    assert "resuming from" in proc.stdout + proc.stderr
+    before = {b: s for b, s in samples(reference[saved_on]).items() if b <= 3}
+    after = samples(run_dir)
+    assert sorted(after) == [4, 5, 6, 7, 8]
+    seen = [i for ids in [*before.values(), *after.values()] for i in ids]
+    assert len(seen) == len(set(seen)) == 8 * 8  # every sample once, global batch 8 kept
+    assert after == {b: s for b, s in samples(reference[saved_on]).items() if b > 3}
+
+
+@pytest.mark.slow
+def test_kill_mid_save_full_disk_and_damaged_latest_never_lose_the_good_checkpoint(
+    reference, default_corpus, tmp_path
+):
+    run_dir = tmp_path / "run"
+    # 1. SIGKILL while the checkpoint at batch 6 is being written.
+    proc = start(1, run_dir, default_corpus, logs=tmp_path / "logs")
+    wait_until(lambda: any(run_dir.glob(".tmp-ep0-ba6-*")), proc, poll=0.005)
+    kill_session(proc)
+    assert any(run_dir.glob(".tmp-ep0-ba6-*")), "the kill did not land mid-save"
+    assert checkpoints(run_dir) == ["ep0-ba3"]
+
+    # 2. A disk that cannot hold the next checkpoint (file size limit below one shard's size).
+    limit = 20 << 20
+    full = run(
+        1,
+        run_dir,
+        default_corpus,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
+    assert full.returncode != 0
+    assert "checkpoint ep0-ba6 could not be written" in full.stderr, full.stderr[-3000:]
+    assert (
+        "Earlier checkpoints are intact" in full.stderr
+        and "Traceback" not in full.stderr.split("dbrx-train:")[-1]
+    )
+    assert checkpoints(run_dir) == ["ep0-ba3"] and not list(run_dir.glob(".tmp-*"))
+
+    # 3. Plenty of disk again: resumes from batch 3 and ends exactly like the uninterrupted run.
+    run_ok(1, run_dir, default_corpus)
+    assert losses(run_dir) == losses(reference[1])
+    assert checkpoints(run_dir) == ["ep0-ba6", "ep0-ba8"]
+
+    # 4. The latest checkpoint gets damaged on disk: reported, moved aside, the previous one is used.
+    shard = next((run_dir / "ep0-ba8").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    proc = run_ok(1, run_dir, default_corpus, "max_duration=10ba")  # extending the run is a harmless change
+    out = proc.stdout + proc.stderr
+    assert "checkpoint ep0-ba8 is damaged" in out and "does not match the sha256" in out
+    assert "resuming from" in out and "ep0-ba6 (batch 6)" in out
+    assert "ep0-ba8.corrupt" in checkpoints(run_dir)
+    assert sorted(losses(run_dir)) == list(range(1, 11))
+    # batches 7-8 were retrained on the longer schedule (cosine over 10 batches); 1-6 are the reference's
+    assert all(losses(run_dir)[b] == losses(reference[1])[b] for b in range(1, 7))
+
+
+@pytest.mark.slow
+def test_changed_config_on_resume_is_refused_harmless_changes_pass(reference, default_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    run_ok(1, run_dir, default_corpus, "max_duration=3ba")
+    refused = run(1, run_dir, default_corpus, "seed=5", "global_train_batch_size=16", "model.n_layers=3")
+    assert refused.returncode != 0
+    for line in ("seed: 17 -> 5", "global_train_batch_size: 8 -> 16", "model.n_layers: 2 -> 3"):
+        assert line in refused.stderr, refused.stderr[-3000:]
+    assert checkpoints(run_dir) == ["ep0-ba3"]
+    # logging, save interval and a longer max_duration may change
+    proc = run_ok(
+        1, run_dir, default_corpus, "console_log_interval=2ba", "save_interval=5ba", "max_duration=5ba"
+    )
+    assert "resuming from" in proc.stderr and "console_log_interval: '1ba' -> '2ba'" in proc.stderr
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(reference, default_corpus, tmp_path):
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    proc = start(2, run_dir, default_corpus, "save_interval=100ba", logs=logs)
+    wait_until(lambda: last_batch(run_dir) >= 2, proc)
+    os.kill(proc.pid, signal.SIGTERM)  # only the launcher, as a container runtime does
+    proc.wait(timeout=60)
+    session_gone(proc)
+    # local rank 0 writes to the launcher's own output; the others to the --stdout/--stderr files
+    out = {
+        0: (logs / "launcher.out").read_text(),
+        1: (logs / "rank1.out").read_text() + (logs / "rank1.err").read_text(),
+    }
+    assert "dbrx-train: stopped by SIGTERM after batch" in out[0], out[0][-3000:]
+    # Composer's launcher turns SIGTERM into SystemExit(143) (its own traceback), then forwards SIGTERM to
+    # the ranks and waits up to 30 s for them; the ranks themselves print no traceback.
+    assert "Traceback" not in out[1] and out[0].count("Traceback") == out[0].count("SystemExit: 143") <= 1
+    [saved] = checkpoints(run_dir)
+    stopped = int(saved.split("-ba")[1])
+    assert 2 <= stopped < 8 and f"after batch {stopped}" in out[0]
+
+    run_ok(2, run_dir, default_corpus)
+    assert losses(run_dir) == losses(reference[2])
+
+
+@pytest.mark.slow
+def test_object_store_save_folder_uploads_and_a_fresh_machine_resumes_from_it(default_corpus, tmp_path):
+    uri = f"file://{tmp_path / 'bucket'}/runs/reliable"  # a folder used as an object store
+    first, second = tmp_path / "machine-a", tmp_path / "machine-b"
+    first.mkdir(), second.mkdir()
+    run_ok(1, uri, default_corpus, "max_duration=6ba", cwd=first)
+    # written and committed locally in runs/{run_name}, then uploaded with the manifest last
+    assert checkpoints(first / "runs/reliable") == ["ep0-ba3", "ep0-ba6"]
+    bucket = tmp_path / "bucket/runs/reliable"
+    assert checkpoints(bucket) == ["ep0-ba3", "ep0-ba6"]
+    for name in ("ep0-ba3", "ep0-ba6"):
+        assert (bucket / name / "manifest.json").is_file()
+        assert sorted(p.name for p in (bucket / name).iterdir()) == sorted(
+            p.name for p in (first / "runs/reliable" / name).iterdir()
+        )
+    # the newest copy in the store got damaged: a fresh machine reports it and resumes from the one before
+    shard = next((bucket / "ep0-ba6").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    proc = run_ok(1, uri, default_corpus, "max_duration=8ba", cwd=second)
+    out = proc.stdout + proc.stderr
+    assert "ep0-ba6 (downloaded)" in out and "(truncated?)" in out
+    assert "downloaded checkpoint ep0-ba3" in out and "(batch 3)" in out
+    assert sorted(losses(second / "runs/reliable")) == [4, 5, 6, 7, 8]
+    assert checkpoints(bucket) == ["ep0-ba3", "ep0-ba6", "ep0-ba8"]
