@@ -212,15 +212,15 @@ def remove_stale_temporaries(run_folder: Path) -> list[str]:
     return removed
 
 
-def rotate(run_folder: Path, keep: int) -> list[str]:
+def rotate(run_folder: Path, keep: int, just_saved: str | None = None) -> list[str]:
     """Keep the newest `keep` committed checkpoints (counted on disk, so across resumes); -1 keeps all.
 
-    Called only right after a save committed, so the newest one is complete and at least one is kept.
+    Called right after a save committed; at least one checkpoint, and always `just_saved`, is kept.
     """
     if keep < 0:
         return []
     checkpoints = list_checkpoints(run_folder)
-    doomed = checkpoints[: max(0, len(checkpoints) - max(keep, 1))]
+    doomed = [c for c in checkpoints[: max(0, len(checkpoints) - max(keep, 1))] if c.name != just_saved]
     for checkpoint in doomed:
         shutil.rmtree(checkpoint.path)
     return [c.name for c in doomed]

@@ -245,6 +245,12 @@ def choose_start(
             log.info("resuming with changed settings: %s", "; ".join(interesting))
         log.info("resuming from %s (batch %d)", start.checkpoint.path, start.checkpoint.batch)
     later = later_checkpoints(run_folder, start)
+    if start.checkpoint is not None and any(c.path == start.checkpoint.path for c in later):
+        raise ConfigError(
+            f"load_path {start.checkpoint.path} lies in save_folder {run_folder}, and this run starts at batch "
+            f"{start.batch} (load_weights_only): its own checkpoints would mix with that one. Choose another "
+            f"save_folder"
+        )
     if later:
         names = ", ".join(c.name for c in later)
         if not cfg.save_overwrite:

@@ -61,6 +61,8 @@ def test_rotation_counts_what_is_on_disk_and_keeps_at_least_one(tmp_path):
     assert store.rotate(tmp_path, 2) == ["ep0-ba10"]
     assert store.rotate(tmp_path, 0) == ["ep0-ba20"]  # never the newest (only) good one
     assert [c.name for c in store.list_checkpoints(tmp_path)] == ["ep0-ba30"]
+    make_checkpoint(tmp_path, "ep0-ba5", 5)  # a save at a lower batch than what is on disk
+    assert store.rotate(tmp_path, 1, just_saved="ep0-ba5") == []  # the checkpoint just saved stays
 
 
 def test_same_name_again_keeps_the_old_folder_aside(tmp_path):

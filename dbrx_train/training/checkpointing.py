@@ -103,7 +103,7 @@ class CheckpointManager(Callback):
         store.commit(folder, self.run_folder / name, manifest)
         if tmp_root.exists():
             tmp_root.rmdir()  # the now-empty wrapper around Composer's folder
-        return store.rotate(self.run_folder, self.keep)
+        return store.rotate(self.run_folder, self.keep, just_saved=name)
 
     def _failed(self, name: str, error: BaseException) -> CheckpointSaveError:
         if dist.get_global_rank() == 0:
