@@ -233,6 +233,8 @@ def explicit_checkpoint(path: str, *, hashes: bool) -> tuple[str, Checkpoint | N
     if "://" in path:
         return path, None  # an object store: Composer downloads it (not verified here; see docs)
     local = Path(path)
+    if not local.exists():
+        raise CheckpointError(f"load_path {path} does not exist")
     if local.is_dir() and not (local / store.MANIFEST).is_file() and not (local / ".metadata").is_file():
         checkpoint = newest_good_checkpoint(local, hashes=hashes)
         if checkpoint is None:
