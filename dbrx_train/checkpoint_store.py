@@ -10,12 +10,14 @@ manifest is used; a damaged one is renamed `<name>.corrupt` and reported.
 Loading never runs code from the file: before Composer reads a checkpoint, every pickle in it is
 read here with restricted unpicklers (`.metadata` with DCP's metadata classes only; every other
 pickled entry with `torch.load(weights_only=True)` and a short list of harmless types), and a
-checkpoint that needs anything else is refused. No Composer import: the file layout is Composer's
+checkpoint that needs anything else is refused, naming the entry; Composer's own load then runs
+under `restricted_loading`, with the same restrictions. No Composer import: the file layout is Composer's
 (DCP folder, or `rank0.pt` when not sharded), the rules are ours.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import io
@@ -24,8 +26,9 @@ import os
 import pickle
 import re
 import shutil
+import types
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -241,6 +244,30 @@ def _load_restricted(blob: bytes | io.BufferedIOBase, where: str) -> None:
         ) from None
     except Exception as e:  # noqa: BLE001 (a damaged blob is a damaged checkpoint, whatever torch says)
         raise CheckpointError(f"{where} cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+@contextlib.contextmanager
+def restricted_loading() -> Iterator[None]:
+    """While Composer loads a checkpoint, nothing in it can run code, even if the files changed after
+    check_no_code: every torch.load is weights_only with SAFE_GLOBALS (DCP's byte entries and Composer's
+    .pt are read with weights_only=False otherwise), and DCP's `.metadata` goes through the restricted
+    unpickler instead of pickle.load."""
+    from torch.distributed.checkpoint import filesystem
+
+    real_load, real_pickle = torch.load, filesystem.pickle
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return real_load(*args, **kwargs)
+
+    restricted_pickle = types.SimpleNamespace(**vars(pickle))
+    restricted_pickle.load = lambda f, **kwargs: DcpMetadataUnpickler(f).load()
+    torch.load, filesystem.pickle = load, restricted_pickle
+    try:
+        yield
+    finally:
+        torch.load, filesystem.pickle = real_load, real_pickle
 
 
 def check_no_code(load_path: Path) -> None:

@@ -17,7 +17,7 @@ from composer.core import Evaluator
 from composer.utils import dist, reproducibility
 from omegaconf import OmegaConf
 
-from dbrx_train.checkpoint_store import CheckpointError, list_checkpoints
+from dbrx_train.checkpoint_store import CheckpointError, list_checkpoints, restricted_loading
 from dbrx_train.config import BatchLayout, TrainConfig, batch_layout, load_config, parse_config, resolved_dict
 from dbrx_train.data.integrity import ShardReadError
 from dbrx_train.data.loaders import build_dataloader, validate_loader_config
@@ -172,37 +172,39 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
         run_folder, cfg.save_interval, cfg.save_num_checkpoints_to_keep, resolved, remote
     )
     preemption = PreemptionHandler()
-    trainer = Trainer(
-        run_name=run_name,
-        seed=cfg.seed,
-        model=composer_model,
-        train_dataloader=train_loader,
-        eval_dataloader=evaluators or None,
-        eval_interval=cfg.eval_interval,
-        eval_subset_num_batches=cfg.eval_subset_num_batches,
-        optimizers=optimizer,
-        schedulers=build_scheduler(cfg.scheduler),
-        max_duration=cfg.max_duration,
-        device=device,
-        precision=precision,
-        device_train_microbatch_size=layout.device_train_microbatch_size,
-        parallelism_config=parallelism,
-        algorithms=build_algorithms(cfg),
-        loggers=build_loggers(cfg, run_folder),
-        callbacks=[
-            *build_callbacks(cfg, run_folder),
-            *data_callbacks,
-            BatchSeededRNG(cfg.seed),
-            preemption,
-            checkpoints,  # last: saves after every other callback has updated its state
-        ],
-        log_to_console=False,  # our ConsoleLogger, configured by console_log_interval, replaces it
-        progress_bar=False,  # our TrainingProgressBar (loggers), which also shows tokens/s, MFU and ETA
-        save_folder=None,  # checkpoints are written and committed by CheckpointManager
-        load_path=start.load_path,  # chosen and verified by choose_start (also for autoresume)
-        load_weights_only=start.weights_only,
-        dist_timeout=cfg.dist_timeout,
-    )
+    # Composer loads start.load_path while building the Trainer: no pickled code from it can run.
+    with restricted_loading():
+        trainer = Trainer(
+            run_name=run_name,
+            seed=cfg.seed,
+            model=composer_model,
+            train_dataloader=train_loader,
+            eval_dataloader=evaluators or None,
+            eval_interval=cfg.eval_interval,
+            eval_subset_num_batches=cfg.eval_subset_num_batches,
+            optimizers=optimizer,
+            schedulers=build_scheduler(cfg.scheduler),
+            max_duration=cfg.max_duration,
+            device=device,
+            precision=precision,
+            device_train_microbatch_size=layout.device_train_microbatch_size,
+            parallelism_config=parallelism,
+            algorithms=build_algorithms(cfg),
+            loggers=build_loggers(cfg, run_folder),
+            callbacks=[
+                *build_callbacks(cfg, run_folder),
+                *data_callbacks,
+                BatchSeededRNG(cfg.seed),
+                preemption,
+                checkpoints,  # last: saves after every other callback has updated its state
+            ],
+            log_to_console=False,  # our ConsoleLogger, configured by console_log_interval, replaces it
+            progress_bar=False,  # our TrainingProgressBar (loggers), which also shows tokens/s, MFU and ETA
+            save_folder=None,  # checkpoints are written and committed by CheckpointManager
+            load_path=start.load_path,  # chosen and verified by choose_start (also for autoresume)
+            load_weights_only=start.weights_only,
+            dist_timeout=cfg.dist_timeout,
+        )
     trainer.logger.log_hyperparameters(resolved)  # the whole resolved config, e.g. into W&B's run config
     started = time.monotonic()
     if cfg.eval_first and evaluators and int(trainer.state.timestamp.batch) == 0:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from dbrx_train import checkpoint_store as store
 from tests.training.test_train_e2e import ROOT, SMALL, TINY
@@ -87,6 +88,26 @@ def test_checkpoint_that_runs_code_is_refused(case, tmp_path):
     with pytest.raises(store.CheckpointError, match=message):
         store.check_no_code(path)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("case", sorted(CODE_CASES))
+def test_loading_under_restricted_loading_cannot_run_code(case, tmp_path):
+    """The second layer: Composer's own load (DCP, or torch.load of a .pt) runs inside
+    restricted_loading, so a file changed after check_no_code still cannot run code."""
+    marker = tmp_path / "pwned"
+    path = CODE_CASES[case][0](tmp_path, marker)
+    with store.restricted_loading(), pytest.raises((pickle.UnpicklingError, CheckpointException)) as error:
+        if path.is_file():
+            torch.load(path, weights_only=False)  # what Composer asks for
+        else:
+            state = {"state": {"x": torch.empty(4), "evil": None}}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=True)
+    assert "system" in str(error.value) and not marker.exists()  # refused at os.system / posix.system
+    if path.is_file():  # the payload is real: without the restriction it runs
+        torch.load(path, weights_only=False)
+        assert marker.exists()
 
 
 def test_a_real_composer_checkpoint_passes(tmp_path):
