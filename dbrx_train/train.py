@@ -44,7 +44,7 @@ from dbrx_train.training.checkpointing import (
 )
 from dbrx_train.training.composer_model import DbrxComposerModel
 from dbrx_train.training.curriculum import build_train_data
-from dbrx_train.training.nonfinite import exit_if_stopped
+from dbrx_train.training.nonfinite import exit_if_stopped, guard_of
 from dbrx_train.training.object_store import RemoteCheckpoints
 from dbrx_train.training.parallelize import build_parallelism_config, mark_fsdp_units
 from dbrx_train.training.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
@@ -210,7 +210,9 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
     if cfg.eval_first and evaluators and int(trainer.state.timestamp.batch) == 0:
         trainer.eval()  # a baseline before the first step (not again when resuming)
     trainer.fit()
-    print_summary(trainer, run_folder, time.monotonic() - started)
+    guard = guard_of(trainer)
+    stopped_early = preemption.stopped_at_batch is not None or (guard is not None and guard.stopped_at_batch)
+    print_summary(trainer, run_folder, time.monotonic() - started, stopped_early=bool(stopped_early))
     exit_if_stopped(trainer)  # a non-finite loss stopped the run: say where and why, exit code 3
     if preemption.stopped_at_batch is not None:
         if dist.get_global_rank() == 0:
@@ -330,14 +332,15 @@ def write_resolved_config(resolved: dict, run_folder: str) -> None:
     OmegaConf.save(OmegaConf.create(resolved), folder / "config.yaml")
 
 
-def print_summary(trainer: Trainer, run_folder: str, seconds: float) -> None:
+def print_summary(trainer: Trainer, run_folder: str, seconds: float, *, stopped_early: bool = False) -> None:
     """What a user looks for at the end: how far, how good, where the checkpoints and report are."""
     if dist.get_global_rank() != 0:
         return
     state = trainer.state
     losses = getattr(state, "total_loss_dict", {}) or {}
+    how = "stopped early after" if stopped_early else "finished"  # the reason follows the summary
     lines = [
-        f"dbrx-train: finished {int(state.timestamp.batch)} batches, {int(state.timestamp.token):,} tokens "
+        f"dbrx-train: {how} {int(state.timestamp.batch)} batches, {int(state.timestamp.token):,} tokens "
         f"in {seconds:.0f}s",
     ]
     if "loss/train/total" in losses:

@@ -178,9 +178,13 @@ def describe(names: list[str], table: list[list[float]]) -> str:
     return f"{', '.join(parts)} on rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)}"
 
 
+def guard_of(trainer: Trainer) -> NonFiniteLossGuard | None:
+    return next((c for c in trainer.state.callbacks if isinstance(c, NonFiniteLossGuard)), None)
+
+
 def exit_if_stopped(trainer: Trainer) -> None:
     """After fit: if the guard stopped the run, say why on rank 0 and exit with EXIT_CODE on every rank."""
-    guard = next((c for c in trainer.state.callbacks if isinstance(c, NonFiniteLossGuard)), None)
+    guard = guard_of(trainer)
     if guard is None or guard.stopped_at_batch is None:
         return
     if dist.get_global_rank() == 0:
