@@ -29,13 +29,13 @@ from streaming import MDSWriter, StreamingDataLoader
 from tqdm import tqdm
 
 from dbrx_train.chat import validate_messages
-from dbrx_train.data.integrity import GuardedStreamingDataset, at_most_size, check_shard_files
+from dbrx_train.data.integrity import at_most_size, check_shard_files
 from dbrx_train.data.prepare import expand_inputs, prepare_output_folder
 from dbrx_train.data.text import (
+    ModelSampleDataset,
     TextDatasetConfig,
     build_streaming_loader,
     check_local_streams,
-    stream_id_of,
 )
 from dbrx_train.data.token_mds import SHARD_HASHES, iter_samples, read_index
 from dbrx_train.tokenizer import DBRX_ADDED_TOKENS, DBRX_VOCAB_SIZE, DbrxTokenizer, load_tokenizer
@@ -365,20 +365,8 @@ def validate_finetuning_dataset_config(
     return check_local_streams(cfg, check_finetuning_mds, max_seq_len, vocab_size, config_key, verify_shards)
 
 
-class FinetuningDataset(GuardedStreamingDataset):
+class FinetuningDataset(ModelSampleDataset):
     """Samples padded to max_seq_len: `input_ids` (pad id after the sample) and `labels` (-100 there)."""
-
-    def __init__(
-        self,
-        *,
-        max_seq_len: int,
-        vocab_size: int,
-        stream_keys: list[str] | None = None,
-        **streaming_kwargs: Any,
-    ):
-        self.max_seq_len = max_seq_len
-        self.vocab_size = vocab_size
-        super().__init__(stream_keys=stream_keys, **streaming_kwargs)
 
     def get_item(self, idx: int, retry: int = 7) -> dict[str, torch.Tensor]:
         sample = super().get_item(idx, retry)
@@ -398,8 +386,7 @@ class FinetuningDataset(GuardedStreamingDataset):
         return {
             "input_ids": torch.from_numpy(padded_ids),
             "labels": torch.from_numpy(padded_labels),
-            "stream_id": stream_id_of(self, idx),
-            "sample_idx": torch.tensor(idx),  # for callbacks.sample_log
+            **self.provenance(idx),
         }
 
 

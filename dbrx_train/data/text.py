@@ -252,8 +252,10 @@ def stream_id_of(dataset: StreamingDataset, idx: int) -> torch.Tensor:
     return torch.tensor(int(dataset.stream_per_shard[shard_id]))
 
 
-class TokenSequenceDataset(GuardedStreamingDataset):
-    """A StreamingDataset of fixed-length token sequences, checked as they are read."""
+class ModelSampleDataset(GuardedStreamingDataset):
+    """What the text and fine-tuning datasets share: the limits each sample is checked against, and
+    what every sample carries besides its tokens (its stream, for the data-mix counters; its global
+    index, for callbacks.sample_log)."""
 
     def __init__(
         self,
@@ -267,6 +269,13 @@ class TokenSequenceDataset(GuardedStreamingDataset):
         self.vocab_size = vocab_size
         super().__init__(stream_keys=stream_keys, **streaming_kwargs)
 
+    def provenance(self, idx: int) -> dict[str, torch.Tensor]:
+        return {"stream_id": stream_id_of(self, idx), "sample_idx": torch.tensor(idx)}
+
+
+class TokenSequenceDataset(ModelSampleDataset):
+    """A StreamingDataset of fixed-length token sequences, checked as they are read."""
+
     def get_item(self, idx: int, retry: int = 7) -> dict[str, torch.Tensor]:
         sample = super().get_item(idx, retry)
         try:
@@ -277,11 +286,7 @@ class TokenSequenceDataset(GuardedStreamingDataset):
             problem = str(error)
         if problem:
             raise ValueError(f"{self.describe_sample(idx)} {problem}.")
-        return {
-            "input_ids": torch.from_numpy(ids.astype("int64")),
-            "stream_id": stream_id_of(self, idx),
-            "sample_idx": torch.tensor(idx),  # for callbacks.sample_log
-        }
+        return {"input_ids": torch.from_numpy(ids.astype("int64")), **self.provenance(idx)}
 
 
 def build_text_dataloader(

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from dbrx_train import checkpoint_store as store
 from dbrx_train.checkpoint_store import Checkpoint, CheckpointError
 from dbrx_train.training.object_store import RemoteCheckpoints
-from dbrx_train.training.rank_zero import RankError, on_rank0
+from dbrx_train.training.rank_zero import RankError, on_rank0, rank_share
 
 log = logging.getLogger("dbrx_train")
 
@@ -42,15 +42,14 @@ class CheckpointSaveError(RuntimeError):
 
 def _hash_share(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     """Each rank hashes every world_size-th file, so a large sharded checkpoint is hashed in parallel."""
-    rank, world = dist.get_global_rank(), dist.get_world_size()
     try:
-        mine, error = {name: store.file_record(folder / name) for name in names[rank::world]}, None
+        mine, error = {name: store.file_record(folder / name) for name in rank_share(names)}, None
     except OSError as e:
-        mine, error = {}, f"rank {rank}: {type(e).__name__}: {e}"
+        mine, error = {}, f"{type(e).__name__}: {e}"
     merged: dict[str, dict[str, Any]] = {}
-    for part, part_error in dist.all_gather_object((mine, error)):
+    for rank, (part, part_error) in enumerate(dist.all_gather_object((mine, error))):
         if part_error is not None:
-            raise RankError(part_error)
+            raise RankError(rank, part_error)
         merged.update(part)
     return merged
 
@@ -196,12 +195,10 @@ class Start:
 
 def verify(checkpoint: Checkpoint, *, hashes: bool) -> str | None:
     """None if the checkpoint is complete, intact and safe; else what is wrong. Every rank checks a share."""
-    rank, world = dist.get_global_rank(), dist.get_world_size()
-    names = sorted(checkpoint.manifest["files"])
     problem = None
     try:
-        store.verify_files(checkpoint, names[rank::world], hashes=hashes)
-        if rank == 0:
+        store.verify_files(checkpoint, rank_share(sorted(checkpoint.manifest["files"])), hashes=hashes)
+        if dist.get_global_rank() == 0:
             store.check_no_code(checkpoint.load_path)
     except (CheckpointError, OSError) as e:
         problem = str(e)
@@ -253,7 +250,7 @@ def explicit_checkpoint(path: str, *, hashes: bool) -> tuple[str, Checkpoint | N
     try:
         on_rank0(lambda: store.check_no_code(local))
     except RankError as e:
-        raise CheckpointError(f"load_path {path}: {str(e).split(': ', 2)[-1]}") from None
+        raise CheckpointError(f"load_path {path}: {e.detail}") from None
     log.warning("load_path %s has no %s: loading it without checksum verification", path, store.MANIFEST)
     return path, None
 

@@ -26,7 +26,7 @@ from composer.utils.object_store import ObjectStore
 
 from dbrx_train import checkpoint_store as store
 from dbrx_train.checkpoint_store import Checkpoint, CheckpointError
-from dbrx_train.training.rank_zero import broadcast_from_rank0
+from dbrx_train.training.rank_zero import on_rank0, rank_share
 
 
 class FolderObjectStore(ObjectStore):
@@ -90,12 +90,10 @@ class RemoteCheckpoints:
 
     def upload(self, checkpoint: Checkpoint) -> None:
         """Every rank uploads a share of the files; rank 0 uploads the manifest after all of them."""
-        names = sorted(checkpoint.manifest["files"])
-        rank, world = dist.get_global_rank(), dist.get_world_size()
-        for name in names[rank::world]:
+        for name in rank_share(sorted(checkpoint.manifest["files"])):
             self.store.upload_object(self._key(checkpoint.name, name), checkpoint.path / name)
         dist.barrier()
-        if rank == 0:
+        if dist.get_global_rank() == 0:
             self.store.upload_object(
                 self._key(checkpoint.name, store.MANIFEST), checkpoint.path / store.MANIFEST
             )
@@ -121,27 +119,20 @@ class RemoteCheckpoints:
 
     def download(self, name: str, manifest: dict[str, Any], run_folder: Path, *, hashes: bool) -> Checkpoint:
         """Into the local run folder through a temporary folder; verified, then committed."""
-        tmp = broadcast_from_rank0(
-            store.temp_folder(run_folder, name) if dist.get_global_rank() == 0 else None
-        )
-        names = sorted(manifest["files"])
-        rank, world = dist.get_global_rank(), dist.get_world_size()
-        for file in names[rank::world]:
+        tmp = on_rank0(lambda: store.temp_folder(run_folder, name))
+        mine = rank_share(sorted(manifest["files"]))
+        for file in mine:
             target = tmp / file
             target.parent.mkdir(parents=True, exist_ok=True)
             self.store.download_object(self._key(name, file), target, overwrite=True)
         dist.barrier()
         problem = None
         try:
-            store.verify_files(Checkpoint(tmp, manifest), names[rank::world], hashes=hashes)
+            store.verify_files(Checkpoint(tmp, manifest), mine, hashes=hashes)
         except CheckpointError as e:
             problem = str(e)
         problems = [p for p in dist.all_gather_object(problem) if p]
         if problems:
-            if rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
+            on_rank0(lambda: shutil.rmtree(tmp, ignore_errors=True))
             raise CheckpointError(f"{self.uri}/{name} (downloaded): {problems[0]}")
-        if rank == 0:
-            store.commit(tmp, run_folder / name, manifest)
-        dist.barrier()
-        return Checkpoint(run_folder / name, manifest)
+        return on_rank0(lambda: store.commit(tmp, run_folder / name, manifest))

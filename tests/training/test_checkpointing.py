@@ -15,19 +15,21 @@ def checkpoint(run, batch: int) -> store.Checkpoint:
     return store.Checkpoint(folder, store.read_manifest(folder))
 
 
-def test_autoresume_takes_the_newest_intact_checkpoint_and_moves_damaged_ones_aside(tmp_path, capsys):
-    assert (
-        resolve_start(
-            tmp_path, autoresume=True, load_path=None, load_weights_only=False, hashes=True
-        ).load_path
-        is None
+def start_from(run, load_path=None, *, autoresume: bool = False, weights_only: bool = False):
+    path = None if load_path is None else str(load_path)
+    return resolve_start(
+        run, autoresume=autoresume, load_path=path, load_weights_only=weights_only, hashes=True
     )
+
+
+def test_autoresume_takes_the_newest_intact_checkpoint_and_moves_damaged_ones_aside(tmp_path, capsys):
+    assert start_from(tmp_path, autoresume=True).load_path is None
     checkpoint(tmp_path, 3)
     newest = checkpoint(tmp_path, 6)
     (tmp_path / ".tmp-ep0-ba9-0000").mkdir()  # a save that never committed
     shard = next(newest.path.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:-1])
-    start = resolve_start(tmp_path, autoresume=True, load_path=None, load_weights_only=False, hashes=True)
+    start = start_from(tmp_path, autoresume=True)
     assert start.resumed and start.batch == 3 and start.load_path == str(tmp_path / "ep0-ba3")
     assert "checkpoint ep0-ba6 is damaged" in capsys.readouterr().out
     assert (tmp_path / "ep0-ba6.corrupt").is_dir() and not list(tmp_path.glob(".tmp-*"))
@@ -37,45 +39,25 @@ def test_autoresume_without_checkpoints_falls_back_to_load_path(tmp_path):
     pretrained = tmp_path / "pretrain"
     checkpoint(pretrained, 3)
     checkpoint(pretrained, 8)
-    start = resolve_start(
-        tmp_path / "run", autoresume=True, load_path=str(pretrained), load_weights_only=True, hashes=True
-    )
+    start = start_from(tmp_path / "run", pretrained, autoresume=True, weights_only=True)
     # a run folder as load_path: its newest intact checkpoint; weights only, so the run starts at batch 0
     assert start.load_path == str(pretrained / "ep0-ba8") and start.weights_only and start.batch == 0
 
 
 def test_explicit_load_paths(tmp_path):
     good = checkpoint(tmp_path / "a", 4)
-    start = resolve_start(
-        tmp_path / "run", autoresume=False, load_path=str(good.path), load_weights_only=False, hashes=True
-    )
+    start = start_from(tmp_path / "run", good.path)
     assert start.resumed and start.batch == 4
     with pytest.raises(store.CheckpointError, match="does not exist"):
-        resolve_start(
-            tmp_path / "run",
-            autoresume=False,
-            load_path=str(tmp_path / "none"),
-            load_weights_only=False,
-            hashes=True,
-        )
+        start_from(tmp_path / "run", tmp_path / "none")
     (tmp_path / "run").mkdir()
     with pytest.raises(store.CheckpointError, match="holds no complete checkpoint"):
-        resolve_start(
-            tmp_path / "run",
-            autoresume=False,
-            load_path=str(tmp_path / "run"),
-            load_weights_only=False,
-            hashes=True,
-        )
+        start_from(tmp_path / "run", tmp_path / "run")
     # written by Composer itself (no manifest): loaded after the no-code check, without checksums
     legacy = dcp_checkpoint(tmp_path / "legacy" / "ep0-ba2", {"step": 2})
-    start = resolve_start(
-        tmp_path / "run", autoresume=False, load_path=str(legacy), load_weights_only=False, hashes=True
-    )
+    start = start_from(tmp_path / "run", legacy)
     assert start.load_path == str(legacy) and start.checkpoint is None
     evil = dcp_checkpoint(tmp_path / "evil" / "ep0-ba2", {"evil": RunsCode(tmp_path / "pwned")})
     with pytest.raises(store.CheckpointError, match="would run code"):
-        resolve_start(
-            tmp_path / "run", autoresume=False, load_path=str(evil), load_weights_only=False, hashes=True
-        )
+        start_from(tmp_path / "run", evil)
     assert not (tmp_path / "pwned").exists()
