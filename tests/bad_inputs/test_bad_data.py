@@ -237,20 +237,23 @@ def segments(prefix: str) -> list[str]:
 @pytest.mark.skipif(not SHM_DIR.is_dir(), reason="POSIX shared memory in /dev/shm (Linux)")
 def test_shared_memory_of_a_killed_reader_is_released_and_a_live_one_kept(good_root, rows):
     folder = good_root / "prose" / "train"
-    holders = [
-        subprocess.Popen(
-            [sys.executable, "-c", HOLD_SHARED_MEMORY, str(folder)],
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        for _ in range(2)
-    ]
-    killed, live = holders
+    holders: list[subprocess.Popen] = []
+    prefixes: list[str] = []
     try:
-        prefixes = [holder.stdout.readline().strip() for holder in holders]
+        # One after the other: Streaming picks a prefix by probing /dev/shm, so two readers that
+        # start in the same instant can race for one prefix (one of them then fails to create it).
+        for _ in range(2):
+            holder = subprocess.Popen(
+                [sys.executable, "-c", HOLD_SHARED_MEMORY, str(folder)],
+                cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            holders.append(holder)
+            prefixes.append(holder.stdout.readline().strip())
+        killed, live = holders
         assert all(prefixes) and prefixes[0] != prefixes[1], prefixes
         os.killpg(killed.pid, signal.SIGKILL)  # the whole group: its resource tracker cannot clean up
         killed.wait()
@@ -263,7 +266,8 @@ def test_shared_memory_of_a_killed_reader_is_released_and_a_live_one_kept(good_r
         loader = build_dataloader(config, device_batch_size=8, max_seq_len=SEQ, vocab_size=VOCAB, seed=1)
         assert sum(len(batch["input_ids"]) for batch in loader) == len(rows) // 8 * 8
     finally:
-        live.stdin.close()  # the live reader exits normally, releasing its memory itself
+        for holder in holders:
+            holder.stdin.close()  # a live reader exits normally, releasing its memory itself
         for holder in holders:
             try:
                 holder.wait(timeout=30)
