@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from composer import Trainer
-from composer.core import Evaluator
+from composer.core import Evaluator, Time, TimeUnit
 from composer.utils import dist, reproducibility
 from omegaconf import OmegaConf
 
@@ -39,6 +39,7 @@ from dbrx_train.training.checkpointing import (
     CheckpointManager,
     CheckpointSaveError,
     Start,
+    checkpoint_space,
     later_checkpoints,
     resolve_start,
 )
@@ -152,6 +153,7 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
         parallelism = build_parallelism_config(cfg.fsdp, "cuda" if device == "gpu" else "cpu")
     composer_model = DbrxComposerModel(model)
     optimizer = build_optimizer(cfg, composer_model.parameters())
+    check_checkpoint_space(cfg, Path(run_folder), model, start)
 
     train_loader, data_callbacks = build_train_data(cfg, layout)
     evaluators = []
@@ -267,6 +269,31 @@ def choose_start(
         on_rank0(lambda: [shutil.rmtree(checkpoint.path) for checkpoint in later])
         log.warning("save_overwrite: removed checkpoints past the start (batch %d): %s", start.batch, names)
     return start
+
+
+def checkpoints_to_write(max_duration: str, save_interval: str, start_batch: int) -> int | None:
+    """How many checkpoints a run writes from start_batch on: one every save_interval, and one at
+    the end when that is not a multiple of it. None when either duration is not in batches."""
+    total, every = Time.from_timestring(max_duration), Time.from_timestring(save_interval)
+    if total.unit != TimeUnit.BATCH or every.unit != TimeUnit.BATCH or every.value <= 0:
+        return None
+    at_interval = total.value // every.value - min(start_batch, total.value) // every.value
+    return at_interval + (1 if total.value % every.value and start_batch < total.value else 0)
+
+
+def check_checkpoint_space(cfg: TrainConfig, run_folder: Path, model: torch.nn.Module, start: Start) -> None:
+    """No room for even one checkpoint: refuse before the first step. Too little for all: warn."""
+    error, warning = checkpoint_space(
+        run_folder,
+        list(model.parameters()),
+        cfg.optimizer.name,
+        cfg.save_num_checkpoints_to_keep,
+        checkpoints_to_write(cfg.max_duration, cfg.save_interval, start.batch),
+    )
+    if error is not None:
+        raise ConfigError(error)
+    if warning is not None and dist.get_global_rank() == 0:
+        print(f"dbrx-train: warning: {warning}", file=sys.stderr, flush=True)
 
 
 def normalized_config(saved: dict) -> dict:

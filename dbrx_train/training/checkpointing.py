@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import datetime
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import composer
+import torch
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.utils import checkpoint as composer_checkpoint
@@ -176,6 +178,69 @@ class CheckpointManager(Callback):
                     f"failed ({_describe(e)}); rerun with autoresume: true to continue from the local copy"
                 ) from e
         return checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# Room for checkpoints, checked before the first step
+# ---------------------------------------------------------------------------------------------
+OPTIMIZER_MOMENTS = {"decoupled_lionw": 1}  # state tensors per parameter; Adam variants keep 2
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
+
+
+def checkpoint_space(
+    run_folder: Path, parameters: list[torch.Tensor], optimizer: str, keep: int, to_write: int | None
+) -> tuple[str | None, str | None]:
+    """(error, warning) for the free space where this run's checkpoints go; every rank gets rank 0's.
+
+    A save writes the whole checkpoint before rotation removes an old one, so the folder needs room
+    for one more. Its size is that of the newest checkpoint already there (exact), or else the
+    parameters (global sizes, also when sharded or on meta) times 1 + the optimizer's moments.
+    Warns when what the run will hold at its fullest will not fit: `to_write` more checkpoints
+    (None: unknown, e.g. a duration in tokens), or with rotation (`keep` > 0) keep + the one being
+    written. Such a run would stop at a later save, hours in (earlier checkpoints stay intact).
+    """
+
+    def check() -> tuple[str | None, str | None]:
+        on_disk = store.list_checkpoints(run_folder)
+        files = on_disk[-1].manifest.get("files") if on_disk else None
+        if files:
+            need = sum(int(record.get("bytes", 0)) for record in files.values())
+            how = f"the size of {on_disk[-1].name}"
+        else:
+            numel = sum(p.numel() for p in parameters)
+            weights = sum(p.numel() * p.element_size() for p in parameters)
+            moments = OPTIMIZER_MOMENTS.get(optimizer, 2)
+            need = weights * (1 + moments)
+            how = f"{numel / 1e6:.1f}M parameters and {moments} {optimizer} moments per parameter"
+        free = shutil.disk_usage(run_folder).free
+        where = f"{run_folder} (where checkpoints are written)"
+        if free < need:
+            elsewhere = (
+                f" with load_path: {run_folder} to continue from {on_disk[-1].name}" if on_disk else ""
+            )
+            return (
+                f"{where} has {_size(free)} free, but one checkpoint of this run takes about {_size(need)} "
+                f"({how}), written in full before any older one is rotated out. Free space there, or "
+                f"choose another save_folder{elsewhere}",
+                None,
+            )
+        peak = None if to_write is None else len(on_disk) + to_write
+        if keep > 0:
+            peak = keep + 1 if peak is None else min(peak, keep + 1)
+        more = 0 if peak is None else peak - len(on_disk)
+        if more > 1 and free < need * more:
+            rotation = f"save_num_checkpoints_to_keep: {keep}" if keep > 0 else "keeping every checkpoint"
+            return None, (
+                f"{where} has {_size(free)} free, but this run ({rotation}) needs room for {more} more "
+                f"checkpoints of about {_size(need)} each ({how}): a later save will fail for lack of space "
+                f"(the earlier checkpoints stay intact)"
+            )
+        return None, None
+
+    return on_rank0(check)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dbrx_train import checkpoint_store as store
+from dbrx_train.train import checkpoints_to_write
 from dbrx_train.training.checkpointing import resolve_start
 from tests.bad_inputs.test_bad_checkpoints import RunsCode, dcp_checkpoint, with_manifest
 
@@ -61,3 +62,18 @@ def test_explicit_load_paths(tmp_path):
     with pytest.raises(store.CheckpointError, match="would run code"):
         start_from(tmp_path / "run", evil)
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize(
+    ("max_duration", "save_interval", "start_batch", "expected"),
+    [
+        ("8ba", "3ba", 0, 3),  # batches 3, 6 and the end (8)
+        ("9ba", "3ba", 0, 3),  # 3, 6, 9: the end is one of them
+        ("8ba", "3ba", 3, 2),  # resumed at 3: 6 and 8
+        ("8ba", "3ba", 8, 0),  # already finished
+        ("2ep", "3ba", 0, None),  # epochs: unknown in batches before the data is read
+        ("8ba", "1ep", 0, None),
+    ],
+)
+def test_checkpoints_to_write(max_duration, save_interval, start_batch, expected):
+    assert checkpoints_to_write(max_duration, save_interval, start_batch) == expected

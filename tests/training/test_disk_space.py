@@ -1,0 +1,82 @@
+"""A save folder on a disk too small for the run's checkpoints, as a real (tmpfs) filesystem: refused
+before the first step when not even one checkpoint fits; warned about at the start when a later one
+will not fit, which then fails with a real ENOSPC, keeps the earlier checkpoint, and is refused again
+on resume while there is still no room."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dbrx_train import checkpoint_store as store
+from tests.training.test_resume_e2e import checkpoints, run
+
+# One checkpoint of the test model (SMALL in test_train_e2e: 100352-token vocabulary, d_model 64)
+# with its AdamW moments is ~153 MiB.
+NO_ROOM_MIB = 100
+ONE_CHECKPOINT_MIB = 240
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mounted: list[Path] = []
+
+    def mount(size_mib: int) -> Path:
+        point = tmp_path / f"disk-{size_mib}m"
+        point.mkdir()
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(point)],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a {size_mib} MiB tmpfs here (needs root): {proc.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def last_message(stderr: str) -> str:
+    return stderr.split("dbrx-train:")[-1]
+
+
+@pytest.mark.slow
+def test_no_room_for_one_checkpoint_is_refused_before_training(small_disk, default_corpus):
+    run_dir = small_disk(NO_ROOM_MIB) / "run"
+    proc = run(1, run_dir, default_corpus)
+    assert proc.returncode != 0
+    message = last_message(proc.stderr)
+    assert f"{run_dir} (where checkpoints are written) has" in message, proc.stderr[-3000:]
+    assert "free, but one checkpoint of this run takes about 1" in message  # ~153 MiB
+    assert "AdamW" not in message and "decoupled_adamw moments" in message
+    assert "Traceback" not in message
+    assert not (run_dir / "metrics.jsonl").exists() or "batch" not in (run_dir / "metrics.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_room_for_one_checkpoint_warns_then_fails_cleanly_and_resume_is_refused(small_disk, default_corpus):
+    run_dir = small_disk(ONE_CHECKPOINT_MIB) / "run"
+    # RELIABLE keeps 2 checkpoints; saves at batches 2 and 4: two checkpoints must fit, one does.
+    first = run(1, run_dir, default_corpus, "max_duration=4ba", "save_interval=2ba")
+    assert "dbrx-train: warning:" in first.stderr, first.stderr[-3000:]
+    assert "needs room for 2 more checkpoints" in first.stderr
+    # A real ENOSPC at the second save: the run stops with one line, the first checkpoint is intact.
+    assert first.returncode != 0
+    message = last_message(first.stderr)
+    assert "checkpoint ep0-ba4 could not be written" in message and "latest: ep0-ba2" in message, message
+    assert "Traceback" not in message
+    assert checkpoints(run_dir) == ["ep0-ba2"] and not list(run_dir.glob(".tmp-*"))
+    (good,) = store.list_checkpoints(run_dir)
+    store.verify_files(good)  # every file matches its manifest's size and sha256
+
+    # Resuming with the disk still full is refused before any step, sized by the checkpoint on disk.
+    again = run(1, run_dir, default_corpus, "max_duration=4ba", "save_interval=2ba")
+    assert again.returncode != 0
+    message = last_message(again.stderr)
+    assert "one checkpoint of this run takes about" in message and "(the size of ep0-ba2)" in message, message
+    assert checkpoints(run_dir) == ["ep0-ba2"]
