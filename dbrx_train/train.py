@@ -30,6 +30,7 @@ from dbrx_train.schema import ConfigError
 from dbrx_train.training.builders import (
     build_algorithms,
     build_callbacks,
+    build_hf_export,
     build_loggers,
     build_optimizer,
     build_scheduler,
@@ -45,6 +46,7 @@ from dbrx_train.training.checkpointing import (
 )
 from dbrx_train.training.composer_model import DbrxComposerModel
 from dbrx_train.training.curriculum import build_train_data
+from dbrx_train.training.hf_export import HFExportError
 from dbrx_train.training.nonfinite import exit_if_stopped, guard_of
 from dbrx_train.training.object_store import RemoteCheckpoints
 from dbrx_train.training.parallelize import build_parallelism_config, mark_fsdp_units
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> Trainer:
     except (ConfigError, CheckpointError) as e:
         print(f"dbrx-train: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    except (CheckpointSaveError, ShardReadError) as e:
+    except (CheckpointSaveError, HFExportError, ShardReadError) as e:
         print(f"dbrx-train: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 
@@ -174,6 +176,7 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
         run_folder, cfg.save_interval, cfg.save_num_checkpoints_to_keep, resolved, remote
     )
     preemption = PreemptionHandler()
+    hf_export = build_hf_export(cfg, run_folder)
     # Composer loads start.load_path while building the Trainer: no pickled code from it can run.
     with restricted_loading():
         trainer = Trainer(
@@ -198,7 +201,8 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
                 *data_callbacks,
                 BatchSeededRNG(cfg.seed),
                 preemption,
-                checkpoints,  # last: saves after every other callback has updated its state
+                checkpoints,  # saves after every other callback has updated its state
+                *([hf_export] if hf_export is not None else []),  # after the checkpoint it must not cost
             ],
             log_to_console=False,  # our ConsoleLogger, configured by console_log_interval, replaces it
             progress_bar=False,  # our TrainingProgressBar (loggers), which also shows tokens/s, MFU and ETA

@@ -25,6 +25,8 @@ from streaming import Stream, StreamingDataset
 from streaming.base.dataset import _ShardState
 from streaming.base.hashing import get_hash, get_hashes
 
+from dbrx_train.data.streaming_shm import exclusive_shm_prefix
+
 INDEX_FILE = "index.json"
 CORRUPT_FIX = "Copy the dataset again from where it came from, or re-create it"
 VerifyShards = Literal["none", "size", "hash", "full"]
@@ -139,7 +141,8 @@ class GuardedStreamingDataset(StreamingDataset):
     _read_error: ShardReadError | None = None
 
     def __init__(self, *, stream_keys: list[str] | None = None, **streaming_kwargs: Any):
-        super().__init__(**streaming_kwargs)
+        with exclusive_shm_prefix():  # no race with datasets that other processes start meanwhile
+            super().__init__(**streaming_kwargs)
         # Config keys such as "train_loader.dataset.streams.code", for error messages.
         self.stream_keys = stream_keys or [f"stream {i}" for i in range(self.num_streams)]
 

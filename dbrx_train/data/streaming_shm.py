@@ -13,6 +13,14 @@ breaks them. Here a prefix counts as stale only when no live process maps any of
 (read from /proc/<pid>/maps), so any process may call this at any time, and every rank does:
 ranks of one node race harmlessly over the same removals.
 
+`exclusive_shm_prefix()` replaces Streaming's prefix choice while a dataset is built. Streaming
+has every rank probe /dev/shm for the first free prefix on its own, then the node's first rank
+creates it (replacing a segment of that name if one appeared meanwhile); two jobs (or two datasets
+of two processes) starting in the same instant pick the same prefix, and one of them fails with a
+FileExistsError or "shared memory registered does not match local leader" (seen in our test
+suite). Here only the node's first rank probes, creates the prefix's registry segment exclusively
+(O_EXCL: losing a race means probing again) and tells the other ranks which prefix it got.
+
 The lock files stay (empty files; Streaming leaves them behind for every prefix it ever used).
 They keep the prefix taken: each rank of a job picks its prefix on its own, skipping prefixes
 with lock files or segments, so freeing a prefix while the ranks of a running job are picking
@@ -22,12 +30,25 @@ does not match local leader").
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, SHM_TO_CLEAN
+import streaming.base.dataset as streaming_dataset
+import torch.distributed as torch_dist
+from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, LOCALS, SHM_TO_CLEAN
+from streaming.base.shared import SharedMemory
+from streaming.base.shared.prefix import (
+    _check_and_find_retrying,
+    _check_self,
+    _get_path,
+    _pack_locals,
+    _unpack_locals,
+)
+from streaming.base.world import World
 
 SHM_DIR = Path("/dev/shm")
 PROC_DIR = Path("/proc")
@@ -84,3 +105,60 @@ def _mapped_segment_names(shm_dir: Path, proc_dir: Path) -> set[str]:
         except (FileNotFoundError, ProcessLookupError, PermissionError):  # exited, or not ours
             continue
     return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing a prefix without racing other processes
+# ---------------------------------------------------------------------------------------------
+REGISTER_ATTEMPTS = 100
+
+
+def register_shm_prefix(
+    streams_local: list[str], streams_remote: list[str | None], world: World, retry: int = 100
+) -> tuple[int, SharedMemory]:
+    """Streaming's `get_shm_prefix` (same arguments, same result) without its races (see above)."""
+    _check_self(streams_local)
+    prefix_int, registry = None, None
+    if world.is_local_leader:
+        for _ in range(REGISTER_ATTEMPTS):
+            candidate = max(
+                _check_and_find_retrying(streams_local, streams_remote, name, retry) for name in SHM_TO_CLEAN
+            )
+            data = _pack_locals(streams_local, candidate)
+            try:
+                registry = SharedMemory(_get_path(candidate, LOCALS), True, len(data))
+            except FileExistsError:  # another process registered it after we probed: probe again
+                continue
+            registry.buf[: len(data)] = data
+            prefix_int = candidate
+            break
+        else:
+            raise RuntimeError(
+                f"no free Streaming shared-memory prefix after {REGISTER_ATTEMPTS} attempts: too many "
+                "processes are starting datasets on this node at once"
+            )
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        # One all-gather: every rank learns the prefix its node's first rank registered.
+        found: list = [None] * torch_dist.get_world_size()
+        torch_dist.all_gather_object(found, (world.node, prefix_int))
+        prefix_int = next(p for node, p in found if node == world.node and p is not None)
+    if registry is None:
+        registry = SharedMemory(_get_path(prefix_int, LOCALS), False)
+        their_locals, their_prefix_int = _unpack_locals(bytes(registry.buf))
+        if streams_local != their_locals or prefix_int != their_prefix_int:
+            raise RuntimeError(
+                f"Streaming shared memory prefix {prefix_int} holds {their_locals}, not this rank's "
+                f"{streams_local}: every rank of a node must build its datasets with the same local folders"
+            )
+    return prefix_int, registry
+
+
+@contextlib.contextmanager
+def exclusive_shm_prefix() -> Iterator[None]:
+    """While building a StreamingDataset: its prefix comes from `register_shm_prefix`."""
+    original = streaming_dataset.get_shm_prefix
+    streaming_dataset.get_shm_prefix = register_shm_prefix
+    try:
+        yield
+    finally:
+        streaming_dataset.get_shm_prefix = original

@@ -109,10 +109,16 @@ def build_callbacks(cfg: TrainConfig, save_folder: str | None = None) -> list[Ca
         callbacks.append(MemoryMonitor())
     if cb.runtime_estimator is not None:
         callbacks.append(RuntimeEstimator())
-    if cb.hf_export is not None:
-        hf = cb.hf_export
-        folder = hf.folder.format(save_folder=save_folder, run_name=cfg.run_name)
-        callbacks.append(HFExport(folder, hf.save_interval, hf.dtype, hf.max_shard_size, hf.tokenizer))
     if cb.sample_log is not None and save_folder is not None:
         callbacks.append(SampleLog(Path(save_folder) / "samples.jsonl"))
     return callbacks
+
+
+def build_hf_export(cfg: TrainConfig, save_folder: str | None = None) -> HFExport | None:
+    """Placed after the CheckpointManager: an export that fails (e.g. a full disk) must not cost the
+    checkpoint of the same batch."""
+    hf = cfg.callbacks.hf_export
+    if hf is None:
+        return None
+    folder = hf.folder.format(save_folder=save_folder, run_name=cfg.run_name)
+    return HFExport(folder, hf.save_interval, hf.dtype, hf.max_shard_size, hf.tokenizer)

@@ -5,22 +5,36 @@ Every rank takes part in gathering the full state dict (FSDP2 shards are all-gat
 `{folder}/ba{N}/` tensor by tensor (config.json, generation_config.json, safetensors shards +
 index, tokenizer files), and all ranks wait for it. Works the same without FSDP and at any world
 size.
+
+An export is written into `.tmp-ba{N}-<pid>/`, fsynced, and renamed to `ba{N}/`, so a `ba{N}` folder
+is always complete (a crash or a full disk leaves only a temporary, removed at the next export).
+It runs after the CheckpointManager (train.py), so a failed export never costs the checkpoint of
+its batch; its error reaches every rank (no rank waits for a rank 0 that failed) and the run stops
+with one line naming the folder.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
-from composer.utils import dist
 from composer.utils.misc import create_interval_scheduler
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from dbrx_train.checkpoint_store import fsync_path
 from dbrx_train.model.hf import save_hf_folder
+from dbrx_train.training.rank_zero import RankError, on_rank0
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+TMP_PREFIX = ".tmp-ba"
+
+
+class HFExportError(RuntimeError):
+    """An HF export could not be written; training checkpoints (written before it) are unaffected."""
 
 
 class HFExport(Callback):
@@ -58,18 +72,41 @@ class HFExport(Callback):
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state_dict = get_model_state_dict(state.model, options=options)  # collective: all ranks
         out = self.folder / f"ba{batch}"
-        if dist.get_global_rank() == 0:
-            # The ComposerModel holds our DbrxForCausalLM as `.model`: drop that prefix.
-            weights = {name.removeprefix("model."): t for name, t in state_dict.items()}
+        try:
+            on_rank0(lambda: self._write(out, state.model.model.config, state_dict))
+        except RankError as e:
+            raise HFExportError(
+                f"HF export {out} could not be written ({e.detail}). Training checkpoints are written before "
+                f"exports and are unaffected; free space or fix callbacks.hf_export.folder, then rerun the "
+                f"same command with autoresume: true to continue from the latest checkpoint"
+            ) from e
+        return out  # the full state dict is freed with this frame
+
+    def _write(self, out: Path, config, state_dict: dict[str, torch.Tensor]) -> None:
+        """Rank 0: the folder under a temporary name, fsynced, then renamed into place."""
+        if self.folder.is_dir():
+            for stale in self.folder.glob(f"{TMP_PREFIX}*"):  # left by a crashed or failed export
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = self.folder / f"{TMP_PREFIX}{out.name.removeprefix('ba')}-{os.getpid()}"
+        # The ComposerModel holds our DbrxForCausalLM as `.model`: drop that prefix.
+        weights = {name.removeprefix("model."): t for name, t in state_dict.items()}
+        try:
             save_hf_folder(
-                out,
-                state.model.model.config,
+                tmp,
+                config,
                 {name: t.shape for name, t in weights.items()},
                 weights.__getitem__,
                 self.dtype,
                 self.max_shard_bytes,
                 self.tokenizer,
             )
-        del state_dict
-        dist.barrier()
-        return out
+            for path in tmp.rglob("*"):
+                if path.is_file():
+                    fsync_path(path)
+            if out.exists():  # the same batch exported again: a run resumed at its last batch
+                shutil.rmtree(out)
+            tmp.rename(out)
+            fsync_path(self.folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

@@ -240,8 +240,7 @@ def test_shared_memory_of_a_killed_reader_is_released_and_a_live_one_kept(good_r
     holders: list[subprocess.Popen] = []
     prefixes: list[str] = []
     try:
-        # One after the other: Streaming picks a prefix by probing /dev/shm, so two readers that
-        # start in the same instant can race for one prefix (one of them then fails to create it).
+        # One after the other (starting in the same instant is the next test's subject).
         for _ in range(2):
             holder = subprocess.Popen(
                 [sys.executable, "-c", HOLD_SHARED_MEMORY, str(folder)],
@@ -273,3 +272,53 @@ def test_shared_memory_of_a_killed_reader_is_released_and_a_live_one_kept(good_r
                 holder.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 holder.kill()
+
+
+START_TOGETHER = """
+import sys
+from dbrx_train.data.text import TextDatasetConfig, TextLoaderConfig, build_text_dataloader
+config = TextLoaderConfig(dataset=TextDatasetConfig(local=sys.argv[1]))
+print("ready", flush=True)
+sys.stdin.readline()  # "go": every reader builds its dataset in the same instant
+loader = build_text_dataloader(config, device_batch_size=4, max_seq_len=64, vocab_size=100352, seed=0)
+next(iter(loader))
+print(f"{loader.dataset._shm_prefix_int:06}", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHM_DIR.is_dir(), reason="POSIX shared memory in /dev/shm (Linux)")
+def test_readers_started_in_the_same_instant_get_distinct_prefixes(good_root):
+    """Streaming alone picks one prefix for several of them (FileExistsError, or two datasets
+    sharing state); exclusive_shm_prefix() registers each prefix with O_EXCL."""
+    folder = good_root / "prose" / "train"
+    readers = [
+        subprocess.Popen(
+            [sys.executable, "-c", START_TOGETHER, str(folder)],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
+    try:
+        assert [reader.stdout.readline().strip() for reader in readers] == ["ready"] * 6
+        for reader in readers:
+            reader.stdin.write("go\n")
+        for reader in readers:
+            reader.stdin.flush()
+        prefixes = [reader.stdout.readline().strip() for reader in readers]
+        failed = [reader.stderr.read()[-2000:] for reader, p in zip(readers, prefixes) if not p]
+        assert not failed, failed[0]
+        assert len(set(prefixes)) == 6, prefixes
+    finally:
+        for reader in readers:
+            reader.stdin.close()
+        for reader in readers:
+            try:
+                reader.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                reader.kill()

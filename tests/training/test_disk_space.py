@@ -5,9 +5,6 @@ on resume while there is still no room."""
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 import pytest
 
 from dbrx_train import checkpoint_store as store
@@ -17,28 +14,6 @@ from tests.training.test_resume_e2e import checkpoints, run
 # with its AdamW moments is ~153 MiB.
 NO_ROOM_MIB = 100
 ONE_CHECKPOINT_MIB = 240
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    mounted: list[Path] = []
-
-    def mount(size_mib: int) -> Path:
-        point = tmp_path / f"disk-{size_mib}m"
-        point.mkdir()
-        proc = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(point)],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            pytest.skip(f"cannot mount a {size_mib} MiB tmpfs here (needs root): {proc.stderr.strip()}")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", "-l", str(point)], check=False)
 
 
 def last_message(stderr: str) -> str:
@@ -80,3 +55,31 @@ def test_room_for_one_checkpoint_warns_then_fails_cleanly_and_resume_is_refused(
     message = last_message(again.stderr)
     assert "one checkpoint of this run takes about" in message and "(the size of ep0-ba2)" in message, message
     assert checkpoints(run_dir) == ["ep0-ba2"]
+
+
+@pytest.mark.slow
+def test_a_failed_hf_export_keeps_its_batch_checkpoint_and_stops_every_rank(
+    small_disk, default_corpus, tmp_path
+):
+    hf = small_disk(12) / "hf"  # a bf16 export of the test model is ~27 MB
+    run_dir = tmp_path / "run"
+    export_every_2 = ["max_duration=4ba", "save_interval=2ba", "callbacks.hf_export.save_interval=2ba"]
+    proc = run(2, run_dir, default_corpus, *export_every_2, f"callbacks.hf_export.folder={hf}")
+    assert proc.returncode != 0
+    message = last_message(proc.stderr)
+    assert f"HF export {hf}/ba2 could not be written" in message, proc.stderr[-3000:]
+    assert "Training checkpoints are written before exports and are unaffected" in message
+    assert "Traceback" not in message
+    # The checkpoint of the same batch was committed before the export, and verifies.
+    assert checkpoints(run_dir) == ["ep0-ba2"]
+    (good,) = store.list_checkpoints(run_dir)
+    store.verify_files(good)
+    assert list(hf.iterdir()) == []  # no partial ba2, no temporary left
+
+    # With room for exports again, the run continues from ep0-ba2 and exports complete folders.
+    roomy = tmp_path / "hf"
+    done = run(2, run_dir, default_corpus, *export_every_2, f"callbacks.hf_export.folder={roomy}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stderr and "ep0-ba2 (batch 2)" in done.stderr
+    assert sorted(p.name for p in roomy.iterdir()) == ["ba4"]
+    assert (roomy / "ba4/model.safetensors.index.json").exists() or any(roomy.glob("ba4/*.safetensors"))
