@@ -289,7 +289,7 @@ sys.stdin.read()
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SHM_DIR.is_dir(), reason="POSIX shared memory in /dev/shm (Linux)")
-def test_readers_started_in_the_same_instant_get_distinct_prefixes(good_root):
+def test_readers_started_in_the_same_instant_get_distinct_prefixes(good_root, tmp_path):
     """Streaming alone picks one prefix for several of them (FileExistsError, or two datasets
     sharing state); exclusive_shm_prefix() registers each prefix with O_EXCL."""
     folder = good_root / "prose" / "train"
@@ -299,10 +299,10 @@ def test_readers_started_in_the_same_instant_get_distinct_prefixes(good_root):
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=open(tmp_path / f"reader{i}.err", "w"),  # noqa: SIM115 (closed with the process)
             text=True,
         )
-        for _ in range(6)
+        for i in range(6)
     ]
     try:
         assert [reader.stdout.readline().strip() for reader in readers] == ["ready"] * 6
@@ -311,7 +311,7 @@ def test_readers_started_in_the_same_instant_get_distinct_prefixes(good_root):
         for reader in readers:
             reader.stdin.flush()
         prefixes = [reader.stdout.readline().strip() for reader in readers]
-        failed = [reader.stderr.read()[-2000:] for reader, p in zip(readers, prefixes) if not p]
+        failed = [(tmp_path / f"reader{i}.err").read_text()[-2000:] for i, p in enumerate(prefixes) if not p]
         assert not failed, failed[0]
         assert len(set(prefixes)) == 6, prefixes
     finally:
