@@ -203,6 +203,9 @@ def checkpoint_space(
     written. Such a run would stop at a later save, hours in (earlier checkpoints stay intact).
     """
 
+    if to_write == 0:  # resumed at its end: nothing more is written
+        return None, None
+
     def check() -> tuple[str | None, str | None]:
         on_disk = store.list_checkpoints(run_folder)
         files = on_disk[-1].manifest.get("files") if on_disk else None
