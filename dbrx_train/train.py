@@ -34,6 +34,7 @@ from dbrx_train.training.builders import (
     build_loggers,
     build_optimizer,
     build_scheduler,
+    hf_export_folder,
 )
 from dbrx_train.training.callbacks import BatchSeededRNG
 from dbrx_train.training.checkpointing import (
@@ -46,7 +47,7 @@ from dbrx_train.training.checkpointing import (
 )
 from dbrx_train.training.composer_model import DbrxComposerModel
 from dbrx_train.training.curriculum import build_train_data
-from dbrx_train.training.hf_export import HFExportError
+from dbrx_train.training.hf_export import HFExport, HFExportError, export_space
 from dbrx_train.training.nonfinite import exit_if_stopped, guard_of
 from dbrx_train.training.object_store import RemoteCheckpoints
 from dbrx_train.training.parallelize import build_parallelism_config, mark_fsdp_units
@@ -212,6 +213,9 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
             dist_timeout=cfg.dist_timeout,
         )
     trainer.logger.log_hyperparameters(resolved)  # the whole resolved config, e.g. into W&B's run config
+    if already_finished(trainer):
+        finish_without_training(trainer, hf_export, start)
+        return trainer
     started = time.monotonic()
     if cfg.eval_first and evaluators and int(trainer.state.timestamp.batch) == 0:
         trainer.eval()  # a baseline before the first step (not again when resuming)
@@ -230,6 +234,29 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
             )
         raise SystemExit(PREEMPTED_EXIT_CODE)
     return trainer
+
+
+def already_finished(trainer: Trainer) -> bool:
+    """The checkpoint it resumed from is at max_duration (the same command run again after the end)."""
+    max_duration = trainer.state.max_duration
+    return max_duration is not None and trainer.state.timestamp.get(max_duration.unit) >= max_duration
+
+
+def finish_without_training(trainer: Trainer, hf_export: HFExport | None, start: Start) -> None:
+    """Composer would refuse with a traceback; say so in one line, and write the final HF export if
+    it is missing (e.g. it failed for lack of space after the last checkpoint was committed)."""
+    batch = int(trainer.state.timestamp.batch)
+    if hf_export is not None and not (hf_export.folder / f"ba{batch}").exists():
+        hf_export.export(trainer.state)
+        if dist.get_global_rank() == 0:
+            print(f"dbrx-train: wrote the missing HF export {hf_export.folder / f'ba{batch}'}", flush=True)
+    if dist.get_global_rank() == 0:
+        print(
+            f"dbrx-train: nothing to train: {start.checkpoint.path if start.checkpoint else 'the start'} is at "
+            f"batch {batch}, already max_duration {trainer.state.max_duration}; raise max_duration to train "
+            "further",
+            flush=True,
+        )
 
 
 def choose_start(
@@ -275,9 +302,9 @@ def choose_start(
     return start
 
 
-def checkpoints_to_write(max_duration: str, save_interval: str, start_batch: int) -> int | None:
-    """How many checkpoints a run writes from start_batch on: one every save_interval, and one at
-    the end when that is not a multiple of it. None when either duration is not in batches."""
+def saves_to_write(max_duration: str, save_interval: str, start_batch: int) -> int | None:
+    """How many checkpoints (or HF exports) a run writes from start_batch on: one every save_interval,
+    and one at the end when that is not a multiple of it. None when either is not in batches."""
     total, every = Time.from_timestring(max_duration), Time.from_timestring(save_interval)
     if total.unit != TimeUnit.BATCH or every.unit != TimeUnit.BATCH or every.value <= 0:
         return None
@@ -286,18 +313,31 @@ def checkpoints_to_write(max_duration: str, save_interval: str, start_batch: int
 
 
 def check_checkpoint_space(cfg: TrainConfig, run_folder: Path, model: torch.nn.Module, start: Start) -> None:
-    """No room for even one checkpoint: refuse before the first step. Too little for all: warn."""
-    error, warning = checkpoint_space(
-        run_folder,
-        list(model.parameters()),
-        cfg.optimizer.name,
-        cfg.save_num_checkpoints_to_keep,
-        checkpoints_to_write(cfg.max_duration, cfg.save_interval, start.batch),
-    )
-    if error is not None:
-        raise ConfigError(error)
-    if warning is not None and dist.get_global_rank() == 0:
-        print(f"dbrx-train: warning: {warning}", file=sys.stderr, flush=True)
+    """No room for even one checkpoint (or HF export): refuse before the first step. Too little for
+    all that the run will write: warn."""
+    parameters = list(model.parameters())
+    checks = [
+        checkpoint_space(
+            run_folder,
+            parameters,
+            cfg.optimizer.name,
+            cfg.save_num_checkpoints_to_keep,
+            saves_to_write(cfg.max_duration, cfg.save_interval, start.batch),
+        )
+    ]
+    hf = cfg.callbacks.hf_export
+    if hf is not None:
+        exports = saves_to_write(cfg.max_duration, hf.save_interval, start.batch)
+        # Exports are not in checkpoints: a run resumed at its end still exports once, at fit end.
+        exports = None if exports is None else max(exports, 1)
+        folder = Path(hf_export_folder(cfg, str(run_folder)))
+        checks.append(export_space(folder, parameters, hf.dtype, hf.tokenizer, exports))
+    for error, _ in checks:
+        if error is not None:
+            raise ConfigError(error)
+    for _, warning in checks:
+        if warning is not None and dist.get_global_rank() == 0:
+            print(f"dbrx-train: warning: {warning}", file=sys.stderr, flush=True)
 
 
 def normalized_config(saved: dict) -> dict:

@@ -120,5 +120,11 @@ def build_hf_export(cfg: TrainConfig, save_folder: str | None = None) -> HFExpor
     hf = cfg.callbacks.hf_export
     if hf is None:
         return None
-    folder = hf.folder.format(save_folder=save_folder, run_name=cfg.run_name)
-    return HFExport(folder, hf.save_interval, hf.dtype, hf.max_shard_size, hf.tokenizer)
+    return HFExport(
+        hf_export_folder(cfg, save_folder), hf.save_interval, hf.dtype, hf.max_shard_size, hf.tokenizer
+    )
+
+
+def hf_export_folder(cfg: TrainConfig, save_folder: str | None) -> str:
+    """callbacks.hf_export.folder with {save_folder} (the local run folder) and {run_name} filled in."""
+    return cfg.callbacks.hf_export.folder.format(save_folder=save_folder, run_name=cfg.run_name)

@@ -186,7 +186,7 @@ class CheckpointManager(Callback):
 OPTIMIZER_MOMENTS = {"decoupled_lionw": 1}  # state tensors per parameter; Adam variants keep 2
 
 
-def _size(n_bytes: float) -> str:
+def human_size(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
 
 
@@ -225,7 +225,7 @@ def checkpoint_space(
                 f" with load_path: {run_folder} to continue from {on_disk[-1].name}" if on_disk else ""
             )
             return (
-                f"{where} has {_size(free)} free, but one checkpoint of this run takes about {_size(need)} "
+                f"{where} has {human_size(free)} free, but one checkpoint of this run takes about {human_size(need)} "
                 f"({how}), written in full before any older one is rotated out. Free space there, or "
                 f"choose another save_folder{elsewhere}",
                 None,
@@ -237,8 +237,8 @@ def checkpoint_space(
         if more > 1 and free < need * more:
             rotation = f"save_num_checkpoints_to_keep: {keep}" if keep > 0 else "keeping every checkpoint"
             return None, (
-                f"{where} has {_size(free)} free, but this run ({rotation}) needs room for {more} more "
-                f"checkpoints of about {_size(need)} each ({how}): a later save will fail for lack of space "
+                f"{where} has {human_size(free)} free, but this run ({rotation}) needs room for {more} more "
+                f"checkpoints of about {human_size(need)} each ({how}): a later save will fail for lack of space "
                 f"(the earlier checkpoints stay intact)"
             )
         return None, None

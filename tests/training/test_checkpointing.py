@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dbrx_train import checkpoint_store as store
-from dbrx_train.train import checkpoints_to_write
+from dbrx_train.train import saves_to_write
 from dbrx_train.training.checkpointing import resolve_start
 from tests.bad_inputs.test_bad_checkpoints import RunsCode, dcp_checkpoint, with_manifest
 
@@ -75,5 +75,5 @@ def test_explicit_load_paths(tmp_path):
         ("8ba", "1ep", 0, None),
     ],
 )
-def test_checkpoints_to_write(max_duration, save_interval, start_batch, expected):
-    assert checkpoints_to_write(max_duration, save_interval, start_batch) == expected
+def test_saves_to_write(max_duration, save_interval, start_batch, expected):
+    assert saves_to_write(max_duration, save_interval, start_batch) == expected

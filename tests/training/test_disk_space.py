@@ -58,28 +58,46 @@ def test_room_for_one_checkpoint_warns_then_fails_cleanly_and_resume_is_refused(
 
 
 @pytest.mark.slow
+def test_no_room_for_one_hf_export_is_refused_before_training(small_disk, default_corpus, tmp_path):
+    hf = small_disk(12) / "hf"  # a bf16 export of the test model with its tokenizer is ~39 MiB
+    run_dir = tmp_path / "run"
+    proc = run(1, run_dir, default_corpus, f"callbacks.hf_export.folder={hf}")
+    assert proc.returncode != 0
+    message = last_message(proc.stderr)
+    assert f"callbacks.hf_export.folder {hf} has" in message, proc.stderr[-3000:]
+    assert (
+        "one HF export of this run takes about" in message
+        and "parameters in bf16 + tokenizer files" in message
+    )
+    assert "Traceback" not in message and checkpoints(run_dir) == []
+
+
+@pytest.mark.slow
 def test_a_failed_hf_export_keeps_its_batch_checkpoint_and_stops_every_rank(
     small_disk, default_corpus, tmp_path
 ):
-    hf = small_disk(12) / "hf"  # a bf16 export of the test model is ~27 MB
+    hf = small_disk(60) / "hf"  # room for one ~39 MiB export of two
     run_dir = tmp_path / "run"
     export_every_2 = ["max_duration=4ba", "save_interval=2ba", "callbacks.hf_export.save_interval=2ba"]
     proc = run(2, run_dir, default_corpus, *export_every_2, f"callbacks.hf_export.folder={hf}")
+    assert "this run writes 2 more HF exports" in proc.stderr, proc.stderr[-3000:]
     assert proc.returncode != 0
     message = last_message(proc.stderr)
-    assert f"HF export {hf}/ba2 could not be written" in message, proc.stderr[-3000:]
+    assert f"HF export {hf}/ba4 could not be written" in message, proc.stderr[-3000:]
     assert "Training checkpoints are written before exports and are unaffected" in message
     assert "Traceback" not in message
     # The checkpoint of the same batch was committed before the export, and verifies.
-    assert checkpoints(run_dir) == ["ep0-ba2"]
-    (good,) = store.list_checkpoints(run_dir)
-    store.verify_files(good)
-    assert list(hf.iterdir()) == []  # no partial ba2, no temporary left
+    assert checkpoints(run_dir) == ["ep0-ba2", "ep0-ba4"]
+    store.verify_files(store.list_checkpoints(run_dir)[-1])
+    assert sorted(p.name for p in hf.iterdir()) == ["ba2"]  # complete; no partial ba4, no temporary
 
-    # With room for exports again, the run continues from ep0-ba2 and exports complete folders.
+    # With room for exports again, the rerun resumes at the end and writes the missing export.
     roomy = tmp_path / "hf"
     done = run(2, run_dir, default_corpus, *export_every_2, f"callbacks.hf_export.folder={roomy}")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming from" in done.stderr and "ep0-ba2 (batch 2)" in done.stderr
+    assert "resuming from" in done.stderr and "ep0-ba4 (batch 4)" in done.stderr
+    assert "wrote the missing HF export" in done.stdout and "nothing to train" in done.stdout, done.stdout[
+        -2000:
+    ]
     assert sorted(p.name for p in roomy.iterdir()) == ["ba4"]
-    assert (roomy / "ba4/model.safetensors.index.json").exists() or any(roomy.glob("ba4/*.safetensors"))
+    assert (roomy / "ba4/config.json").exists() and any(roomy.glob("ba4/*.safetensors"))
