@@ -318,3 +318,13 @@ def test_object_store_save_folder_uploads_and_a_fresh_machine_resumes_from_it(de
     assert "downloaded checkpoint ep0-ba3" in out and "(batch 3)" in out
     assert sorted(losses(second / "runs/reliable")) == [4, 5, 6, 7, 8]
     assert checkpoints(bucket) == ["ep0-ba3", "ep0-ba6", "ep0-ba8"]
+
+
+@pytest.mark.slow
+def test_the_same_command_after_the_end_has_nothing_to_train(default_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    run_ok(1, run_dir, default_corpus, "max_duration=3ba")
+    again = run_ok(1, run_dir, default_corpus, "max_duration=3ba")  # Composer alone: a ValueError traceback
+    assert "nothing to train" in again.stdout and "ep0-ba3 is at batch 3" in again.stdout, again.stdout[-2000:]
+    assert "Traceback" not in again.stderr
+    assert checkpoints(run_dir) == ["ep0-ba3"] and sorted(losses(run_dir)) == [1, 2, 3]
