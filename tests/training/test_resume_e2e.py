@@ -325,6 +325,7 @@ def test_the_same_command_after_the_end_has_nothing_to_train(default_corpus, tmp
     run_dir = tmp_path / "run"
     run_ok(1, run_dir, default_corpus, "max_duration=3ba")
     again = run_ok(1, run_dir, default_corpus, "max_duration=3ba")  # Composer alone: a ValueError traceback
-    assert "nothing to train" in again.stdout and "ep0-ba3 is at batch 3" in again.stdout, again.stdout[-2000:]
+    said = again.stdout[-2000:]
+    assert "nothing to train" in said and "ep0-ba3 is at batch 3" in said, said
     assert "Traceback" not in again.stderr
     assert checkpoints(run_dir) == ["ep0-ba3"] and sorted(losses(run_dir)) == [1, 2, 3]
