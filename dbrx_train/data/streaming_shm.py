@@ -118,30 +118,31 @@ def register_shm_prefix(
 ) -> tuple[int, SharedMemory]:
     """Streaming's `get_shm_prefix` (same arguments, same result) without its races (see above)."""
     _check_self(streams_local)
-    prefix_int, registry = None, None
+    prefix_int, registry, error = None, None, None
     if world.is_local_leader:
-        for _ in range(REGISTER_ATTEMPTS):
-            candidate = max(
-                _check_and_find_retrying(streams_local, streams_remote, name, retry) for name in SHM_TO_CLEAN
-            )
-            data = _pack_locals(streams_local, candidate)
-            try:
-                registry = SharedMemory(_get_path(candidate, LOCALS), True, len(data))
-            except FileExistsError:  # another process registered it after we probed: probe again
-                continue
-            registry.buf[: len(data)] = data
-            prefix_int = candidate
-            break
-        else:
-            raise RuntimeError(
-                f"no free Streaming shared-memory prefix after {REGISTER_ATTEMPTS} attempts: too many "
-                "processes are starting datasets on this node at once"
-            )
+        try:
+            prefix_int, registry = _register(streams_local, streams_remote, retry)
+        except (ValueError, RuntimeError, OSError) as e:  # e.g. Streaming's "Reused local directory"
+            error = e
     if torch_dist.is_available() and torch_dist.is_initialized():
-        # One all-gather: every rank learns the prefix its node's first rank registered.
+        # One all-gather: every rank learns the prefix its node's first rank registered, or its
+        # error (raised on every rank, so that none waits for a leader that gave up).
         found: list = [None] * torch_dist.get_world_size()
-        torch_dist.all_gather_object(found, (world.node, prefix_int))
-        prefix_int = next(p for node, p in found if node == world.node and p is not None)
+        torch_dist.all_gather_object(found, (world.node, prefix_int, None if error is None else str(error)))
+        leaders = [(p, e) for node, p, e in found if node == world.node and (p is not None or e is not None)]
+        if error is None and leaders and leaders[0][1] is not None:
+            error = RuntimeError(
+                f"the first rank of this node could not register its dataset: {leaders[0][1]}"
+            )
+        elif error is None and leaders:
+            prefix_int = leaders[0][0]
+    if error is not None:
+        raise error
+    if prefix_int is None:
+        raise RuntimeError(
+            f"no rank of node {world.node} registered a Streaming prefix: the ranks disagree on which node "
+            "is theirs (check LOCAL_WORLD_SIZE / the launcher's environment)"
+        )
     if registry is None:
         registry = SharedMemory(_get_path(prefix_int, LOCALS), False)
         their_locals, their_prefix_int = _unpack_locals(bytes(registry.buf))
@@ -151,6 +152,27 @@ def register_shm_prefix(
                 f"{streams_local}: every rank of a node must build its datasets with the same local folders"
             )
     return prefix_int, registry
+
+
+def _register(
+    streams_local: list[str], streams_remote: list[str | None], retry: int
+) -> tuple[int, SharedMemory]:
+    """The node's first rank: the first free prefix, created with O_EXCL (lost races probe again)."""
+    for _ in range(REGISTER_ATTEMPTS):
+        candidate = max(
+            _check_and_find_retrying(streams_local, streams_remote, name, retry) for name in SHM_TO_CLEAN
+        )
+        data = _pack_locals(streams_local, candidate)
+        try:
+            registry = SharedMemory(_get_path(candidate, LOCALS), True, len(data))
+        except FileExistsError:  # another process registered it after we probed: probe again
+            continue
+        registry.buf[: len(data)] = data
+        return candidate, registry
+    raise RuntimeError(
+        f"no free Streaming shared-memory prefix after {REGISTER_ATTEMPTS} attempts: too many processes "
+        "are starting datasets on this node at once"
+    )
 
 
 @contextlib.contextmanager

@@ -32,8 +32,6 @@ from dbrx_train.training.rank_zero import RankError, on_rank0
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 TMP_PREFIX = ".tmp-ba"
-
-
 TOKENIZER_BYTES = 14 << 20  # tokenizer.json of cl100k_base + DBRX's tokens (13.8 MB) and two small files
 
 
