@@ -246,10 +246,10 @@ def finish_without_training(trainer: Trainer, hf_export: HFExport | None, start:
     """Composer would refuse with a traceback; say so in one line, and write the final HF export if
     it is missing (e.g. it failed for lack of space after the last checkpoint was committed)."""
     batch = int(trainer.state.timestamp.batch)
-    if hf_export is not None and not (hf_export.folder / f"ba{batch}").exists():
-        hf_export.export(trainer.state)
+    if hf_export is not None and not hf_export.export_folder(batch).exists():
+        written = hf_export.export(trainer.state)
         if dist.get_global_rank() == 0:
-            print(f"dbrx-train: wrote the missing HF export {hf_export.folder / f'ba{batch}'}", flush=True)
+            print(f"dbrx-train: wrote the missing HF export {written}", flush=True)
     if dist.get_global_rank() == 0:
         print(
             f"dbrx-train: nothing to train: {start.checkpoint.path if start.checkpoint else 'the start'} is at "

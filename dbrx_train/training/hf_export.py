@@ -6,7 +6,7 @@ Every rank takes part in gathering the full state dict (FSDP2 shards are all-gat
 index, tokenizer files), and all ranks wait for it. Works the same without FSDP and at any world
 size.
 
-An export is written into `.tmp-ba{N}-<pid>/`, fsynced, and renamed to `ba{N}/`, so a `ba{N}` folder
+An export is written into `.tmp-ba{N}-<id>/`, fsynced, and renamed to `ba{N}/`, so a `ba{N}` folder
 is always complete (a crash or a full disk leaves only a temporary, removed at the next export).
 It runs after the CheckpointManager (train.py), so a failed export never costs the checkpoint of
 its batch; its error reaches every rank (no rank waits for a rank 0 that failed) and the run stops
@@ -15,7 +15,6 @@ with one line naming the folder.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -25,13 +24,12 @@ from composer.loggers import Logger
 from composer.utils.misc import create_interval_scheduler
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from dbrx_train.checkpoint_store import fsync_path
+from dbrx_train.checkpoint_store import TMP_PREFIX, fsync_path, temp_folder
 from dbrx_train.model.hf import save_hf_folder
 from dbrx_train.training.checkpointing import human_size
 from dbrx_train.training.rank_zero import RankError, on_rank0
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-TMP_PREFIX = ".tmp-ba"
 TOKENIZER_BYTES = 14 << 20  # tokenizer.json of cl100k_base + DBRX's tokens (13.8 MB) and two small files
 
 
@@ -102,6 +100,9 @@ class HFExport(Callback):
     def fit_end(self, state: State, logger: Logger) -> None:
         self.export(state)  # no-op when the last batch was just exported
 
+    def export_folder(self, batch: int) -> Path:
+        return self.folder / f"ba{batch}"
+
     def export(self, state: State) -> Path | None:
         batch = int(state.timestamp.batch)
         if batch == self.last_exported_batch:
@@ -109,7 +110,7 @@ class HFExport(Callback):
         self.last_exported_batch = batch
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state_dict = get_model_state_dict(state.model, options=options)  # collective: all ranks
-        out = self.folder / f"ba{batch}"
+        out = self.export_folder(batch)
         try:
             on_rank0(lambda: self._write(out, state.model.model.config, state_dict))
         except RankError as e:
@@ -123,9 +124,9 @@ class HFExport(Callback):
     def _write(self, out: Path, config, state_dict: dict[str, torch.Tensor]) -> None:
         """Rank 0: the folder under a temporary name, fsynced, then renamed into place."""
         if self.folder.is_dir():
-            for stale in self.folder.glob(f"{TMP_PREFIX}*"):  # left by a crashed or failed export
+            for stale in self.folder.glob(f"{TMP_PREFIX}ba*"):  # left by a crashed or failed export
                 shutil.rmtree(stale, ignore_errors=True)
-        tmp = self.folder / f"{TMP_PREFIX}{out.name.removeprefix('ba')}-{os.getpid()}"
+        tmp = temp_folder(self.folder, out.name)  # .tmp-ba{N}-<id>
         # The ComposerModel holds our DbrxForCausalLM as `.model`: drop that prefix.
         weights = {name.removeprefix("model."): t for name, t in state_dict.items()}
         try:
