@@ -16,7 +16,7 @@ The torch backend runs gather -> expert_glu -> combine as one autograd.Function,
 whose hand-written backward saves less and copies less than autograd through the three steps (see
 its docstring); the steps themselves stay the readable reference it is tested against.
 
-The experts' backend ("torch" here; "megablocks" on CUDA later) is chosen once in `build_experts`;
+The experts' backend ("torch" on any device; "megablocks" on CUDA) is chosen once in `build_experts`;
 every backend keeps its parameters in the same `ExpertGLU` (`mlp.w1`, `mlp.v1`, `mlp.w2`, each
 (E*F, D) as in HF DBRX) so checkpoints move between backends. The load-balancing loss is returned
 with the FFN output, so it flows through autograd and module outputs, never through a global list.
@@ -25,6 +25,7 @@ with the FFN output, so it flows through autograd and module outputs, never thro
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -340,20 +341,115 @@ class TorchExperts(nn.Module):
         return fused_experts(x_ND, routing.weights_Nk, bins, tokens_per_expert, w1, v1, w2, mlp.act)
 
 
-def resolve_moe_backend(requested: str) -> str:
-    """Map "auto" to the backend this machine runs; "megablocks" must be installed to be asked for.
+class MegaBlocksKernels(NamedTuple):
+    """The MegaBlocks and grouped_gemm functions the megablocks backend calls (CUDA only)."""
 
-    "auto" stays on "torch" until the MegaBlocks backend is implemented, so installing the [gpu]
-    extra never turns a working config into a NotImplementedError.
+    sort: Callable  # (int32 ids, end_bit) -> (sorted ids, their positions); stable radix sort
+    histogram: Callable  # (int32 ids, num_bins) -> int32 counts
+    inclusive_cumsum: Callable  # (counts, dim) -> running totals
+    gather: Callable  # (x_ND, indices, bin_ids, bins, top_k) -> x_MD in expert order
+    scatter: Callable  # (y_MD, indices, bin_ids, weights_M, bins, top_k) -> weighted sum over k, out_ND
+    gmm: Callable  # grouped_gemm.ops.gmm(a, b_EXY, batch_sizes on CPU, trans_b): one GEMM per expert
+
+
+def load_megablocks_kernels() -> MegaBlocksKernels:
+    """Import MegaBlocks lazily: the [gpu] extra is never needed on CPU machines or in tests."""
+    try:
+        import grouped_gemm.ops as grouped_gemm_ops
+        import megablocks.ops as megablocks_ops
+    except ImportError as error:  # also the compiled parts (megablocks_ops, grouped_gemm_backend)
+        raise ImportError(
+            f"ffn_config.moe_backend is 'megablocks' but MegaBlocks could not be imported ({error}); "
+            "run `pip install -e .[gpu]` on a CUDA machine (it compiles CUDA code with nvcc), "
+            "or set ffn_config.moe_backend to 'torch'"
+        ) from error
+    return MegaBlocksKernels(
+        sort=megablocks_ops.sort,
+        histogram=megablocks_ops.histogram,
+        inclusive_cumsum=megablocks_ops.inclusive_cumsum,
+        gather=megablocks_ops.gather,
+        scatter=megablocks_ops.scatter,
+        gmm=grouped_gemm_ops.gmm,
+    )
+
+
+class MegaBlocksExperts(nn.Module):
+    """Dropless experts on MegaBlocks' CUDA kernels: the grouped path of its dMoE (`mlp_impl: grouped`).
+
+    The same steps as the torch backend, with MegaBlocks' kernels: radix sort + histogram + cumsum
+    (indices and bins), a Triton gather, three grouped GEMMs (grouped_gemm: one launch per weight for
+    all experts), and a Triton scatter that applies the routing weights and sums each token's top_k
+    rows. The parameters are the torch backend's `ExpertGLU`, so checkpoints move between backends;
+    router and load-balancing loss stay in `DbrxFFN`, identical for both backends (nothing goes into
+    MegaBlocks' global loss list, so there is nothing to clear between steps).
+
+    grouped_gemm computes in bf16 only: the experts run in bf16 under autocast (`precision:
+    amp_bf16`) or with bf16 parameters (FSDP's mixed precision), and refuse fp32.
     """
-    megablocks_installed = importlib.util.find_spec("megablocks") is not None
+
+    def __init__(self, d_model: int, ffn_config: DbrxFFNConfig):
+        super().__init__()
+        self.mlp = ExpertGLU(d_model, ffn_config)
+        self.kernels = load_megablocks_kernels()
+        # Bits the radix sort needs for expert ids (as MegaBlocks' `sort_end_bit`).
+        self.sort_end_bit = max(math.ceil(math.log2(ffn_config.moe_num_experts)), 1)
+
+    @staticmethod
+    def compute_dtype(x_ND: torch.Tensor) -> torch.dtype:
+        device_type = x_ND.device.type
+        dtype = (
+            torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x_ND.dtype
+        )
+        if dtype != torch.bfloat16 or device_type != "cuda":
+            raise ValueError(
+                "ffn_config.moe_backend 'megablocks' computes the experts in bf16 on CUDA (grouped_gemm "
+                f"supports nothing else), got {dtype} on {device_type}: train with precision amp_bf16, "
+                "or set ffn_config.moe_backend to 'torch'"
+            )
+        return dtype
+
+    def forward(self, x_ND: torch.Tensor, routing: Routing) -> torch.Tensor:
+        mlp, ops = self.mlp, self.kernels
+        top_k = routing.experts_Nk.shape[-1]
+        device_type = x_ND.device.type
+        dtype = self.compute_dtype(x_ND)
+        with torch.no_grad():
+            experts_M = routing.experts_Nk.reshape(-1).int()
+            bin_ids_M, indices_M = ops.sort(experts_M, self.sort_end_bit)
+            tokens_per_expert_E = ops.histogram(experts_M, mlp.num_experts)
+            bins_E = ops.inclusive_cumsum(tokens_per_expert_E, 0).view(-1)  # 0-dim when E == 1
+            # The layer's one host sync, as in MegaBlocks: grouped_gemm takes the sizes on the CPU.
+            batch_sizes_E = tokens_per_expert_E.cpu().to(torch.int64)
+        with torch.autocast(device_type, enabled=False):
+            x_ND = x_ND.to(dtype).contiguous()
+            w1, v1, w2 = (mlp.per_expert(w).to(dtype) for w in (mlp.w1, mlp.v1, mlp.w2))
+            x_MD = ops.gather(x_ND, indices_M, bin_ids_M, bins_E, top_k)
+            h1_MF = ops.gmm(x_MD, w1, batch_sizes_E, trans_b=True)  # gate
+            h2_MF = ops.gmm(x_MD, v1, batch_sizes_E, trans_b=True)  # up
+            y_MD = ops.gmm(mlp.act(h1_MF) * h2_MF, w2, batch_sizes_E)  # down: w2_e used as (F, D)
+            weights_M = routing.weights_Nk.reshape(-1).to(dtype)  # in token order, as the scatter reads
+            return ops.scatter(y_MD, indices_M, bin_ids_M, weights_M, bins_E, top_k)
+
+
+def resolve_moe_backend(requested: str) -> str:
+    """Map "auto" to the backend this machine runs; "megablocks" needs CUDA and the [gpu] extra.
+
+    "auto" stays on "torch" until the megablocks backend's agreement tests have run on a GPU
+    (tests/model/test_moe_megablocks.py); ask for "megablocks" by name to use it before then.
+    """
     if requested == "auto":
         return "torch"
-    if requested == "megablocks" and not megablocks_installed:
-        raise ImportError(
-            "ffn_config.moe_backend is 'megablocks' but the megablocks package is not installed; "
-            "run `pip install -e .[gpu]` on a CUDA machine, or set ffn_config.moe_backend to 'torch'"
-        )
+    if requested == "megablocks":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "ffn_config.moe_backend is 'megablocks', which runs CUDA kernels, but this machine has "
+                "no CUDA device; set ffn_config.moe_backend to 'torch' (or 'auto')"
+            )
+        if importlib.util.find_spec("megablocks") is None:
+            raise ImportError(
+                "ffn_config.moe_backend is 'megablocks' but the megablocks package is not installed; "
+                "run `pip install -e .[gpu]` on a CUDA machine, or set ffn_config.moe_backend to 'torch'"
+            )
     return requested
 
 
@@ -363,9 +459,7 @@ def build_experts(d_model: int, ffn_config: DbrxFFNConfig) -> nn.Module:
     if backend == "torch":
         return TorchExperts(d_model, ffn_config)
     if backend == "megablocks":
-        raise NotImplementedError(
-            "the megablocks MoE backend is not implemented yet; set ffn_config.moe_backend to 'torch'"
-        )
+        return MegaBlocksExperts(d_model, ffn_config)
     raise ValueError(f"ffn_config.moe_backend must be one of auto|torch|megablocks, got {backend!r}")
 
 
