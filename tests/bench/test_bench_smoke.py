@@ -56,3 +56,23 @@ def test_cluster_estimate_is_consistent():
         assert e.overlapped_s == max(e.compute_s, e.comm_s)
     # Inside one node the ring runs on NVLink, faster than a group spanning nodes.
     assert bench_cluster.shard_group_bandwidth(8, a) > bench_cluster.shard_group_bandwidth(64, a)
+
+
+def test_quick_gpu_bench_runs_every_peer_it_can():
+    """bench_gpu's code paths at toy size on whatever device is here; peers that cannot run say why."""
+    import bench_gpu
+    import torch
+
+    lines = []
+    results = bench_gpu.run(quick=True, out=lines.append)
+    rows = {row["peer"]: row for row in results["rows"]}
+    assert set(rows) == {"ours torch", "ours megablocks", "transformers"}
+    for name in ("ours torch", "transformers"):
+        assert all(
+            positive(rows[name][k]) for k in ("s_per_step", "tokens_per_s", "mfu_measured", "first_loss")
+        )
+    # Same weights, same batch: the first losses agree up to bf16 rounding and our aux-loss term.
+    assert abs(rows["ours torch"]["first_loss"] - rows["transformers"]["first_loss"]) < 0.05
+    if not torch.cuda.is_available():
+        assert rows["ours megablocks"]["note"] == "skipped: needs CUDA"
+        assert any("ours megablocks: skipped (needs CUDA)" in line for line in lines)

@@ -1,0 +1,292 @@
+"""GPU benchmark: training steps of a ~1B-active DBRX, our two MoE backends against transformers.
+
+Peers, each run alone on the GPU with the same weights and the same batch:
+- ours, `moe_backend: torch` (per-expert matmul loop, one host sync per layer);
+- ours, `moe_backend: megablocks` (MegaBlocks' gather/scatter + grouped_gemm), when installed;
+- transformers' DbrxForCausalLM (sdpa attention, its own expert implementation).
+A step is forward + backward + fused AdamW on fp32 parameters under bf16 autocast (what
+`precision: amp_bf16` runs). MFU counts model FLOPs (`stats.flops_per_token`: 6 x active matmul
+parameters + attention) against two peaks: a bf16 8192^3 matmul timed in the same run, and the
+card's nominal dense bf16 peak where known (H100/H200 SXM: 989 TFLOP/s), the usual denominator.
+
+This file imports only torch, `dbrx_train.model` and (optionally) transformers and megablocks, so it
+runs on a GPU machine without Composer or Streaming. `--quick` runs a toy size on any device (CPU
+included) to check the code paths; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from dbrx_train.model import DbrxConfig, DbrxForCausalLM
+from dbrx_train.model.stats import count_params, flops_per_token
+
+
+class GpuShape(NamedTuple):
+    d_model: int
+    n_heads: int
+    kv_n_heads: int
+    n_layers: int
+    ffn_hidden_size: int
+    num_experts: int
+    top_k: int
+    vocab_size: int
+    batch: int
+    seq_len: int
+
+    def config(self, moe_backend: str) -> DbrxConfig:
+        return DbrxConfig.from_dict(
+            {
+                "d_model": self.d_model,
+                "n_heads": self.n_heads,
+                "n_layers": self.n_layers,
+                "max_seq_len": self.seq_len,
+                "vocab_size": self.vocab_size,
+                "attn_config": {"kv_n_heads": self.kv_n_heads, "clip_qkv": 8.0, "rope_theta": 500000.0},
+                "ffn_config": {
+                    "ffn_hidden_size": self.ffn_hidden_size,
+                    "moe_num_experts": self.num_experts,
+                    "moe_top_k": self.top_k,
+                    "moe_backend": moe_backend,
+                },
+            }
+        )
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+
+# DBRX's proportions (16 experts top-4, F = 1.75 D, 4:1 GQA, its 100k vocabulary) at d_model 2048 and
+# 8 layers: ~1.0B active parameters per token (lm_head included), 3.3B in all. fp32 weights,
+# gradients and AdamW state take ~53 GB; a batch of 4 x 2048 tokens fits an 80 GB H100 beside them.
+GPU_1B = GpuShape(2048, 16, 4, 8, 3584, 16, 4, 100352, 4, 2048)
+QUICK = GpuShape(64, 4, 2, 2, 96, 8, 2, 512, 2, 32)
+
+NOMINAL_BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12}  # dense, SXM; PCIe H100 is lower (756)
+
+
+class Result(NamedTuple):
+    name: str
+    seconds: float  # median seconds per step
+    first_loss: float
+    peak_gib: float  # torch.cuda.max_memory_allocated over the steps (0 on CPU)
+    note: str
+
+
+def nominal_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in NOMINAL_BF16_PEAK.items() if key in name), None)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measured_peak(device: torch.device, n: int, reps: int) -> float:
+    """Best bf16 n x n matmul rate, FLOP/s: the MFU denominator measured on this card, now."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    best = math.inf
+    for _ in range(3):
+        torch.mm(a, b)
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(10):
+            torch.mm(a, b)
+        sync(device)
+        best = min(best, (time.perf_counter() - start) / 10)
+    return 2 * n**3 / best
+
+
+def build_ours(shape: GpuShape, moe_backend: str, state: dict[str, torch.Tensor], device) -> torch.nn.Module:
+    with torch.device("meta"):
+        model = DbrxForCausalLM(shape.config(moe_backend))
+    model.to_empty(device=device)
+    model.init_weights()  # non-persistent buffers (RoPE); the weights come from `state`
+    model.load_state_dict(state)
+    return model.train()
+
+
+def build_hf(shape: GpuShape, state: dict[str, torch.Tensor], device) -> torch.nn.Module:
+    import transformers
+
+    hf_config = transformers.DbrxConfig(**shape.config("torch").to_hf_dict())
+    hf_config._attn_implementation = "sdpa"
+    with torch.device(device):
+        hf = transformers.DbrxForCausalLM(hf_config)
+    hf.load_state_dict(state)
+    return hf.train()
+
+
+def time_training(
+    model: torch.nn.Module, input_ids: torch.Tensor, steps: int, warmup: int
+) -> tuple[float, float, float]:
+    """(median seconds per step, loss of the first step, peak GiB) for fwd + bwd + fused AdamW."""
+    device = input_ids.device
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, first_loss = [], math.nan
+    for i in range(warmup + steps):
+        sync(device)
+        start = time.perf_counter()
+        with autocast:
+            loss = model(input_ids, labels=input_ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        if i == 0:
+            first_loss = loss.item()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    del opt
+    times.sort()
+    return times[len(times) // 2], first_loss, peak
+
+
+def megablocks_skip_reason(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "needs CUDA"
+    if importlib.util.find_spec("megablocks") is None or importlib.util.find_spec("grouped_gemm") is None:
+        return "megablocks / grouped_gemm not installed (pip install -e .[gpu])"
+    return None
+
+
+def run(quick: bool = False, steps: int = 10, out: Callable[[str], None] = print) -> dict[str, Any]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not quick and device.type != "cuda":
+        raise SystemExit("bench_gpu needs a CUDA device (use --quick to check the code paths on CPU)")
+    shape = QUICK if quick else GPU_1B
+    steps, warmup = (2, 1) if quick else (steps, 3)
+    config = shape.config("torch")
+    counts = count_params(config)
+    fpt = flops_per_token(config, shape.seq_len)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    out(f"device: {card}, torch {torch.__version__}, bf16 autocast over fp32 parameters, fused AdamW")
+    out(
+        f"model: d_model {shape.d_model}, {shape.n_layers} layers, {shape.num_experts} experts top-{shape.top_k}, "
+        f"F {shape.ffn_hidden_size}, vocab {shape.vocab_size}: {counts.active / 1e9:.2f}B active of "
+        f"{counts.total / 1e9:.2f}B; batch {shape.batch} x {shape.seq_len} tokens; {fpt / 1e9:.2f} GFLOP/token"
+    )
+    peak = measured_peak(device, 1024 if quick else 8192, 2 if quick else 10)
+    nominal = nominal_peak(device)
+    out(
+        f"peak: bf16 matmul measured {peak / 1e12:.1f} TFLOP/s"
+        + (f"; nominal {nominal / 1e12:.1f} TFLOP/s" if nominal else "; no nominal peak for this device")
+    )
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        reference = DbrxForCausalLM(config)
+    reference.to_empty(device="cpu")
+    reference.init_weights()
+    state = {k: v for k, v in reference.state_dict().items()}
+    del reference
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, shape.vocab_size, (shape.batch, shape.seq_len), generator=gen).to(device)
+
+    peers: list[tuple[str, Callable[[], torch.nn.Module] | None, str]] = [
+        ("ours torch", lambda: build_ours(shape, "torch", state, device), ""),
+        (
+            "ours megablocks",
+            lambda: build_ours(shape, "megablocks", state, device),
+            megablocks_skip_reason(device),
+        ),
+    ]
+    if importlib.util.find_spec("transformers") is not None:
+        peers.append(("transformers", lambda: build_hf(shape, state, device), ""))
+    else:
+        peers.append(("transformers", None, "transformers not installed"))
+
+    results: list[Result] = []
+    for name, build, skip in peers:
+        if skip or build is None:
+            out(f"  {name}: skipped ({skip})")
+            results.append(Result(name, math.nan, math.nan, math.nan, f"skipped: {skip}"))
+            continue
+        try:
+            model = build()
+            seconds, loss, peak_gib = time_training(model, input_ids, steps, warmup)
+            note = ""
+        except Exception as error:  # report and go on: one broken peer must not hide the others
+            seconds, loss, peak_gib, note = (
+                math.nan,
+                math.nan,
+                math.nan,
+                f"failed: {type(error).__name__}: {error}",
+            )
+        finally:
+            model = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        results.append(Result(name, seconds, loss, peak_gib, note))
+
+    hf_s = next(r.seconds for r in results if r.name == "transformers")
+    out(
+        f"  {'peer':16s} {'s/step':>8s} {'tokens/s':>10s} {'MFU meas.':>9s} {'MFU nom.':>8s} "
+        f"{'peak GiB':>8s} {'vs HF':>6s} {'loss@1':>7s}"
+    )
+    table = []
+    for r in results:
+        tps = shape.tokens / r.seconds
+        mfu = fpt * tps / peak
+        mfu_nom = fpt * tps / nominal if nominal else math.nan
+        speedup = hf_s / r.seconds
+        row = {
+            "peer": r.name,
+            "s_per_step": r.seconds,
+            "tokens_per_s": tps,
+            "mfu_measured": mfu,
+            "mfu_nominal": mfu_nom,
+            "peak_gib": r.peak_gib,
+            "vs_hf": speedup,
+            "first_loss": r.first_loss,
+            "note": r.note,
+        }
+        table.append(row)
+        out(
+            f"  {r.name:16s} {r.seconds:8.3f} {tps:10.0f} {mfu:9.1%} {mfu_nom:8.1%} {r.peak_gib:8.1f} "
+            f"{speedup:6.2f} {r.first_loss:7.4f} {r.note}"
+        )
+    return {
+        "device": card,
+        "shape": shape._asdict(),
+        "peak_measured": peak,
+        "peak_nominal": nominal,
+        "flops_per_token": fpt,
+        "rows": table,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="toy size on any device: checks code paths only")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per peer (after 3 warm-up steps)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    results = run(quick=args.quick, steps=args.steps)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
