@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         layout = batch_layout(cfg, dist.get_world_size())
         device = resolve_device(cfg)
         check_init_device(cfg, device)
+        check_moe_backend(cfg, device)
         check_pretrained(cfg)
         check_load_path(cfg)
         check_data(cfg)
@@ -135,7 +136,7 @@ def check_load_path(cfg: TrainConfig) -> None:
 
 def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    precision = cfg.precision if cfg.precision != "auto" else ("amp_bf16" if device == "gpu" else "fp32")
+    precision = resolve_precision(cfg, device)
     if cfg.fsdp is not None or layout.world_size > 1:
         dist.initialize_dist(device, cfg.dist_timeout)
     run_name = cfg.run_name or shared_run_name()
@@ -354,6 +355,28 @@ def resolve_device(cfg: TrainConfig) -> str:
     if cfg.device == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
     return cfg.device
+
+
+def resolve_precision(cfg: TrainConfig, device: str) -> str:
+    return cfg.precision if cfg.precision != "auto" else ("amp_bf16" if device == "gpu" else "fp32")
+
+
+def check_moe_backend(cfg: TrainConfig, device: str) -> None:
+    """The megablocks backend runs bf16 CUDA kernels (grouped_gemm has no other dtype): say so before
+    anything is built, rather than at the first forward."""
+    if cfg.model.dbrx.ffn_config.moe_backend != "megablocks":
+        return
+    if device != "gpu":
+        raise ConfigError(
+            "model.ffn_config.moe_backend: megablocks runs CUDA kernels but this run is on CPU; "
+            "use moe_backend: torch (or auto)"
+        )
+    precision = resolve_precision(cfg, device)
+    if precision != "amp_bf16":
+        raise ConfigError(
+            f"model.ffn_config.moe_backend: megablocks computes the experts in bf16 only, but precision is "
+            f"{precision}; use precision: amp_bf16 (or auto), or moe_backend: torch"
+        )
 
 
 def shared_run_name() -> str:

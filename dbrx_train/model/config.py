@@ -42,7 +42,8 @@ class DbrxFFNConfig:
     # p of the p-norm the top-k routing weights are divided by (1: they sum to 1); null: raw softmax probs.
     moe_normalize_expert_weights: float | None = 1.0
     uniform_expert_assignment: bool = False  # round-robin expert choice, for benchmarking only
-    # "auto" | "torch" | "megablocks", resolved when the model is built; auto = torch for now.
+    # "torch" (any device) | "megablocks" (CUDA, bf16, the [gpu] extra) | "auto": torch until the
+    # megablocks backend has passed its GPU tests (docs/performance.md, "GPU").
     moe_backend: str = "auto"
 
 

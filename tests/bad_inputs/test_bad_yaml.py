@@ -64,3 +64,19 @@ def test_two_rank_launch_of_a_broken_yaml_exits_2_without_traceback(tmp_path):
     output = proc.stdout + proc.stderr
     assert f"dbrx-train: config error: config file '{path}' {expected(path)}" in output
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("precision", ["fp32", "amp_fp16"])
+def test_megablocks_backend_outside_bf16_is_refused_before_the_run(precision):
+    """On a GPU run (device checked first on CPU, as the megablocks-on-cpu case shows)."""
+    from dbrx_train.config import load_config
+    from dbrx_train.schema import ConfigError
+    from dbrx_train.train import check_moe_backend
+
+    path = CASES / "megablocks-on-cpu.yaml"
+    cfg = load_config(str(path), ["device=auto", f"precision={precision}"])
+    with pytest.raises(
+        ConfigError, match=f"megablocks computes the experts in bf16 only, but precision is {precision}"
+    ):
+        check_moe_backend(cfg, "gpu")
+    check_moe_backend(load_config(str(path), ["device=auto", "precision=amp_bf16"]), "gpu")  # accepted
