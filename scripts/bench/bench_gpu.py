@@ -68,9 +68,11 @@ class GpuShape(NamedTuple):
 
 
 # DBRX's proportions (16 experts top-4, F = 1.75 D, 4:1 GQA, its 100k vocabulary) at d_model 2048 and
-# 8 layers: ~1.0B active parameters per token (lm_head included), 3.3B in all. fp32 weights,
-# gradients and AdamW state take ~53 GB; a batch of 4 x 2048 tokens fits an 80 GB H100 beside them.
-GPU_1B = GpuShape(2048, 16, 4, 8, 3584, 16, 4, 100352, 4, 2048)
+# 8 layers: 1.0B active matmul parameters per token (lm_head included, input embedding not), 3.3B
+# parameters in all. fp32 weights, gradients and AdamW state take 53 GB and autocast's bf16 weight
+# copies 7 GB, so the batch is 2 x 2048 tokens to leave an 80 GB H100 room for activations and the
+# 100k-wide logits (--batch changes it).
+GPU_1B = GpuShape(2048, 16, 4, 8, 3584, 16, 4, 100352, 2, 2048)
 QUICK = GpuShape(64, 4, 2, 2, 96, 8, 2, 512, 2, 32)
 
 NOMINAL_BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12}  # dense, SXM; PCIe H100 is lower (756)
@@ -170,11 +172,15 @@ def megablocks_skip_reason(device: torch.device) -> str | None:
     return None
 
 
-def run(quick: bool = False, steps: int = 10, out: Callable[[str], None] = print) -> dict[str, Any]:
+def run(
+    quick: bool = False, steps: int = 10, batch: int | None = None, out: Callable[[str], None] = print
+) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not quick and device.type != "cuda":
         raise SystemExit("bench_gpu needs a CUDA device (use --quick to check the code paths on CPU)")
     shape = QUICK if quick else GPU_1B
+    if batch is not None:
+        shape = shape._replace(batch=batch)
     steps, warmup = (2, 1) if quick else (steps, 3)
     config = shape.config("torch")
     counts = count_params(config)
@@ -183,8 +189,9 @@ def run(quick: bool = False, steps: int = 10, out: Callable[[str], None] = print
     out(f"device: {card}, torch {torch.__version__}, bf16 autocast over fp32 parameters, fused AdamW")
     out(
         f"model: d_model {shape.d_model}, {shape.n_layers} layers, {shape.num_experts} experts top-{shape.top_k}, "
-        f"F {shape.ffn_hidden_size}, vocab {shape.vocab_size}: {counts.active / 1e9:.2f}B active of "
-        f"{counts.total / 1e9:.2f}B; batch {shape.batch} x {shape.seq_len} tokens; {fpt / 1e9:.2f} GFLOP/token"
+        f"F {shape.ffn_hidden_size}, vocab {shape.vocab_size}: {counts.active / 1e9:.2f}B active "
+        f"(input embedding included) of {counts.total / 1e9:.2f}B; batch {shape.batch} x {shape.seq_len} tokens; "
+        f"{fpt / 1e9:.2f} GFLOP/token"
     )
     peak = measured_peak(device, 1024 if quick else 8192, 2 if quick else 10)
     nominal = nominal_peak(device)
@@ -281,9 +288,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="toy size on any device: checks code paths only")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per peer (after 3 warm-up steps)")
+    parser.add_argument("--batch", type=int, help=f"sequences per step (default {GPU_1B.batch})")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
-    results = run(quick=args.quick, steps=args.steps)
+    results = run(quick=args.quick, steps=args.steps, batch=args.batch)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
 
