@@ -41,7 +41,7 @@ class Shape(NamedTuple):
     batch: int
     seq_len: int
 
-    def config(self) -> DbrxConfig:
+    def config(self, moe_backend: str = "torch") -> DbrxConfig:
         return DbrxConfig.from_dict(
             {
                 "d_model": self.d_model,
@@ -54,7 +54,7 @@ class Shape(NamedTuple):
                     "ffn_hidden_size": self.ffn_hidden_size,
                     "moe_num_experts": self.num_experts,
                     "moe_top_k": self.top_k,
-                    "moe_backend": "torch",
+                    "moe_backend": moe_backend,
                 },
             }
         )

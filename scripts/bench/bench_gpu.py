@@ -27,53 +27,18 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from bench_cpu import TOY, Shape  # Composer-free, like everything this file imports
 
-from dbrx_train.model import DbrxConfig, DbrxForCausalLM
+from dbrx_train.model import DbrxForCausalLM
 from dbrx_train.model.stats import count_params, flops_per_token
-
-
-class GpuShape(NamedTuple):
-    d_model: int
-    n_heads: int
-    kv_n_heads: int
-    n_layers: int
-    ffn_hidden_size: int
-    num_experts: int
-    top_k: int
-    vocab_size: int
-    batch: int
-    seq_len: int
-
-    def config(self, moe_backend: str) -> DbrxConfig:
-        return DbrxConfig.from_dict(
-            {
-                "d_model": self.d_model,
-                "n_heads": self.n_heads,
-                "n_layers": self.n_layers,
-                "max_seq_len": self.seq_len,
-                "vocab_size": self.vocab_size,
-                "attn_config": {"kv_n_heads": self.kv_n_heads, "clip_qkv": 8.0, "rope_theta": 500000.0},
-                "ffn_config": {
-                    "ffn_hidden_size": self.ffn_hidden_size,
-                    "moe_num_experts": self.num_experts,
-                    "moe_top_k": self.top_k,
-                    "moe_backend": moe_backend,
-                },
-            }
-        )
-
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.seq_len
-
 
 # DBRX's proportions (16 experts top-4, F = 1.75 D, 4:1 GQA, its 100k vocabulary) at d_model 2048 and
 # 8 layers: 1.0B active matmul parameters per token (lm_head included, input embedding not), 3.3B
 # parameters in all. fp32 weights, gradients and AdamW state take 53 GB and autocast's bf16 weight
 # copies 7 GB, so the batch is 2 x 2048 tokens to leave an 80 GB H100 room for activations and the
 # 100k-wide logits (--batch changes it).
-GPU_1B = GpuShape(2048, 16, 4, 8, 3584, 16, 4, 100352, 2, 2048)
-QUICK = GpuShape(64, 4, 2, 2, 96, 8, 2, 512, 2, 32)
+GPU_1B = Shape(2048, 16, 4, 8, 3584, 16, 4, 100352, 2, 2048)
+QUICK = TOY
 
 NOMINAL_BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12}  # dense, SXM; PCIe H100 is lower (756)
 
@@ -115,7 +80,7 @@ def measured_peak(device: torch.device, n: int, reps: int) -> float:
     return 2 * n**3 / best
 
 
-def build_ours(shape: GpuShape, moe_backend: str, state: dict[str, torch.Tensor], device) -> torch.nn.Module:
+def build_ours(shape: Shape, moe_backend: str, state: dict[str, torch.Tensor], device) -> torch.nn.Module:
     with torch.device("meta"):
         model = DbrxForCausalLM(shape.config(moe_backend))
     model.to_empty(device=device)
@@ -124,7 +89,7 @@ def build_ours(shape: GpuShape, moe_backend: str, state: dict[str, torch.Tensor]
     return model.train()
 
 
-def build_hf(shape: GpuShape, state: dict[str, torch.Tensor], device) -> torch.nn.Module:
+def build_hf(shape: Shape, state: dict[str, torch.Tensor], device) -> torch.nn.Module:
     import transformers
 
     hf_config = transformers.DbrxConfig(**shape.config("torch").to_hf_dict())
