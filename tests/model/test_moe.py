@@ -72,6 +72,21 @@ def test_torch_moe_matches_dense_loop(top_k, normalize):
     assert_matches_reference(ffn, x)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="runs the torch backend on a CUDA device")
+def test_torch_backend_on_cuda_matches_the_cpu():
+    """The torch backend is the GPU fallback too: same result on CUDA (fp32, TF32 off) as on the CPU."""
+    ffn = make_ffn(num_experts=16, top_k=4)
+    x = torch.randn(64, D)
+    expected = ffn(x).out_ND
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        got = ffn.cuda()(x.cuda()).out_ND.cpu()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_one_expert_moe_is_a_dense_glu():
     ffn = make_ffn(num_experts=1, top_k=1)
     x = torch.randn(10, D)
