@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import datetime
 import logging
+import os
 import shutil
 import sys
 import time
@@ -23,6 +24,7 @@ from dbrx_train.data.integrity import ShardReadError
 from dbrx_train.data.loaders import build_dataloader, validate_loader_config
 from dbrx_train.data.streaming_shm import release_stale_shared_memory
 from dbrx_train.model import DbrxForCausalLM
+from dbrx_train.model.compile import compile_regions
 from dbrx_train.model.hf import check_hf_folder, load_hf_weights
 from dbrx_train.model.stats import count_params
 from dbrx_train.report import write_report
@@ -72,6 +74,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         device = resolve_device(cfg)
         check_init_device(cfg, device)
         check_moe_backend(cfg, device)
+        check_compile(cfg, device)
         check_pretrained(cfg)
         check_load_path(cfg)
         check_data(cfg)
@@ -151,6 +154,9 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
     write_resolved_config(resolved, run_folder)
 
     model = build_model(cfg)
+    if cfg.compile_config is not None:  # before FSDP and activation checkpointing wrap it
+        c = cfg.compile_config
+        compile_regions(model, c.regions, mode=c.mode, dynamic=c.dynamic)
     parallelism = None
     if cfg.fsdp is not None:
         mark_fsdp_units(model)
@@ -376,6 +382,18 @@ def check_moe_backend(cfg: TrainConfig, device: str) -> None:
         raise ConfigError(
             f"model.ffn_config.moe_backend: megablocks computes the experts in bf16 only, but precision is "
             f"{precision}; use precision: amp_bf16 (or auto), or moe_backend: torch"
+        )
+
+
+def check_compile(cfg: TrainConfig, device: str) -> None:
+    """torch.compile on CPU writes C++ and builds it: without a compiler it fails at the first batch."""
+    if cfg.compile_config is None or device != "cpu":
+        return
+    compilers = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+    if not any(name and shutil.which(name) for name in compilers):
+        raise ConfigError(
+            "compile_config: torch.compile on CPU needs a C++ compiler (g++ or clang++, or $CXX) and none "
+            "was found; install one or set compile_config: null"
         )
 
 

@@ -16,6 +16,7 @@ Building: `DbrxForCausalLM(config)` on a real device is initialised and ready. U
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -356,6 +357,8 @@ class DbrxForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+        # (logits, labels) -> loss; model/compile.py may swap in a compiled one.
+        self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = causal_lm_loss
         # On meta there is nothing to fill; the caller runs init_weights() after to_empty().
         if not self.lm_head.weight.is_meta:
             self.init_weights()
@@ -396,7 +399,7 @@ class DbrxForCausalLM(nn.Module):
         aux_loss = self.config.ffn_config.moe_loss_weight * out.aux_loss
         lm_loss = loss = None
         if labels is not None:
-            lm_loss = causal_lm_loss(logits_BTV, labels)
+            lm_loss = self.loss_fn(logits_BTV, labels)
             loss = lm_loss + aux_loss
         return CausalLMOutput(logits_BTV, loss, lm_loss, aux_loss, out.router_logits, past_key_values)
 

@@ -24,6 +24,7 @@ from bench_timing import Timing, interleaved
 
 from dbrx_train.model import DbrxConfig, DbrxForCausalLM
 from dbrx_train.model import moe as moe_lib
+from dbrx_train.model.compile import compile_regions
 from dbrx_train.model.stats import flops_per_token
 
 
@@ -131,17 +132,22 @@ class TrainResult(NamedTuple):
     ours: Timing
     hf: Timing
     unfused: Timing | None  # our model with the unfused MoE steps, when asked for
+    compiled: Timing  # our model with compile_config's default region (the loss) compiled
     flops_per_step: float
     peak_flops: float  # of the matmul peer, fastest repetition
 
 
 def bench_train_step(
-    shape: Shape, reps: int, matmul_n: int = 2048, with_unfused: bool = False
+    shape: Shape, reps: int, matmul_n: int = 2048, with_unfused: bool = False, seed: int = 0
 ) -> TrainResult:
-    ours, hf = build_pair(shape)
+    ours, hf = build_pair(shape, seed)
     x = batch_of(shape)
     peak_fn, peak_work = matmul_peer(matmul_n)
-    fns = {"ours": train_step(ours, x), "hf": train_step(hf, x), "matmul": peak_fn}
+    compiled = build_ours(shape, seed)
+    compiled.load_state_dict(ours.state_dict())
+    compile_regions(compiled, ["loss"])  # compiles in the untimed warm-up call
+    fns = {"ours": train_step(ours, x), "hf": train_step(hf, x), "ours compiled": train_step(compiled, x)}
+    fns["matmul"] = peak_fn
     if with_unfused:
         unfused = build_ours(shape)
         for block in unfused.transformer.blocks:
@@ -149,7 +155,8 @@ def bench_train_step(
         fns["unfused"] = train_step(unfused, x)
     t = interleaved(fns, reps=reps, warmup=1)
     flops = flops_per_token(ours.config, shape.seq_len) * shape.tokens
-    return TrainResult(shape, t["ours"], t["hf"], t.get("unfused"), flops, peak_work / t["matmul"].low)
+    peak = peak_work / t["matmul"].low
+    return TrainResult(shape, t["ours"], t["hf"], t.get("unfused"), t["ours compiled"], flops, peak)
 
 
 # ---------------------------------------------------------------------------------------------

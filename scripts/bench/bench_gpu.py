@@ -2,6 +2,7 @@
 
 Peers, each run alone on the GPU with the same weights and the same batch:
 - ours, `moe_backend: torch` (per-expert matmul loop, one host sync per layer);
+- the same with `compile_config` compiling every region (loss, attention, router);
 - ours, `moe_backend: megablocks` (MegaBlocks' gather/scatter + grouped_gemm), when installed;
 - transformers' DbrxForCausalLM (sdpa attention, its own expert implementation).
 A step is forward + backward + fused AdamW on fp32 parameters under bf16 autocast (what
@@ -30,6 +31,7 @@ import torch
 from bench_cpu import TOY, Shape  # Composer-free, like everything this file imports
 
 from dbrx_train.model import DbrxForCausalLM
+from dbrx_train.model.compile import COMPILE_REGIONS, compile_regions
 from dbrx_train.model.stats import count_params, flops_per_token
 
 # DBRX's proportions (16 experts top-4, F = 1.75 D, 4:1 GQA, its 100k vocabulary) at d_model 2048 and
@@ -87,6 +89,12 @@ def build_ours(shape: Shape, moe_backend: str, state: dict[str, torch.Tensor], d
     model.init_weights()  # non-persistent buffers (RoPE); the weights come from `state`
     model.load_state_dict(state)
     return model.train()
+
+
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """compile_config with every region (loss, attention, router); compiles during the warm-up steps."""
+    compile_regions(model, COMPILE_REGIONS)
+    return model
 
 
 def build_hf(shape: Shape, state: dict[str, torch.Tensor], device) -> torch.nn.Module:
@@ -177,6 +185,7 @@ def run(
 
     peers: list[tuple[str, Callable[[], torch.nn.Module] | None, str]] = [
         ("ours torch", lambda: build_ours(shape, "torch", state, device), ""),
+        ("ours compiled", lambda: compiled(build_ours(shape, "torch", state, device)), ""),
         (
             "ours megablocks",
             lambda: build_ours(shape, "megablocks", state, device),

@@ -20,7 +20,8 @@ def test_quick_bench_prints_well_formed_numbers():
     results = run.run(quick=True, threads=2, out=lines.append)
     assert any(line.startswith("machine:") for line in lines)
     for row in results["train_step"]:
-        assert all(positive(row[k]) for k in ("ours_s", "hf_s", "speedup", "mfu_ours", "mfu_hf"))
+        keys = ("ours_s", "hf_s", "speedup", "mfu_ours", "mfu_hf", "compiled_s", "speedup_compiled")
+        assert all(positive(row[k]) for k in keys)
     assert set(results["moe_layer"]) == {"ours", "ours unfused", "hf", "dense GLU"}
     assert all(positive(t) for t in results["moe_layer"].values())
     assert results["moe_layer_max_diff"] < 1e-4  # the peers compute the same thing
@@ -66,8 +67,8 @@ def test_quick_gpu_bench_runs_every_peer_it_can():
     lines = []
     results = bench_gpu.run(quick=True, out=lines.append)
     rows = {row["peer"]: row for row in results["rows"]}
-    assert set(rows) == {"ours torch", "ours megablocks", "transformers"}
-    for name in ("ours torch", "transformers"):
+    assert set(rows) == {"ours torch", "ours compiled", "ours megablocks", "transformers"}
+    for name in ("ours torch", "ours compiled", "transformers"):
         assert all(
             positive(rows[name][k]) for k in ("s_per_step", "tokens_per_s", "mfu_measured", "first_loss")
         )

@@ -143,6 +143,21 @@ def test_two_rank_fsdp_run_shards_and_trains(default_corpus, tmp_path):
 
 
 @pytest.mark.slow
+def test_compiled_regions_train_like_eager_under_two_rank_fsdp(default_corpus, tmp_path):
+    """compile_config under FSDP2 on 2 ranks (parameters swapped between shards and full tensors
+    around the compiled code) gives the eager run's losses, batch for batch."""
+    common = ("max_duration=4ba", "save_interval=4ba", "eval_interval=4ba")
+    losses = {}
+    for name, extra in (("eager", ()), ("compiled", ("compile_config.regions=[loss,attention,router]",))):
+        run_dir = tmp_path / name
+        launch(2, run_dir, default_corpus, *common, *extra)
+        losses[name] = [r["loss/train/total"] for r in read_metrics(run_dir) if "loss/train/total" in r]
+    assert len(losses["eager"]) == 4
+    for eager, compiled in zip(losses["eager"], losses["compiled"], strict=True):
+        assert math.isclose(eager, compiled, rel_tol=1e-4), losses
+
+
+@pytest.mark.slow
 def test_config_error_is_one_clear_line(tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), str(TINY), "optimizer.learning_rate=1"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
