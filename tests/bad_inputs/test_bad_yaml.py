@@ -80,3 +80,17 @@ def test_megablocks_backend_outside_bf16_is_refused_before_the_run(precision):
     ):
         check_moe_backend(cfg, "gpu")
     check_moe_backend(load_config(str(path), ["device=auto", "precision=amp_bf16"]), "gpu")  # accepted
+
+
+def test_compile_on_cpu_without_a_cxx_compiler_is_refused_before_the_run(monkeypatch, tmp_path):
+    from dbrx_train.config import load_config
+    from dbrx_train.schema import ConfigError
+    from dbrx_train.train import check_compile
+
+    cfg = load_config(str(CASES / "missing-data-folder.yaml"), ["compile_config={}"])
+    check_compile(cfg, "cpu")  # this machine has one
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no g++, c++ or clang++
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ConfigError, match=r"compile_config: torch.compile on CPU needs a C\+\+ compiler"):
+        check_compile(cfg, "cpu")
+    check_compile(load_config(str(CASES / "missing-data-folder.yaml"), []), "cpu")  # no compile: no check
