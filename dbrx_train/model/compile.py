@@ -10,7 +10,8 @@ shapes for a fixed batch, so each compiles once (all blocks share one compiled c
 Measured on CPU (docs/performance.md): the loss region makes a training step with DBRX's 100k
 vocabulary 1.2x faster with identical gradients; attention and router are within the noise there.
 
-Compile before FSDP and activation checkpointing wrap the model (DESIGN's order); compiled regions
+Compile before FSDP and activation checkpointing wrap the blocks: the compiled regions then sit
+inside each checkpointed, sharded block (recomputed in backward like the rest of it). Compiled regions
 keep their parameters and names, so checkpoints are unaffected.
 """
 
