@@ -192,7 +192,12 @@ def run(
             megablocks_skip_reason(device),
         ),
     ]
+    hf_version = None
     if importlib.util.find_spec("transformers") is not None:
+        import transformers
+
+        hf_version = transformers.__version__
+        out(f"transformers {hf_version}")
         peers.append(("transformers", lambda: build_hf(shape, state, device), ""))
     else:
         peers.append(("transformers", None, "transformers not installed"))
@@ -249,6 +254,7 @@ def run(
             f"{speedup:6.2f} {r.first_loss:7.4f} {r.note}"
         )
     return {
+        "transformers": hf_version,
         "device": card,
         "shape": shape._asdict(),
         "peak_measured": peak,

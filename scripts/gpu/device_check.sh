@@ -4,6 +4,7 @@
 #          with the machine's nvcc, against its torch, into /tmp/dbrx_gpu_site
 #   test   the CUDA tests (megablocks vs torch backend; torch backend on CUDA vs CPU)
 #   bench  scripts/bench/bench_gpu.py: ~1B-active DBRX step, torch vs megablocks vs transformers
+#          (4.57 from .whl/ when there, as our users run it; else the image's)
 # `bash scripts/gpu/device_check.sh` runs all three; `... test bench` reruns the later ones on a warm
 # machine (the build stays in /tmp while the machine is held). No network, no Composer needed.
 # Logs and bench_gpu.json go to $OUT (./gpu_out when OUT is unset).
@@ -42,7 +43,15 @@ for stage in "${stages[@]}"; do
       python3 -m pytest -q -rs --noconftest -p no:cacheprovider \
         tests/model/test_moe_megablocks.py tests/model/test_moe.py 2>&1 | tee "$out/tests.log" | tail -40 ;;
     bench)
-      python3 scripts/bench/bench_gpu.py --json "$out/bench_gpu.json" 2>&1 | tee "$out/bench_gpu.txt" ;;
+      # transformers 4.57 (the version this project supports) over the image's 5.x, for this stage only.
+      hf=/tmp/dbrx_hf457
+      if ls .whl/transformers-4.57*.whl > /dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$hf" \
+          .whl/transformers-*.whl .whl/tokenizers-*.whl .whl/huggingface_hub-*.whl > "$out/install_hf.log" 2>&1 \
+          || echo "transformers 4.57: install failed (install_hf.log); the image's transformers is used"
+      fi
+      PYTHONPATH="$hf:$PYTHONPATH" python3 scripts/bench/bench_gpu.py --json "$out/bench_gpu.json" 2>&1 \
+        | tee "$out/bench_gpu.txt" ;;
     *) echo "unknown stage '$stage': use build, test or bench"; exit 2 ;;
   esac
   echo "== $stage took $((SECONDS - start)) s"
