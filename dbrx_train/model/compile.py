@@ -8,7 +8,7 @@ shapes for a fixed batch, so each compiles once (all blocks share one compiled c
     attention  each block's norm -> attention (fused Wqkv, clip_qkv, RoPE, sdpa) -> residual -> norm
     router     each block's router (linear, fp32 softmax, top-k, renormalisation)
 Measured on CPU (docs/performance.md): the loss region makes a training step with DBRX's 100k
-vocabulary 1.2x faster with identical gradients; attention and router are within the noise there.
+vocabulary 1.2-1.6x faster with identical gradients; attention and router are within the noise there.
 
 Compile before FSDP and activation checkpointing wrap the blocks: the compiled regions then sit
 inside each checkpointed, sharded block (recomputed in backward like the rest of it). Compiled regions
