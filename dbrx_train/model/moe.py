@@ -360,7 +360,7 @@ def load_megablocks_kernels() -> MegaBlocksKernels:
     except ImportError as error:  # also the compiled parts (megablocks_ops, grouped_gemm_backend)
         raise ImportError(
             f"ffn_config.moe_backend is 'megablocks' but MegaBlocks could not be imported ({error}); "
-            "run `pip install -e .[gpu]` on a CUDA machine (it compiles CUDA code with nvcc), "
+            "run `pip install --no-build-isolation -e .[gpu]` on a CUDA machine (it compiles CUDA code with nvcc), "
             "or set ffn_config.moe_backend to 'torch'"
         ) from error
     return MegaBlocksKernels(
@@ -448,7 +448,7 @@ def resolve_moe_backend(requested: str) -> str:
         if importlib.util.find_spec("megablocks") is None:
             raise ImportError(
                 "ffn_config.moe_backend is 'megablocks' but the megablocks package is not installed; "
-                "run `pip install -e .[gpu]` on a CUDA machine, or set ffn_config.moe_backend to 'torch'"
+                "run `pip install --no-build-isolation -e .[gpu]` on a CUDA machine, or set ffn_config.moe_backend to 'torch'"
             )
     return requested
 

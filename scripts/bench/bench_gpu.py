@@ -141,7 +141,7 @@ def megablocks_skip_reason(device: torch.device) -> str | None:
     if device.type != "cuda":
         return "needs CUDA"
     if importlib.util.find_spec("megablocks") is None or importlib.util.find_spec("grouped_gemm") is None:
-        return "megablocks / grouped_gemm not installed (pip install -e .[gpu])"
+        return "megablocks / grouped_gemm not installed (pip install --no-build-isolation -e .[gpu])"
     return None
 
 

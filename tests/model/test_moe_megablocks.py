@@ -18,7 +18,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="the megablocks backend needs a CUDA device"),
     pytest.mark.skipif(
         importlib.util.find_spec("megablocks") is None or importlib.util.find_spec("grouped_gemm") is None,
-        reason="megablocks / grouped_gemm not installed (pip install -e .[gpu] on a CUDA machine)",
+        reason="megablocks / grouped_gemm not installed (pip install --no-build-isolation -e .[gpu] on a CUDA machine)",
     ),
 ]
 
