@@ -1,6 +1,6 @@
 """`make bench`: CPU benchmarks against peers measured in the same run, and the 132B cluster estimate.
 
-    python scripts/bench/run.py            # the full CPU run (~3 minutes on 2 cores) + cluster table
+    python scripts/bench/run.py            # the full CPU run (~4 minutes on 2 cores, compiles included) + cluster table
     python scripts/bench/run.py --quick    # toy sizes, 2 repetitions: checks the code paths only
     python scripts/bench/run.py --json out.json   # also write every figure as JSON
 
