@@ -24,7 +24,6 @@ with the FFN output, so it flows through autograd and module outputs, never thro
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -432,24 +431,19 @@ class MegaBlocksExperts(nn.Module):
 
 
 def resolve_moe_backend(requested: str) -> str:
-    """Map "auto" to the backend this machine runs; "megablocks" needs CUDA and the [gpu] extra.
+    """Map "auto" to the backend this machine runs; "megablocks" needs CUDA (and the [gpu] extra,
+    which `load_megablocks_kernels` checks when the backend is built).
 
     "auto" stays on "torch" until the megablocks backend's agreement tests have run on a GPU
     (tests/model/test_moe_megablocks.py); ask for "megablocks" by name to use it before then.
     """
     if requested == "auto":
         return "torch"
-    if requested == "megablocks":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                "ffn_config.moe_backend is 'megablocks', which runs CUDA kernels, but this machine has "
-                "no CUDA device; set ffn_config.moe_backend to 'torch' (or 'auto')"
-            )
-        if importlib.util.find_spec("megablocks") is None:
-            raise ImportError(
-                "ffn_config.moe_backend is 'megablocks' but the megablocks package is not installed; "
-                "run `pip install --no-build-isolation -e .[gpu]` on a CUDA machine, or set ffn_config.moe_backend to 'torch'"
-            )
+    if requested == "megablocks" and not torch.cuda.is_available():
+        raise ValueError(
+            "ffn_config.moe_backend is 'megablocks', which runs CUDA kernels, but this machine has "
+            "no CUDA device; set ffn_config.moe_backend to 'torch' (or 'auto')"
+        )
     return requested
 
 
