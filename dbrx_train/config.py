@@ -22,6 +22,7 @@ from dbrx_train.data.loaders import LOADER_KINDS
 from dbrx_train.data.mixture import CurriculumConfig, plan_segments
 from dbrx_train.data.text import TextLoaderConfig
 from dbrx_train.model import DbrxConfig
+from dbrx_train.model.compile import COMPILE_REGIONS
 from dbrx_train.schema import ConfigError, build, to_dict, unknown_key_error
 
 TIME_UNITS = ("ba", "ep", "tok", "sp", "dur")
@@ -153,7 +154,7 @@ class CompileConfig:
 
     # loss: the cross-entropy over the logits (a CPU step with DBRX's 100k vocabulary: 1.2-1.6x);
     # attention: each block's norm-attention-norm; router: each block's router.
-    regions: list[Literal["loss", "attention", "router"]] = field(default_factory=lambda: ["loss"])
+    regions: list[Literal[COMPILE_REGIONS]] = field(default_factory=lambda: ["loss"])
     mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"  # torch.compile's mode
     dynamic: bool | None = None  # torch.compile's dynamic; null: static until a shape changes
 
