@@ -178,7 +178,7 @@ def run(
         reference = DbrxForCausalLM(config)
     reference.to_empty(device="cpu")
     reference.init_weights()
-    state = {k: v for k, v in reference.state_dict().items()}
+    state = reference.state_dict()
     del reference
     gen = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, shape.vocab_size, (shape.batch, shape.seq_len), generator=gen).to(device)

@@ -38,16 +38,16 @@ def fetch(name: str, version: str, dest: Path, kind: str = "sdist") -> Path:
     index = f"https://pypi.org/pypi/{name}/json"
     with urllib.request.urlopen(index, timeout=60) as response:
         files = json.load(response)["releases"].get(version, [])
-    sdist = next((f for f in files if wanted(f, kind)), None)
-    if sdist is None:
+    entry = next((f for f in files if wanted(f, kind)), None)
+    if entry is None:
         raise SystemExit(f"{name}=={version}: PyPI lists no {kind} for Python 3.12 on x86-64 Linux")
-    path = dest / sdist["filename"]
-    if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != sdist["digests"]["sha256"]:
+    path = dest / entry["filename"]
+    if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != entry["digests"]["sha256"]:
         # Mirrors of the index may give the file's address relative to the JSON page.
-        with urllib.request.urlopen(urllib.parse.urljoin(index, sdist["url"]), timeout=300) as response:
+        with urllib.request.urlopen(urllib.parse.urljoin(index, entry["url"]), timeout=300) as response:
             data = response.read()
-        if hashlib.sha256(data).hexdigest() != sdist["digests"]["sha256"]:
-            raise SystemExit(f"{sdist['filename']}: sha256 differs from PyPI's; not saved")
+        if hashlib.sha256(data).hexdigest() != entry["digests"]["sha256"]:
+            raise SystemExit(f"{entry['filename']}: sha256 differs from PyPI's; not saved")
         path.write_bytes(data)
     return path
 
