@@ -145,8 +145,15 @@ def megablocks_skip_reason(device: torch.device) -> str | None:
     return None
 
 
+PEERS = ("torch", "compiled", "megablocks", "transformers")
+
+
 def run(
-    quick: bool = False, steps: int = 10, batch: int | None = None, out: Callable[[str], None] = print
+    quick: bool = False,
+    steps: int = 10,
+    batch: int | None = None,
+    peers: tuple[str, ...] = PEERS,
+    out: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not quick and device.type != "cuda":
@@ -176,14 +183,14 @@ def run(
     torch.manual_seed(0)
     with torch.device("meta"):
         reference = DbrxForCausalLM(config)
-    reference.to_empty(device="cpu")
-    reference.init_weights()
-    state = reference.state_dict()
+    reference.to_empty(device=device)
+    reference.init_weights()  # on the device: 3.3B normal draws take a while on a CPU
+    state = {key: value.cpu() for key, value in reference.state_dict().items()}  # every peer loads a copy
     del reference
     gen = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, shape.vocab_size, (shape.batch, shape.seq_len), generator=gen).to(device)
 
-    peers: list[tuple[str, Callable[[], torch.nn.Module] | None, str]] = [
+    candidates: list[tuple[str, Callable[[], torch.nn.Module] | None, str]] = [
         ("ours torch", lambda: build_ours(shape, "torch", state, device), ""),
         ("ours compiled", lambda: compiled(build_ours(shape, "torch", state, device)), ""),
         (
@@ -198,12 +205,14 @@ def run(
 
         hf_version = transformers.__version__
         out(f"transformers {hf_version}")
-        peers.append(("transformers", lambda: build_hf(shape, state, device), ""))
+        candidates.append(("transformers", lambda: build_hf(shape, state, device), ""))
     else:
-        peers.append(("transformers", None, "transformers not installed"))
+        candidates.append(("transformers", None, "transformers not installed"))
+    # `peers` names them without "ours ": a run can leave out the ones another run already timed.
+    chosen = [c for c in candidates if c[0].removeprefix("ours ") in peers]
 
     results: list[Result] = []
-    for name, build, skip in peers:
+    for name, build, skip in chosen:
         if skip or build is None:
             out(f"  {name}: skipped ({skip})")
             results.append(Result(name, math.nan, math.nan, math.nan, f"skipped: {skip}"))
@@ -225,8 +234,9 @@ def run(
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         results.append(Result(name, seconds, loss, peak_gib, note))
+        out(f"  {name}: {seconds:.3f} s/step, first loss {loss:.4f}, peak {peak_gib:.1f} GiB {note}")
 
-    hf_s = next(r.seconds for r in results if r.name == "transformers")
+    hf_s = next((r.seconds for r in results if r.name == "transformers"), math.nan)
     out(
         f"  {'peer':16s} {'s/step':>8s} {'tokens/s':>10s} {'MFU meas.':>9s} {'MFU nom.':>8s} "
         f"{'peak GiB':>8s} {'vs HF':>6s} {'loss@1':>7s}"
@@ -270,8 +280,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per peer (after 3 warm-up steps)")
     parser.add_argument("--batch", type=int, help=f"sequences per step (default {GPU_1B.batch})")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument(
+        "--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)} (default: all)"
+    )
     args = parser.parse_args()
-    results = run(quick=args.quick, steps=args.steps, batch=args.batch)
+    peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
+    unknown = sorted(set(peers) - set(PEERS))
+    if unknown:
+        parser.error(f"--peers: unknown {unknown}; choose from {list(PEERS)}")
+    results = run(quick=args.quick, steps=args.steps, batch=args.batch, peers=peers)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
 

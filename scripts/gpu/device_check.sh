@@ -5,9 +5,12 @@
 #   test   the CUDA tests (megablocks vs torch backend; torch backend on CUDA vs CPU)
 #   bench  scripts/bench/bench_gpu.py: ~1B-active DBRX step, torch vs megablocks vs transformers
 #          (4.57 from .whl/ when there, as our users run it; else the image's)
-# `bash scripts/gpu/device_check.sh` runs all three; `... test bench` reruns the later ones on a warm
-# machine (the build stays in /tmp while the machine is held). No network, no Composer needed.
-# Logs and bench_gpu.json go to $OUT (./gpu_out when OUT is unset).
+#   all    (the default) the three in the least device time: the builds use a few CPU cores and no GPU,
+#          so the peers that need no MegaBlocks are timed meanwhile; after the tests, megablocks is timed
+#          against ours torch again in a second, quiet run
+# `... test bench` reruns stages on a warm machine (the build stays in /tmp while the machine is held).
+# No network, no Composer needed. Each stage has a time cap so one stuck stage cannot eat the lease.
+# Logs and bench_gpu*.json go to $OUT (./gpu_out when OUT is unset).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 out="${OUT:-gpu_out}"
@@ -17,7 +20,7 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"  # H100/H200; the bui
 export MAX_JOBS="${MAX_JOBS:-16}"
 export PYTHONPATH="$site:$PWD"
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build test bench)
+[ ${#stages[@]} -eq 0 ] && stages=(all)
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$out/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
@@ -27,32 +30,54 @@ install() {  # no deps, no index: the extensions must build against the image's 
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target "$site" "$@"
 }
 
+build() {
+  install .whl/stanford_stk-*.tar.gz > "$out/build_stk.log" 2>&1 || echo "stanford-stk: install failed, see build_stk.log"
+  # The two CUDA builds are independent: side by side.
+  timeout 420 bash -c "$(declare -f install); site=$site; install .whl/grouped_gemm-*.tar.gz" \
+    > "$out/build_grouped_gemm.log" 2>&1 & gg=$!
+  timeout 420 bash -c "$(declare -f install); site=$site; install .whl/megablocks-*.tar.gz" \
+    > "$out/build_megablocks.log" 2>&1 & mb=$!
+  wait $gg || { echo "grouped_gemm: build failed; the end of build_grouped_gemm.log:"; tail -20 "$out/build_grouped_gemm.log"; }
+  wait $mb || { echo "megablocks: build failed; the end of build_megablocks.log:"; tail -20 "$out/build_megablocks.log"; }
+  python3 -c "import megablocks.ops, grouped_gemm.ops; print('megablocks and grouped_gemm import')"
+}
+
+run_tests() {
+  # --noconftest: tests/conftest.py brings in the training stack (Composer, Streaming), absent here.
+  timeout 150 python3 -m pytest -q -rs --noconftest -p no:cacheprovider \
+    tests/model/test_moe_megablocks.py tests/model/test_moe.py 2>&1 | tee "$out/tests.log" | tail -40
+}
+
+bench() {  # bench [json-name] [peers]
+  # transformers 4.57 (the version this project supports) over the image's 5.x, for the bench only.
+  hf=/tmp/dbrx_hf457
+  if [ ! -d "$hf/transformers" ] && ls .whl/transformers-4.57*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$hf" \
+      .whl/transformers-*.whl .whl/tokenizers-*.whl .whl/huggingface_hub-*.whl > "$out/install_hf.log" 2>&1 \
+      || echo "transformers 4.57: install failed (install_hf.log); the image's transformers is used"
+  fi
+  name="${1:-bench_gpu}"
+  PYTHONPATH="$hf:$PYTHONPATH" timeout 300 python3 scripts/bench/bench_gpu.py --json "$out/$name.json" \
+    --peers "${2:-torch,compiled,megablocks,transformers}" 2>&1 | tee "$out/$name.txt"
+}
+
 for stage in "${stages[@]}"; do
   start=$SECONDS
   case "$stage" in
-    build)
-      install .whl/stanford_stk-*.tar.gz > "$out/build_stk.log" 2>&1 || echo "stanford-stk: install failed, see build_stk.log"
-      # The two CUDA builds are independent: side by side.
-      install .whl/grouped_gemm-*.tar.gz > "$out/build_grouped_gemm.log" 2>&1 & gg=$!
-      install .whl/megablocks-*.tar.gz > "$out/build_megablocks.log" 2>&1 & mb=$!
-      wait $gg || { echo "grouped_gemm: build failed; the end of build_grouped_gemm.log:"; tail -20 "$out/build_grouped_gemm.log"; }
-      wait $mb || { echo "megablocks: build failed; the end of build_megablocks.log:"; tail -20 "$out/build_megablocks.log"; }
-      python3 -c "import megablocks.ops, grouped_gemm.ops; print('megablocks and grouped_gemm import')" ;;
-    test)
-      # --noconftest: tests/conftest.py brings in the training stack (Composer, Streaming), absent here.
-      python3 -m pytest -q -rs --noconftest -p no:cacheprovider \
-        tests/model/test_moe_megablocks.py tests/model/test_moe.py 2>&1 | tee "$out/tests.log" | tail -40 ;;
-    bench)
-      # transformers 4.57 (the version this project supports) over the image's 5.x, for this stage only.
-      hf=/tmp/dbrx_hf457
-      if ls .whl/transformers-4.57*.whl > /dev/null 2>&1; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$hf" \
-          .whl/transformers-*.whl .whl/tokenizers-*.whl .whl/huggingface_hub-*.whl > "$out/install_hf.log" 2>&1 \
-          || echo "transformers 4.57: install failed (install_hf.log); the image's transformers is used"
-      fi
-      PYTHONPATH="$hf:$PYTHONPATH" python3 scripts/bench/bench_gpu.py --json "$out/bench_gpu.json" 2>&1 \
-        | tee "$out/bench_gpu.txt" ;;
-    *) echo "unknown stage '$stage': use build, test or bench"; exit 2 ;;
+    build) build ;;
+    test) run_tests ;;
+    bench) bench ;;
+    all)
+      build > "$out/build.txt" 2>&1 & builder=$!
+      echo "== build running in the background (build.txt); timing the peers that need no MegaBlocks meanwhile"
+      bench bench_gpu torch,compiled,transformers
+      echo "== bench (no megablocks) took $((SECONDS - start)) s; waiting for the build"
+      wait $builder; cat "$out/build.txt"
+      echo "== build done at $((SECONDS - start)) s"
+      run_tests
+      echo "== tests done at $((SECONDS - start)) s"
+      bench bench_gpu_megablocks torch,megablocks ;;
+    *) echo "unknown stage '$stage': use all, build, test or bench"; exit 2 ;;
   esac
   echo "== $stage took $((SECONDS - start)) s"
 done
