@@ -35,7 +35,19 @@ build() {
   # The two CUDA builds are independent: side by side.
   timeout 420 bash -c "$(declare -f install); site=$site; install .whl/grouped_gemm-*.tar.gz" \
     > "$out/build_grouped_gemm.log" 2>&1 & gg=$!
-  timeout 420 bash -c "$(declare -f install); site=$site; install .whl/megablocks-*.tar.gz" \
+  # CUDA 13's CCCL dropped cub's `debug_synchronous` overloads, which megablocks 0.10's csrc/cumsum.h still
+  # calls (seen: "no instance of overloaded function cub::DeviceScan::ExclusiveSum"). The stream-only
+  # overload it falls back to exists in CUDA 12 too, so the patched source builds on both.
+  mb_src=/tmp/dbrx_megablocks_src
+  rm -rf "$mb_src" && mkdir -p "$mb_src" && tar xzf .whl/megablocks-*.tar.gz -C "$mb_src" --strip-components=1
+  python3 - "$mb_src/csrc/cumsum.h" <<'PATCH'
+import re, sys
+path = sys.argv[1]
+text, n = re.subn(r"stream,\s*debug_synchronous\)\)", "stream))", open(path).read())
+open(path, "w").write(text)
+print(f"megablocks csrc/cumsum.h: {n} cub calls without debug_synchronous")
+PATCH
+  timeout 420 bash -c "$(declare -f install); site=$site; install $mb_src" \
     > "$out/build_megablocks.log" 2>&1 & mb=$!
   wait $gg || { echo "grouped_gemm: build failed; the end of build_grouped_gemm.log:"; tail -20 "$out/build_grouped_gemm.log"; }
   wait $mb || { echo "megablocks: build failed; the end of build_megablocks.log:"; tail -20 "$out/build_megablocks.log"; }
