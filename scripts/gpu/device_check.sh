@@ -3,6 +3,7 @@
 #   build  MegaBlocks, grouped_gemm and stanford-stk from the sdists in .whl/ (scripts/gpu/fetch_sources.py),
 #          with the machine's nvcc, against its torch, into /tmp/dbrx_gpu_site
 #   test   the CUDA tests (megablocks vs torch backend; torch backend on CUDA vs CPU)
+#   diag   scripts/gpu/grad_error_vs_fp32.py: each backend's whole-model bf16 gradients against fp32
 #   bench  scripts/bench/bench_gpu.py: ~1B-active DBRX step, torch vs megablocks vs transformers
 #          (4.57 from .whl/ when there, as our users run it; else the image's)
 #   all    (the default) the three in the least device time: the builds use a few CPU cores and no GPU,
@@ -22,16 +23,16 @@ export PYTHONPATH="$site:$PWD"
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(all)
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$out/device.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
-  | tee -a "$out/device.txt"
+# At most 8 files come back from a device run: stages write few, and the device line goes to stdout.
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
 install() {  # no deps, no index: the extensions must build against the image's torch
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target "$site" "$@"
 }
 
 build() {
-  install .whl/stanford_stk-*.tar.gz > "$out/build_stk.log" 2>&1 || echo "stanford-stk: install failed, see build_stk.log"
+  install .whl/stanford_stk-*.tar.gz > /tmp/build_stk.log 2>&1 || { echo "stanford-stk: install failed:"; tail -20 /tmp/build_stk.log; }
   # The two CUDA builds are independent: side by side.
   timeout 420 bash -c "$(declare -f install); site=$site; install .whl/grouped_gemm-*.tar.gz" \
     > "$out/build_grouped_gemm.log" 2>&1 & gg=$!
@@ -57,7 +58,7 @@ PATCH
 run_tests() {
   # --noconftest: tests/conftest.py brings in the training stack (Composer, Streaming), absent here.
   timeout 150 python3 -m pytest -q -rs --noconftest -p no:cacheprovider \
-    tests/model/test_moe_megablocks.py tests/model/test_moe.py 2>&1 | tee "$out/tests.log" | tail -40
+    tests/model/test_moe_megablocks.py tests/model/test_moe.py 2>&1 | tee "$out/tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -15
 }
 
 bench() {  # bench [json-name] [peers]
@@ -65,8 +66,8 @@ bench() {  # bench [json-name] [peers]
   hf=/tmp/dbrx_hf457
   if [ ! -d "$hf/transformers" ] && ls .whl/transformers-4.57*.whl > /dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$hf" \
-      .whl/transformers-*.whl .whl/tokenizers-*.whl .whl/huggingface_hub-*.whl > "$out/install_hf.log" 2>&1 \
-      || echo "transformers 4.57: install failed (install_hf.log); the image's transformers is used"
+      .whl/transformers-*.whl .whl/tokenizers-*.whl .whl/huggingface_hub-*.whl > /tmp/install_hf.log 2>&1 \
+      || { echo "transformers 4.57: install failed, the image's transformers is used:"; tail -5 /tmp/install_hf.log; }
   fi
   name="${1:-bench_gpu}"
   PYTHONPATH="$hf:$PYTHONPATH" timeout 300 python3 scripts/bench/bench_gpu.py --json "$out/$name.json" \
@@ -78,6 +79,8 @@ for stage in "${stages[@]}"; do
   case "$stage" in
     build) build ;;
     test) run_tests ;;
+    diag)  # whole-model gradients of both backends against fp32 (scripts/gpu/grad_error_vs_fp32.py)
+      timeout 120 python3 scripts/gpu/grad_error_vs_fp32.py > "$out/grad_error.txt" 2>&1; tail -3 "$out/grad_error.txt" ;;
     bench) bench ;;
     all)
       build > "$out/build.txt" 2>&1 & builder=$!
@@ -89,7 +92,7 @@ for stage in "${stages[@]}"; do
       run_tests
       echo "== tests done at $((SECONDS - start)) s"
       bench bench_gpu_megablocks torch,megablocks ;;
-    *) echo "unknown stage '$stage': use all, build, test or bench"; exit 2 ;;
+    *) echo "unknown stage '$stage': use all, build, test, diag or bench"; exit 2 ;;
   esac
   echo "== $stage took $((SECONDS - start)) s"
 done
