@@ -79,7 +79,9 @@ def test_outputs_and_gradients_agree_with_the_torch_backend(act, num_tokens):
 
 
 def test_both_backends_are_as_close_to_fp32():
-    """Neither backend is the reference: both are compared with the torch backend in fp32."""
+    """Neither backend is the reference: both are compared with the torch backend in fp32. Both sit
+    ~4% from it (seen on an H200): bf16 router logits flip near-tied top-k choices, the same way in
+    both backends since they share the router, so only a relative bound is meaningful."""
     ref, mb = ffn_pair()
     x = torch.randn(2048, D, device="cuda")
     with torch.no_grad():
@@ -87,7 +89,7 @@ def test_both_backends_are_as_close_to_fp32():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             err_torch = (ref(x).out_ND.float() - exact).norm() / exact.norm()
             err_mb = (mb(x).out_ND.float() - exact).norm() / exact.norm()
-    assert err_mb < 1e-2 and err_mb < 2 * err_torch + 1e-3, (err_mb.item(), err_torch.item())
+    assert err_mb < 0.1 and err_mb < 2 * err_torch + 1e-3, (err_mb.item(), err_torch.item())
 
 
 def test_uniform_expert_assignment_runs_balanced():
@@ -106,7 +108,11 @@ def test_fp32_without_autocast_is_a_clear_error():
 
 def test_a_torch_backend_checkpoint_runs_on_megablocks():
     """Whole model: the torch backend's state_dict loads into the megablocks model, which gives the
-    same loss and the same gradients to bf16 accuracy."""
+    same loss, and gradients as close to the torch backend's fp32 gradients as its own bf16 ones are.
+
+    The two bf16 backends differ by up to 6% on layer 1's MoE gradients (seen on an H200): tiny
+    differences upstream flip near-tied routing choices. Each is 5-12% from fp32 there, megablocks
+    within 1.3x of torch on every parameter (scripts/gpu/grad_error_vs_fp32.py prints the table)."""
     cfg = {
         "d_model": D,
         "n_heads": 4,
@@ -128,14 +134,22 @@ def test_a_torch_backend_checkpoint_runs_on_megablocks():
     ids = torch.randint(
         0, 1024, (4, 128), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0)
     )
-    losses = {}
-    for backend, model in models.items():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+
+    def loss_and_grads(model, bf16: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             loss = model(ids, labels=ids).loss
         loss.backward()
-        losses[backend] = loss.item()
-    assert abs(losses["megablocks"] - losses["torch"]) < 1e-2 * abs(losses["torch"]), losses
-    pairs = zip(models["torch"].named_parameters(), models["megablocks"].parameters(), strict=True)
-    for (name, p_ref), p_mb in pairs:
-        rel = ((p_mb.grad - p_ref.grad).norm() / p_ref.grad.norm()).item()
-        assert rel < 2e-2, f"gradient of {name}: normwise relative error {rel:.2e}"
+        return loss.item(), {name: p.grad.float().clone() for name, p in model.named_parameters()}
+
+    loss_fp32, exact = loss_and_grads(models["torch"], bf16=False)
+    loss_torch, g_torch = loss_and_grads(models["torch"], bf16=True)
+    loss_mb, g_mb = loss_and_grads(models["megablocks"], bf16=True)
+    assert abs(loss_mb - loss_fp32) < 1e-3 * loss_fp32, (loss_fp32, loss_torch, loss_mb)
+    assert g_mb.keys() == exact.keys()
+    for name, g in exact.items():
+        err_torch = ((g_torch[name] - g).norm() / g.norm()).item()
+        err_mb = ((g_mb[name] - g).norm() / g.norm()).item()
+        assert err_mb < 2 * err_torch + 1e-3, (
+            f"gradient of {name}: {err_mb:.2e} from fp32, torch {err_torch:.2e}"
+        )
