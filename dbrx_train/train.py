@@ -26,6 +26,7 @@ from dbrx_train.data.streaming_shm import release_stale_shared_memory
 from dbrx_train.model import DbrxForCausalLM
 from dbrx_train.model.compile import compile_regions
 from dbrx_train.model.hf import check_hf_folder, load_hf_weights
+from dbrx_train.model.moe import MegaBlocksExperts
 from dbrx_train.model.stats import count_params
 from dbrx_train.report import write_report
 from dbrx_train.schema import ConfigError
@@ -370,7 +371,14 @@ def resolve_precision(cfg: TrainConfig, device: str) -> str:
 def check_moe_backend(cfg: TrainConfig, device: str) -> None:
     """The megablocks backend runs bf16 CUDA kernels (grouped_gemm has no other dtype): say so before
     anything is built, rather than at the first forward."""
-    if cfg.model.dbrx.ffn_config.moe_backend != "megablocks":
+    requested = cfg.model.dbrx.ffn_config.moe_backend
+    if requested == "auto" and device == "gpu" and resolve_precision(cfg, device) != "amp_bf16":
+        log.info(
+            "moe_backend auto: precision %s is not amp_bf16, so the experts run the torch backend's code "
+            "(MegaBlocks' grouped GEMMs are bf16 only)",
+            resolve_precision(cfg, device),
+        )
+    if requested != "megablocks":
         return
     if device != "gpu":
         raise ConfigError(
@@ -433,6 +441,12 @@ def build_model(cfg: TrainConfig) -> DbrxForCausalLM:
         model.init_weights()
     counts = count_params(cfg.model.dbrx)
     log.info("DBRX model: %.2fM total / %.2fM active parameters", counts.total / 1e6, counts.active / 1e6)
+    experts = model.transformer.blocks[0].ffn.experts
+    log.info(
+        "MoE experts: %s backend (model.ffn_config.moe_backend: %s)",
+        "megablocks" if isinstance(experts, MegaBlocksExperts) else "torch",
+        cfg.model.dbrx.ffn_config.moe_backend,
+    )
     return model
 
 

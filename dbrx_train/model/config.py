@@ -42,8 +42,8 @@ class DbrxFFNConfig:
     # p of the p-norm the top-k routing weights are divided by (1: they sum to 1); null: raw softmax probs.
     moe_normalize_expert_weights: float | None = 1.0
     uniform_expert_assignment: bool = False  # round-robin expert choice, for benchmarking only
-    # "torch" (any device) | "megablocks" (CUDA, bf16, the [gpu] extra) | "auto": torch until the
-    # megablocks backend has passed its GPU tests (docs/performance.md, "GPU").
+    # "torch" (any device) | "megablocks" (CUDA, bf16, the [gpu] extra) | "auto": megablocks on CUDA when
+    # the [gpu] extra imports (torch's code for calls it cannot take, e.g. fp32), else torch.
     moe_backend: str = "auto"
 
 

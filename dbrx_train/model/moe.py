@@ -24,6 +24,9 @@ with the FFN output, so it flows through autograd and module outputs, never thro
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import logging
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -372,7 +375,7 @@ def load_megablocks_kernels() -> MegaBlocksKernels:
     )
 
 
-class MegaBlocksExperts(nn.Module):
+class MegaBlocksExperts(TorchExperts):
     """Dropless experts on MegaBlocks' CUDA kernels: the grouped path of its dMoE (`mlp_impl: grouped`).
 
     The same steps as the torch backend, with MegaBlocks' kernels: radix sort + histogram + cumsum
@@ -383,12 +386,14 @@ class MegaBlocksExperts(nn.Module):
     MegaBlocks' global loss list, so there is nothing to clear between steps).
 
     grouped_gemm computes in bf16 only: the experts run in bf16 under autocast (`precision:
-    amp_bf16`) or with bf16 parameters (FSDP's mixed precision), and refuse fp32.
+    amp_bf16`) or with bf16 parameters (FSDP's mixed precision). Asked for by name (`strict`), other
+    dtypes or devices are an error; chosen by "auto", a call the kernels cannot take (fp32, or the
+    model still on the CPU) runs the torch backend's code on the same parameters instead.
     """
 
-    def __init__(self, d_model: int, ffn_config: DbrxFFNConfig):
-        super().__init__()
-        self.mlp = ExpertGLU(d_model, ffn_config)
+    def __init__(self, d_model: int, ffn_config: DbrxFFNConfig, strict: bool = True):
+        super().__init__(d_model, ffn_config)
+        self.strict = strict
         self.kernels = load_megablocks_kernels()
         # Bits the radix sort needs for expert ids (as MegaBlocks' `sort_end_bit`).
         self.sort_end_bit = max(math.ceil(math.log2(ffn_config.moe_num_experts)), 1)
@@ -396,22 +401,24 @@ class MegaBlocksExperts(nn.Module):
     @staticmethod
     def compute_dtype(x_ND: torch.Tensor) -> torch.dtype:
         device_type = x_ND.device.type
-        dtype = (
-            torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x_ND.dtype
-        )
-        if dtype != torch.bfloat16 or device_type != "cuda":
-            raise ValueError(
-                "ffn_config.moe_backend 'megablocks' computes the experts in bf16 on CUDA (grouped_gemm "
-                f"supports nothing else), got {dtype} on {device_type}: train with precision amp_bf16, "
-                "or set ffn_config.moe_backend to 'torch'"
-            )
-        return dtype
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x_ND.dtype
 
     def forward(self, x_ND: torch.Tensor, routing: Routing) -> torch.Tensor:
+        dtype = self.compute_dtype(x_ND)
+        if dtype == torch.bfloat16 and x_ND.device.type == "cuda":
+            return self.megablocks_forward(x_ND, routing, dtype)
+        if self.strict:
+            raise ValueError(
+                "ffn_config.moe_backend 'megablocks' computes the experts in bf16 on CUDA (grouped_gemm "
+                f"supports nothing else), got {dtype} on {x_ND.device.type}: train with precision amp_bf16, "
+                "or set ffn_config.moe_backend to 'torch'"
+            )
+        return super().forward(x_ND, routing)
+
+    def megablocks_forward(self, x_ND: torch.Tensor, routing: Routing, dtype: torch.dtype) -> torch.Tensor:
         mlp, ops = self.mlp, self.kernels
         top_k = routing.experts_Nk.shape[-1]
         device_type = x_ND.device.type
-        dtype = self.compute_dtype(x_ND)
         with torch.no_grad():
             experts_M = routing.experts_Nk.reshape(-1).int()
             bin_ids_M, indices_M = ops.sort(experts_M, self.sort_end_bit)
@@ -430,15 +437,32 @@ class MegaBlocksExperts(nn.Module):
             return ops.scatter(y_MD, indices_M, bin_ids_M, weights_M, bins_E, top_k)
 
 
-def resolve_moe_backend(requested: str) -> str:
-    """Map "auto" to the backend this machine runs; "megablocks" needs CUDA (and the [gpu] extra,
-    which `load_megablocks_kernels` checks when the backend is built).
+@functools.cache  # one import attempt (and at most one warning) per process, not one per layer
+def megablocks_import_error() -> str | None:
+    """Why the megablocks backend cannot load here (None: it can). Not installed is the usual case;
+    an installed but broken build (say, compiled for another torch) is worth a warning."""
+    try:
+        load_megablocks_kernels()
+    except ImportError as error:
+        reason = str(error.__cause__ or error)
+        if importlib.util.find_spec("megablocks") is not None:
+            logging.getLogger(__name__).warning(
+                "MegaBlocks is installed but does not import (%s); moe_backend auto uses the torch backend",
+                reason,
+            )
+        return reason
+    return None
 
-    "auto" stays on "torch" until the megablocks backend's agreement tests have run on a GPU
-    (tests/model/test_moe_megablocks.py); ask for "megablocks" by name to use it before then.
+
+def resolve_moe_backend(requested: str) -> str:
+    """Map "auto" to the backend this machine runs: "megablocks" on CUDA when the [gpu] extra imports
+    (its agreement tests passed on an H200, docs/performance.md), else "torch". "megablocks" by name
+    needs CUDA (and the [gpu] extra, which `load_megablocks_kernels` checks when the backend is built).
     """
     if requested == "auto":
-        return "torch"
+        if not torch.cuda.is_available():
+            return "torch"
+        return "megablocks" if megablocks_import_error() is None else "torch"
     if requested == "megablocks" and not torch.cuda.is_available():
         raise ValueError(
             "ffn_config.moe_backend is 'megablocks', which runs CUDA kernels, but this machine has "
@@ -453,7 +477,8 @@ def build_experts(d_model: int, ffn_config: DbrxFFNConfig) -> nn.Module:
     if backend == "torch":
         return TorchExperts(d_model, ffn_config)
     if backend == "megablocks":
-        return MegaBlocksExperts(d_model, ffn_config)
+        # From "auto", calls the kernels cannot take fall back to the torch code (fp32 generation, say).
+        return MegaBlocksExperts(d_model, ffn_config, strict=ffn_config.moe_backend == "megablocks")
     raise ValueError(f"ffn_config.moe_backend must be one of auto|torch|megablocks, got {backend!r}")
 
 

@@ -100,8 +100,11 @@ def check() -> None:
     from dbrx_train.model import DbrxFFNConfig
     from dbrx_train.model import moe as moe_lib
 
-    # CPU stand-ins for the two CUDA checks (device and dtype) of the backend.
-    moe_lib.MegaBlocksExperts.compute_dtype = staticmethod(lambda x: torch.bfloat16)
+    # CPU stand-ins for the backend's two CUDA checks: its forward tests device and dtype before
+    # calling the kernels' path, which is what runs here (in bf16, as under autocast on a GPU).
+    moe_lib.MegaBlocksExperts.forward = lambda self, x, routing: self.megablocks_forward(
+        x, routing, torch.bfloat16
+    )
     torch.cuda.is_available = lambda: True
 
     D, FF = 64, 96

@@ -217,8 +217,11 @@ def test_ffn_returns_its_layers_aux_loss_and_router_logits():
 
 def test_backend_resolution():
     assert moe_lib.resolve_moe_backend("torch") == "torch"
-    # "auto" stays on torch until the megablocks agreement tests have run on a GPU.
-    assert moe_lib.resolve_moe_backend("auto") == "torch"
+    # "auto": megablocks on CUDA with the [gpu] extra importable, the torch backend everywhere else.
+    usable = torch.cuda.is_available() and moe_lib.megablocks_import_error() is None
+    assert moe_lib.resolve_moe_backend("auto") == ("megablocks" if usable else "torch")
+    expected = moe_lib.MegaBlocksExperts if usable else moe_lib.TorchExperts
+    assert type(make_ffn(moe_backend="auto").experts) is expected
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")

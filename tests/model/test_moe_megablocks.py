@@ -106,6 +106,35 @@ def test_fp32_without_autocast_is_a_clear_error():
         mb(torch.randn(8, D, device="cuda"))
 
 
+def test_auto_picks_megablocks_and_falls_back_where_its_kernels_cannot_run():
+    """moe_backend auto on CUDA with the [gpu] extra: the megablocks kernels for bf16 on CUDA, the torch
+    backend's code on the same parameters for anything else (fp32 generation, a model still on CPU)."""
+    torch.manual_seed(0)
+    cfgs = {
+        b: DbrxFFNConfig(ffn_hidden_size=FF, moe_num_experts=16, moe_top_k=4, moe_backend=b)
+        for b in ("torch", "megablocks", "auto")
+    }
+    ffns = {b: DbrxFFN(D, cfg) for b, cfg in cfgs.items()}
+    for ffn in ffns.values():
+        ffn.load_state_dict(ffns["torch"].state_dict())
+    auto = ffns["auto"]
+    assert (
+        type(auto.experts) is MegaBlocksExperts
+        and not auto.experts.strict
+        and ffns["megablocks"].experts.strict
+    )
+    x = torch.randn(256, D)
+    torch.testing.assert_close(auto(x).out_ND, ffns["torch"](x).out_ND, rtol=0, atol=0)  # on CPU: torch code
+    for ffn in ffns.values():
+        ffn.cuda()
+    x = x.cuda()
+    # fp32 on CUDA: the torch code (to fp32 rounding: its index_add sums rows in atomic order on CUDA)
+    torch.testing.assert_close(auto(x).out_ND, ffns["torch"](x).out_ND, rtol=1e-5, atol=1e-6)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got, strict = auto(x).out_ND, ffns["megablocks"](x).out_ND
+    torch.testing.assert_close(got, strict, rtol=0, atol=0)  # bf16 on CUDA: the megablocks kernels
+
+
 def test_a_torch_backend_checkpoint_runs_on_megablocks():
     """Whole model: the torch backend's state_dict loads into the megablocks model, which gives the
     same loss, and gradients as close to the torch backend's fp32 gradients as its own bf16 ones are.
