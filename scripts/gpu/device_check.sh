@@ -71,7 +71,7 @@ bench() {  # bench [json-name] [peers]
   fi
   name="${1:-bench_gpu}"
   PYTHONPATH="$hf:$PYTHONPATH" timeout 300 python3 scripts/bench/bench_gpu.py --json "$out/$name.json" \
-    --peers "${2:-torch,compiled,megablocks,transformers}" 2>&1 | tee "$out/$name.txt"
+    --peers "${2:-torch,compiled,megablocks,megablocks_compiled,transformers}" 2>&1 | tee "$out/$name.txt"
 }
 
 for stage in "${stages[@]}"; do
@@ -91,7 +91,7 @@ for stage in "${stages[@]}"; do
       echo "== build done at $((SECONDS - start)) s"
       run_tests
       echo "== tests done at $((SECONDS - start)) s"
-      bench bench_gpu_megablocks torch,megablocks ;;
+      bench bench_gpu_megablocks torch,megablocks,megablocks_compiled ;;
     *) echo "unknown stage '$stage': use all, build, test, diag or bench"; exit 2 ;;
   esac
   echo "== $stage took $((SECONDS - start)) s"

@@ -67,7 +67,13 @@ def test_quick_gpu_bench_runs_every_peer_it_can():
     lines = []
     results = bench_gpu.run(quick=True, out=lines.append)
     rows = {row["peer"]: row for row in results["rows"]}
-    assert set(rows) == {"ours torch", "ours compiled", "ours megablocks", "transformers"}
+    assert set(rows) == {
+        "ours torch",
+        "ours compiled",
+        "ours megablocks",
+        "ours megablocks compiled",
+        "transformers",
+    }
     for name in ("ours torch", "ours compiled", "transformers"):
         assert all(
             positive(rows[name][k]) for k in ("s_per_step", "tokens_per_s", "mfu_measured", "first_loss")
@@ -75,5 +81,19 @@ def test_quick_gpu_bench_runs_every_peer_it_can():
     # Same weights, same batch: the first losses agree up to bf16 rounding and our aux-loss term.
     assert abs(rows["ours torch"]["first_loss"] - rows["transformers"]["first_loss"]) < 0.05
     if not torch.cuda.is_available():
-        assert rows["ours megablocks"]["note"] == "skipped: needs CUDA"
+        assert (
+            rows["ours megablocks"]["note"]
+            == rows["ours megablocks compiled"]["note"]
+            == "skipped: needs CUDA"
+        )
         assert any("ours megablocks: skipped (needs CUDA)" in line for line in lines)
+
+
+def test_quick_gpu_bench_times_only_the_peers_asked_for():
+    """--peers: a second run can time megablocks against ours torch without redoing every peer."""
+    import bench_gpu
+
+    results = bench_gpu.run(quick=True, peers=("torch",), out=lambda line: None)
+    (row,) = results["rows"]
+    assert row["peer"] == "ours torch" and positive(row["tokens_per_s"])
+    assert row["vs_hf"] != row["vs_hf"]  # NaN: transformers was not timed in this run
