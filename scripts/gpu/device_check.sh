@@ -70,7 +70,8 @@ bench() {  # bench [json-name] [peers]
       || { echo "transformers 4.57: install failed, the image's transformers is used:"; tail -5 /tmp/install_hf.log; }
   fi
   name="${1:-bench_gpu}"
-  PYTHONPATH="$hf:$PYTHONPATH" timeout 300 python3 scripts/bench/bench_gpu.py --json "$out/$name.json" \
+  # BENCH_ARGS passes more options, e.g. BENCH_ARGS="--batch 8": how MFU grows with the batch.
+  PYTHONPATH="$hf:$PYTHONPATH" timeout 300 python3 scripts/bench/bench_gpu.py --json "$out/$name.json" ${BENCH_ARGS:-} \
     --peers "${2:-torch,compiled,megablocks,megablocks_compiled,transformers}" 2>&1 | tee "$out/$name.txt"
 }
 
