@@ -146,6 +146,12 @@ class FSDPConfig:
     # Checkpoint format: sharded (every rank writes its shard) or full (one gathered state dict).
     state_dict_type: Literal["sharded", "full"] = "sharded"
     verbose: bool = False  # log Composer's FSDP setup details
+    # Expert parallelism (MegaBlocks' moe_expert_model_parallelism): each MoE layer's experts are split
+    # over groups of this many ranks, E/degree per rank, and tokens travel to them by all-to-all;
+    # FSDP shards the rest (and each expert over the world/degree ranks that hold it). Must divide
+    # the world size and moe_num_experts; FULL_SHARD or SHARD_GRAD_OP, init_device cpu, torch backend.
+    # null or 1: off, every rank holds every expert (FSDP-sharded like any weight).
+    expert_parallel_degree: int | None = None
 
 
 @dataclass

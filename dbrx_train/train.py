@@ -53,7 +53,12 @@ from dbrx_train.training.curriculum import build_train_data
 from dbrx_train.training.hf_export import HFExport, HFExportError, export_space
 from dbrx_train.training.nonfinite import exit_if_stopped, guard_of
 from dbrx_train.training.object_store import RemoteCheckpoints
-from dbrx_train.training.parallelize import build_parallelism_config, mark_fsdp_units
+from dbrx_train.training.parallelize import (
+    apply_expert_parallelism,
+    build_parallelism_config,
+    check_expert_parallel,
+    mark_fsdp_units,
+)
 from dbrx_train.training.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
 from dbrx_train.training.preemption import PreemptionHandler
 from dbrx_train.training.rank_zero import on_rank0
@@ -75,6 +80,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         device = resolve_device(cfg)
         check_init_device(cfg, device)
         check_moe_backend(cfg, device)
+        check_expert_parallel(cfg, layout.world_size)
         check_compile(cfg, device)
         check_pretrained(cfg)
         check_load_path(cfg)
@@ -159,6 +165,13 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
         c = cfg.compile_config
         compile_regions(model, c.regions, mode=c.mode, dynamic=c.dynamic)
     parallelism = None
+    if cfg.fsdp is not None and (cfg.fsdp.expert_parallel_degree or 1) > 1:
+        swapped = apply_expert_parallelism(model, cfg.fsdp, precision, "cuda" if device == "gpu" else "cpu")
+        log.info(
+            "expert parallelism: %d MoE layers, %d experts per rank (the torch backend's code)",
+            swapped,
+            cfg.model.dbrx.ffn_config.moe_num_experts // cfg.fsdp.expert_parallel_degree,
+        )
     if cfg.fsdp is not None:
         mark_fsdp_units(model)
         parallelism = build_parallelism_config(cfg.fsdp, "cuda" if device == "gpu" else "cpu")

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
-from composer.core import Algorithm, Callback
-from composer.loggers import ConsoleLogger, FileLogger, LoggerDestination, WandBLogger
+from composer.core import Algorithm, Callback, Event, State
+from composer.loggers import ConsoleLogger, FileLogger, Logger, LoggerDestination, WandBLogger
 from composer.optim import (
     ConstantWithWarmupScheduler,
     CosineAnnealingWithWarmupScheduler,
@@ -20,6 +20,7 @@ from composer.optim import (
 from dbrx_train.config import SchedulerConfig, TrainConfig
 from dbrx_train.training.callbacks import TrainPerplexity
 from dbrx_train.training.expert_load import ExpertLoadMonitor
+from dbrx_train.training.expert_parallel import clip_grad_norm_sharded_
 from dbrx_train.training.hf_export import HFExport
 from dbrx_train.training.lion import DecoupledLionW
 from dbrx_train.training.metrics_file import MetricsFileLogger
@@ -46,13 +47,23 @@ def build_scheduler(sched: SchedulerConfig):
     return ConstantWithWarmupScheduler(t_warmup=sched.t_warmup)
 
 
+class ShardedNormClipping(GradientClipping):
+    """Norm clipping when the gradients live on two meshes (expert parallelism): Composer's calls
+    torch's clip_grad_norm_, which cannot total DTensors from different meshes."""
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.AFTER_TRAIN_BATCH:
+            clip_grad_norm_sharded_(state.model.parameters(), self.clipping_threshold)
+
+
 def build_algorithms(cfg: TrainConfig) -> list[Algorithm]:
     algorithms: list[Algorithm] = []
     clip = cfg.algorithms.gradient_clipping
     if clip is not None:
-        algorithms.append(
-            GradientClipping(clipping_type=clip.clipping_type, clipping_threshold=clip.clipping_threshold)
-        )
+        expert_parallel = cfg.fsdp is not None and (cfg.fsdp.expert_parallel_degree or 1) > 1
+        # 'value' and 'adaptive' work per parameter, hence on any mix of meshes.
+        kind = ShardedNormClipping if expert_parallel and clip.clipping_type == "norm" else GradientClipping
+        algorithms.append(kind(clipping_type=clip.clipping_type, clipping_threshold=clip.clipping_threshold))
     return algorithms
 
 

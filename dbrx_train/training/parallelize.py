@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from composer.utils import dist
 from composer.utils.parallelism import FSDP2Config, ParallelismConfig
 from torch.distributed.device_mesh import init_device_mesh
@@ -39,6 +40,8 @@ def mark_fsdp_units(model: DbrxForCausalLM) -> None:
 def build_parallelism_config(fsdp: FSDPConfig, device_type: str) -> ParallelismConfig:
     """FSDP2 config with the device mesh for the chosen sharding strategy. Needs dist initialised."""
     world_size = dist.get_world_size()
+    if device_type == "cpu":
+        average_gradients_on_gloo()
     mesh = None
     if fsdp.sharding_strategy == "HYBRID_SHARD":
         shard = fsdp.data_parallel_shard_degree or dist.get_local_world_size()
@@ -67,3 +70,85 @@ def build_parallelism_config(fsdp: FSDPConfig, device_type: str) -> ParallelismC
             verbose=fsdp.verbose,
         )
     return ParallelismConfig(fsdp2=fsdp2)
+
+
+def check_expert_parallel(cfg, world_size: int) -> None:
+    """fsdp_config.expert_parallel_degree against the run, before any process group exists."""
+    fsdp = cfg.fsdp
+    degree = fsdp.expert_parallel_degree if fsdp is not None else None
+    if degree is None or degree == 1:
+        return
+    key = "fsdp_config.expert_parallel_degree"
+    experts = cfg.model.dbrx.ffn_config.moe_num_experts
+    if degree < 1 or world_size % degree:
+        raise ConfigError(f"{key}={degree} must divide the number of ranks ({world_size})")
+    if experts % degree:
+        raise ConfigError(f"{key}={degree} must divide model.ffn_config.moe_num_experts ({experts})")
+    if fsdp.sharding_strategy == "HYBRID_SHARD":
+        raise ConfigError(f"{key} works with FULL_SHARD or SHARD_GRAD_OP, not HYBRID_SHARD")
+    if cfg.model.init_device != "cpu":
+        raise ConfigError(
+            f"{key} needs model.init_device: cpu (every rank builds the weights, keeps its experts)"
+        )
+    if cfg.model.dbrx.ffn_config.moe_backend == "megablocks":
+        raise ConfigError(
+            f"{key} runs the torch backend's experts; set model.ffn_config.moe_backend: torch (or auto)"
+        )
+
+
+def apply_expert_parallelism(
+    model: DbrxForCausalLM, fsdp: FSDPConfig, precision: str, device_type: str
+) -> int:
+    """Shard each layer's experts over an expert-parallel mesh and `fully_shard` them on their own
+    expert-data mesh, before the Trainer wraps the blocks (FSDP leaves nested FSDP modules alone).
+
+    Mesh (world/ep, ep): ranks r*ep .. r*ep+ep-1 form one EP group; experts are sharded by rows over
+    "ep" (a DTensor, so checkpoints keep the global shapes) and FSDP-sharded over "expert_dp".
+    FSDP averages their gradients over expert_dp; `grad_scale` 1/ep completes the mean over all ranks.
+    """
+    from composer.core import Precision
+    from composer.distributed.fsdp2 import create_mixed_precision_policy
+    from torch.distributed.fsdp import fully_shard
+
+    from dbrx_train.training.expert_parallel import apply_expert_parallel
+
+    degree = fsdp.expert_parallel_degree
+    world_size = dist.get_world_size()
+    mesh = init_device_mesh(device_type, (world_size // degree, degree), mesh_dim_names=("expert_dp", "ep"))
+    swapped = apply_expert_parallel(model, mesh["ep"], grad_scale=1.0 / degree)
+    mp_policy = create_mixed_precision_policy(Precision(precision), fsdp.mixed_precision)
+    for module in model.modules():
+        if type(module).__name__ == "ExpertParallelExperts":
+            fully_shard(
+                module,
+                mesh=mesh["expert_dp"],
+                reshard_after_forward=fsdp.sharding_strategy != "SHARD_GRAD_OP",
+                mp_policy=mp_policy,
+            )
+    return swapped
+
+
+def average_gradients_on_gloo() -> None:
+    """Make FSDP2 average gradients over ranks on gloo (CPU), as it does on NCCL.
+
+    torch 2.7's FSDP2 reduces fp32/bf16 gradients with ReduceOp.AVG. Gloo has no AVG: its
+    reduce-scatter silently sums (measured: a 2-rank gradient came out 2x the mean), and HSDP's
+    all-reduce refuses it ("Cannot use ReduceOp.AVG with Gloo"). FSDP2's own fp16 path divides before
+    and after a SUM instead; for gloo groups we send every dtype down that path. Without this, CPU
+    multi-rank runs trained on the sum of the ranks' gradients (Adam barely notices; gradient
+    clipping, AdamW's eps and elastic resumes do).
+    """
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives as collectives
+
+    original = collectives._get_gradient_divide_factors
+    if getattr(original, "_dbrx_gloo_average", False):
+        return
+
+    def divide_factors(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type=""):
+        if torch.distributed.get_backend(reduce_scatter_group) == "gloo":
+            # What the original returns for fp16: a pre- and a post-divide around ReduceOp.SUM.
+            return original(reduce_scatter_group, all_reduce_group, torch.float16, device_type)
+        return original(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type)
+
+    divide_factors._dbrx_gloo_average = True
+    collectives._get_gradient_divide_factors = divide_factors

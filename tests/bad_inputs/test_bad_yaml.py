@@ -94,3 +94,28 @@ def test_compile_on_cpu_without_a_cxx_compiler_is_refused_before_the_run(monkeyp
     with pytest.raises(ConfigError, match=r"compile_config: torch.compile on CPU needs a C\+\+ compiler"):
         check_compile(cfg, "cpu")
     check_compile(load_config(str(CASES / "missing-data-folder.yaml"), []), "cpu")  # no compile: no check
+
+
+@pytest.mark.parametrize(
+    "overrides,world_size,message",
+    [
+        (
+            ["model.ffn_config.moe_num_experts=6"],
+            4,
+            r"expert_parallel_degree=4 must divide model.ffn_config.moe_num_experts \(6\)",
+        ),
+        (["fsdp_config.sharding_strategy=HYBRID_SHARD"], 2, r"FULL_SHARD or SHARD_GRAD_OP, not HYBRID_SHARD"),
+        (["model.init_device=mixed"], 2, r"needs model.init_device: cpu"),
+        (["model.ffn_config.moe_backend=megablocks"], 2, r"runs the torch backend's experts"),
+    ],
+)
+def test_expert_parallel_misconfigurations_are_refused_before_the_run(overrides, world_size, message):
+    from dbrx_train.config import load_config
+    from dbrx_train.schema import ConfigError
+    from dbrx_train.training.parallelize import check_expert_parallel
+
+    path = CASES / "expert-parallel-degree.yaml"
+    degree = [f"fsdp_config.expert_parallel_degree={world_size}"]
+    check_expert_parallel(load_config(str(path), degree), world_size)  # the base config is accepted
+    with pytest.raises(ConfigError, match=message):
+        check_expert_parallel(load_config(str(path), degree + overrides), world_size)
