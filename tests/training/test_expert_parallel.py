@@ -5,6 +5,7 @@ import faulthandler
 import os
 import socket
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,29 @@ def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
         assert rel < 1e-3, f"{key}: normwise relative difference {rel:.1e}"
 
 
+def saved_adam_moments(checkpoint) -> dict[str, torch.Tensor]:
+    """Every AdamW first moment in a Composer (DCP) checkpoint, read whole: it is proportional to the
+    gradient, so it shows a gradient scale that AdamW's own updates would hide."""
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(str(checkpoint))
+    metadata = reader.read_metadata().state_dict_metadata
+    moments = {key: torch.empty(meta.size) for key, meta in metadata.items() if key.endswith(".exp_avg")}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(moments, storage_reader=reader)
+    assert any("experts.mlp.w1" in key for key in moments)
+    return moments
+
+
+def assert_same_gradients(got_checkpoint, want_checkpoint) -> None:
+    got, want = saved_adam_moments(got_checkpoint), saved_adam_moments(want_checkpoint)
+    assert got.keys() == want.keys()
+    for key in want:
+        rel = ((got[key] - want[key]).norm() / want[key].norm()).item()
+        assert rel < 1e-4, f"{key}: normwise relative difference {rel:.1e}"
+
+
 @pytest.fixture(scope="module")
 def ep_runs(default_corpus, tmp_path_factory):
     """4-batch 2-rank runs, checkpoints at 2 and 4: plain FSDP and FSDP + expert parallelism 2."""
@@ -170,6 +194,8 @@ def test_expert_parallel_training_equals_plain_fsdp(ep_runs):
         assert got[batch] == pytest.approx(want[batch], rel=1e-6), batch
     # The HF export gathers every expert from its owner: the same weights as without EP.
     assert_same_weights(exported(root / "ep"), exported(root / "fsdp"))
+    # The same gradients too (the mean over ranks), which the losses alone cannot show under AdamW.
+    assert_same_gradients(root / "ep" / "ep0-ba2", root / "fsdp" / "ep0-ba2")
 
 
 @pytest.mark.slow
@@ -177,7 +203,10 @@ def test_expert_parallel_resumes_exactly(ep_runs, default_corpus, tmp_path):
     from tests.training.test_train_e2e import launch
 
     root, _ = ep_runs
-    launch(2, tmp_path / "resumed", default_corpus, *EP_RUN, EP2, f"load_path={root / 'ep' / 'ep0-ba2'}")
+    # With activation checkpointing: each block's forward, token exchanges included, runs again in
+    # backward; the numbers do not change.
+    resume = [f"load_path={root / 'ep' / 'ep0-ba2'}", "fsdp_config.activation_checkpointing=true"]
+    launch(2, tmp_path / "resumed", default_corpus, *EP_RUN, EP2, *resume)
     got, want = train_losses(tmp_path / "resumed"), train_losses(root / "ep")
     assert got == {3: want[3], 4: want[4]}  # bit for bit
     assert_same_weights(exported(tmp_path / "resumed"), exported(root / "ep"))
@@ -217,3 +246,19 @@ def test_a_plain_fsdp_checkpoint_resumes_with_expert_parallelism(ep_runs, defaul
     for batch in (3, 4):
         assert got[batch] == pytest.approx(want[batch], rel=1e-6), batch
     assert_same_weights(exported(tmp_path / "resumed"), exported(root / "fsdp"))
+
+
+@pytest.mark.slow
+def test_expert_parallel_on_four_ranks_shards_each_expert_over_two(default_corpus, tmp_path):
+    """ep 2 of 4 ranks: each expert lives on 2 ranks (FSDP over "expert_dp"), which average its
+    gradient; the run equals plain FSDP on 4 ranks."""
+    from tests.training.test_train_e2e import launch
+
+    four = [*EP_RUN, "max_duration=2ba", "device_train_microbatch_size=2", "callbacks.hf_export=null"]
+    launch(4, tmp_path / "fsdp", default_corpus, *four)
+    launch(4, tmp_path / "ep", default_corpus, *four, EP2)
+    got, want = train_losses(tmp_path / "ep"), train_losses(tmp_path / "fsdp")
+    assert sorted(got) == [1, 2]
+    for batch in want:
+        assert got[batch] == pytest.approx(want[batch], rel=1e-6), batch
+    assert_same_gradients(tmp_path / "ep" / "ep0-ba2", tmp_path / "fsdp" / "ep0-ba2")
