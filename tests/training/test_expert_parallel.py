@@ -121,6 +121,9 @@ EP_RUN = [
     "curriculum=null",
     "callbacks.sample_log={}",
     "callbacks.expert_load=null",
+    # Norm clipping always engaged, so equal AdamW moments also show the clip coefficient computed
+    # over both meshes (clip_grad_norm_sharded_) equals torch's over one.
+    "algorithms.gradient_clipping.clipping_threshold=0.001",
     # fp32 HF folders at batches 2 and 4: full weights, gathered from every shard
     "callbacks.hf_export={dtype: fp32, tokenizer: false, save_interval: 2ba}",
 ]
