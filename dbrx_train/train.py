@@ -57,6 +57,7 @@ from dbrx_train.training.parallelize import (
     apply_expert_parallelism,
     build_parallelism_config,
     check_expert_parallel,
+    expert_parallel_degree,
     mark_fsdp_units,
 )
 from dbrx_train.training.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
@@ -165,16 +166,17 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
         c = cfg.compile_config
         compile_regions(model, c.regions, mode=c.mode, dynamic=c.dynamic)
     parallelism = None
-    if cfg.fsdp is not None and (cfg.fsdp.expert_parallel_degree or 1) > 1:
-        swapped = apply_expert_parallelism(model, cfg.fsdp, precision, "cuda" if device == "gpu" else "cpu")
+    device_type = "cuda" if device == "gpu" else "cpu"
+    if (degree := expert_parallel_degree(cfg.fsdp)) > 1:
+        swapped = apply_expert_parallelism(model, cfg.fsdp, precision, device_type)
         log.info(
             "expert parallelism: %d MoE layers, %d experts per rank (the torch backend's code)",
             swapped,
-            cfg.model.dbrx.ffn_config.moe_num_experts // cfg.fsdp.expert_parallel_degree,
+            cfg.model.dbrx.ffn_config.moe_num_experts // degree,
         )
     if cfg.fsdp is not None:
         mark_fsdp_units(model)
-        parallelism = build_parallelism_config(cfg.fsdp, "cuda" if device == "gpu" else "cpu")
+        parallelism = build_parallelism_config(cfg.fsdp, device_type)
     composer_model = DbrxComposerModel(model)
     optimizer = build_optimizer(cfg, composer_model.parameters())
     check_checkpoint_space(cfg, Path(run_folder), model, start)

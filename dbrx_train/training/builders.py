@@ -25,6 +25,7 @@ from dbrx_train.training.hf_export import HFExport
 from dbrx_train.training.lion import DecoupledLionW
 from dbrx_train.training.metrics_file import MetricsFileLogger
 from dbrx_train.training.nonfinite import NonFiniteLossGuard
+from dbrx_train.training.parallelize import expert_parallel_degree
 from dbrx_train.training.peak_flops import device_peak_flops
 from dbrx_train.training.progress import TrainingProgressBar
 from dbrx_train.training.sample_log import SampleLog
@@ -60,7 +61,7 @@ def build_algorithms(cfg: TrainConfig) -> list[Algorithm]:
     algorithms: list[Algorithm] = []
     clip = cfg.algorithms.gradient_clipping
     if clip is not None:
-        expert_parallel = cfg.fsdp is not None and (cfg.fsdp.expert_parallel_degree or 1) > 1
+        expert_parallel = expert_parallel_degree(cfg.fsdp) > 1
         # 'value' and 'adaptive' work per parameter, hence on any mix of meshes.
         kind = ShardedNormClipping if expert_parallel and clip.clipping_type == "norm" else GradientClipping
         algorithms.append(kind(clipping_type=clip.clipping_type, clipping_threshold=clip.clipping_threshold))

@@ -130,10 +130,12 @@ def shard_expert_weights(mlp: ExpertGLU, ep_mesh: DeviceMesh) -> None:
         setattr(mlp, name, nn.Parameter(sharded, requires_grad=full.requires_grad))
 
 
-def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, grad_scale: float) -> int:
+def apply_expert_parallel(
+    model: nn.Module, ep_mesh: DeviceMesh, grad_scale: float
+) -> list[ExpertParallelExperts]:
     """Swap every torch-backend experts module of `model` for its expert-parallel version; returns
-    how many were swapped."""
-    swapped = 0
+    the new modules."""
+    swapped = []
     for module in list(model.modules()):
         experts = getattr(module, "experts", None)
         if isinstance(experts, TorchExperts) and not isinstance(experts, ExpertParallelExperts):
@@ -143,7 +145,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, grad_scale: flo
                 )
             shard_expert_weights(experts.mlp, ep_mesh)
             module.experts = ExpertParallelExperts(experts.mlp, ep_mesh, grad_scale)
-            swapped += 1
+            swapped.append(module.experts)
     return swapped
 
 

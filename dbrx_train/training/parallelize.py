@@ -15,7 +15,7 @@ from composer.utils import dist
 from composer.utils.parallelism import FSDP2Config, ParallelismConfig
 from torch.distributed.device_mesh import init_device_mesh
 
-from dbrx_train.config import FSDPConfig
+from dbrx_train.config import FSDPConfig, TrainConfig
 from dbrx_train.model import DbrxForCausalLM
 from dbrx_train.model.dbrx import DbrxBlock
 from dbrx_train.schema import ConfigError
@@ -72,11 +72,16 @@ def build_parallelism_config(fsdp: FSDPConfig, device_type: str) -> ParallelismC
     return ParallelismConfig(fsdp2=fsdp2)
 
 
-def check_expert_parallel(cfg, world_size: int) -> None:
+def expert_parallel_degree(fsdp: FSDPConfig | None) -> int:
+    """fsdp_config.expert_parallel_degree, 1 when off (no FSDP, null or 1)."""
+    return (fsdp.expert_parallel_degree or 1) if fsdp is not None else 1
+
+
+def check_expert_parallel(cfg: TrainConfig, world_size: int) -> None:
     """fsdp_config.expert_parallel_degree against the run, before any process group exists."""
     fsdp = cfg.fsdp
-    degree = fsdp.expert_parallel_degree if fsdp is not None else None
-    if degree is None or degree == 1:
+    degree = expert_parallel_degree(fsdp)
+    if degree == 1:
         return
     key = "fsdp_config.expert_parallel_degree"
     experts = cfg.model.dbrx.ffn_config.moe_num_experts
@@ -117,15 +122,14 @@ def apply_expert_parallelism(
     mesh = init_device_mesh(device_type, (world_size // degree, degree), mesh_dim_names=("expert_dp", "ep"))
     swapped = apply_expert_parallel(model, mesh["ep"], grad_scale=1.0 / degree)
     mp_policy = create_mixed_precision_policy(Precision(precision), fsdp.mixed_precision)
-    for module in model.modules():
-        if type(module).__name__ == "ExpertParallelExperts":
-            fully_shard(
-                module,
-                mesh=mesh["expert_dp"],
-                reshard_after_forward=fsdp.sharding_strategy != "SHARD_GRAD_OP",
-                mp_policy=mp_policy,
-            )
-    return swapped
+    for experts in swapped:
+        fully_shard(
+            experts,
+            mesh=mesh["expert_dp"],
+            reshard_after_forward=fsdp.sharding_strategy != "SHARD_GRAD_OP",
+            mp_policy=mp_policy,
+        )
+    return len(swapped)
 
 
 def average_gradients_on_gloo() -> None:
