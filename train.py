@@ -1,3 +1,3 @@
-from dbrx_train.train import main
+from dbrx_train.training.train import main
 
 main()

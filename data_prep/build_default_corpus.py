@@ -35,7 +35,7 @@ import numpy as np
 
 from dbrx_train.data.finetuning import convert_conversations
 from dbrx_train.data.prepare import pack_to_mds, prepare_output_folder, tokenize_documents
-from dbrx_train.tokenizer import DbrxTokenizer, load_tokenizer
+from dbrx_train.data.tokenizer import DbrxTokenizer, load_tokenizer
 
 VAL_FRACTION = 0.05
 MIN_VAL_SAMPLES = 8
@@ -241,7 +241,7 @@ def build_default_corpus(
     manifest = {
         "description": "Default dbrx-train pretraining corpus, built offline by data_prep/build_default_corpus.py",
         "python": platform.python_version(),
-        "tokenizer": "cl100k_base + DBRX special tokens (dbrx_train.tokenizer), EOS after each document",
+        "tokenizer": "cl100k_base + DBRX special tokens (dbrx_train.data.tokenizer), EOS after each document",
         "max_seq_len": max_seq_len,
         "streams": {},
     }

@@ -4,7 +4,7 @@
 
 Each line is one conversation, either {"prompt": "...", "response": "..."} or
 {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}. It is rendered in
-DBRX's ChatML format (dbrx_train/chat.py) and written as `input_ids` and `labels`
+DBRX's ChatML format (dbrx_train/data/chat.py) and written as `input_ids` and `labels`
 (`ndarray:int32`, labels = -100 except on assistant turns and their <|im_end|>).
 
 Longer than --max-seq-len: --truncation truncate (cut the end; default), skip, or error.

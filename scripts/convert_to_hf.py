@@ -5,7 +5,7 @@
 
 The checkpoint is a sharded folder (`ep0-baN/`, any number of ranks) or `ep0-baN/rank0.pt`; the
 model config comes from the run folder's config.yaml unless --config is given. Runs on one
-process, reading and writing one tensor at a time (see dbrx_train/composer_checkpoint.py).
+process, reading and writing one tensor at a time (see dbrx_train/checkpoint/composer_weights.py).
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from dbrx_train.composer_checkpoint import (
+from dbrx_train.checkpoint.composer_weights import (
     check_shapes,
     read_composer_checkpoint,
     read_model_config,
     run_config_path,
 )
-from dbrx_train.model.hf import DEFAULT_MAX_SHARD_BYTES, save_hf_folder
-from dbrx_train.training.hf_export import DTYPES
+from dbrx_train.model.hf import DEFAULT_MAX_SHARD_BYTES, EXPORT_DTYPES, save_hf_folder
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="Composer checkpoint: ep0-baN/ folder or ep0-baN/rank0.pt")
     parser.add_argument("out", help="HF folder to write")
     parser.add_argument("--config", help="the run's config.yaml (default: next to the checkpoint)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default="bf16")
     parser.add_argument("--max-shard-size", type=int, default=DEFAULT_MAX_SHARD_BYTES, help="bytes per shard")
     parser.add_argument("--no-tokenizer", action="store_true", help="skip the tokenizer files")
     args = parser.parse_args(argv)
@@ -50,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         config,
         {name: weights.shapes[name] for name in weights.shapes},
         weights.get_tensor,
-        DTYPES[args.dtype],
+        EXPORT_DTYPES[args.dtype],
         args.max_shard_size,
         tokenizer=not args.no_tokenizer,
     )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dbrx_train.config import TrainConfig
-from dbrx_train.config_docs import render
+from dbrx_train.config.docs import render
+from dbrx_train.config.run import TrainConfig
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 

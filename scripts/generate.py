@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from dbrx_train.chat import render_chat
-from dbrx_train.composer_checkpoint import load_model
-from dbrx_train.generate import SamplingConfig, generate
-from dbrx_train.tokenizer import load_tokenizer
+from dbrx_train.checkpoint.composer_weights import load_model
+from dbrx_train.data.chat import render_chat
+from dbrx_train.data.tokenizer import load_tokenizer
+from dbrx_train.model.generate import SamplingConfig, generate
 
 
 def main(argv: list[str] | None = None) -> None:

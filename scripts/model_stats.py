@@ -18,7 +18,8 @@ import sys
 
 import torch
 
-from dbrx_train.config import load_config
+from dbrx_train.config.run import load_config
+from dbrx_train.config.schema import ConfigError
 from dbrx_train.model import DbrxForCausalLM
 from dbrx_train.model.stats import (
     count_params,
@@ -26,7 +27,6 @@ from dbrx_train.model.stats import (
     flops_per_token,
     kv_cache_bytes_per_token,
 )
-from dbrx_train.schema import ConfigError
 
 GIB = 1024**3
 

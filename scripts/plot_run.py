@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from dbrx_train.report import write_report
+from dbrx_train.report.run_report import write_report
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from dbrx_train.chat import (
+from dbrx_train.data.chat import (
     CHAT_TEMPLATE,
     DEFAULT_SYSTEM_PROMPT,
     chat_segments,
     render_chat,
     validate_messages,
 )
-from dbrx_train.tokenizer import load_tokenizer
+from dbrx_train.data.tokenizer import load_tokenizer
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2+2?"}],

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from dbrx_train import checkpoint_store as store
-from dbrx_train.training.resume_guard import check_resume_config
+from dbrx_train.checkpoint import store
+from dbrx_train.checkpoint.resume_guard import check_resume_config
 
 
 def make_checkpoint(run, name: str, batch: int, payload: bytes = b"weights") -> store.Checkpoint:
@@ -78,7 +78,7 @@ def test_a_process_killed_mid_save_leaves_only_a_temporary(tmp_path):
 import os, signal, sys
 sys.path.insert(0, {str(os.getcwd())!r})
 from pathlib import Path
-from dbrx_train import checkpoint_store as store
+from dbrx_train.checkpoint import store
 tmp = store.temp_folder(Path({str(tmp_path)!r}), "ep0-ba20")
 tmp.mkdir()
 with open(tmp / "rank0.pt", "wb") as f:

@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dbrx_train.config import batch_layout, load_config, parse_config, resolved_dict
+from dbrx_train.config.run import batch_layout, load_config, parse_config, resolved_dict
+from dbrx_train.config.schema import ConfigError
 from dbrx_train.model import DbrxForCausalLM
 from dbrx_train.model.stats import count_params
-from dbrx_train.schema import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "yamls/pretrain/dbrx-tiny.yaml"

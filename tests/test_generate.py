@@ -11,9 +11,10 @@ import pytest
 import torch
 import transformers
 
-from dbrx_train.generate import SamplingConfig, generate, next_token
 from dbrx_train.model import DbrxConfig, DbrxForCausalLM
 from dbrx_train.model.dbrx import KVCache
+from dbrx_train.model.generate import SamplingConfig, generate, next_token
+from dbrx_train.model.hf import save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +88,7 @@ def test_stops_at_eos():
 
 def test_greedy_equals_transformers_generate(tmp_path):
     model = tiny_model(seed=3)
-    model.save_pretrained(tmp_path, tokenizer=False, dtype=torch.float32)
+    save_pretrained(model, tmp_path, tokenizer=False, dtype=torch.float32)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     cfg = SamplingConfig(max_new_tokens=15)
     ours = generate(model, PROMPTS, cfg)
@@ -125,7 +126,7 @@ def test_sampling_filters():
 
 
 def test_generate_script_on_hf_folder(tmp_path):
-    tiny_model(V=100352).save_pretrained(tmp_path, dtype=torch.float32, tokenizer=False)  # DBRX's vocabulary
+    save_pretrained(tiny_model(V=100352), tmp_path, dtype=torch.float32, tokenizer=False)  # DBRX's vocabulary
     cmd = [
         sys.executable,
         str(ROOT / "scripts/generate.py"),

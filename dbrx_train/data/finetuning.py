@@ -2,7 +2,7 @@
 
     .jsonl rows  {"prompt": str, "response": str}
              or  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
-      -> ChatML ids (`dbrx_train.chat`, the one definition of the format) and a per-token mask
+      -> ChatML ids (`dbrx_train.data.chat`, the one definition of the format) and a per-token mask
       -> MDS samples `input_ids` / `labels` (both `ndarray:int32`, same length <= max_seq_len;
          labels = input_ids where trained, -100 elsewhere)
       -> the loader pads each sample to max_seq_len (pad id, labels -100): `(B, T)` batches.
@@ -28,7 +28,7 @@ import torch
 from streaming import MDSWriter, StreamingDataLoader
 from tqdm import tqdm
 
-from dbrx_train.chat import validate_messages
+from dbrx_train.data.chat import validate_messages
 from dbrx_train.data.integrity import at_most_size, check_shard_files
 from dbrx_train.data.prepare import expand_inputs, prepare_output_folder
 from dbrx_train.data.text import (
@@ -38,7 +38,7 @@ from dbrx_train.data.text import (
     check_local_streams,
 )
 from dbrx_train.data.token_mds import SHARD_HASHES, iter_samples, read_index
-from dbrx_train.tokenizer import DBRX_ADDED_TOKENS, DBRX_VOCAB_SIZE, DbrxTokenizer, load_tokenizer
+from dbrx_train.data.tokenizer import DBRX_ADDED_TOKENS, DBRX_VOCAB_SIZE, DbrxTokenizer, load_tokenizer
 
 IGNORE_INDEX = -100  # the label of a position that is not trained (HF / PyTorch convention)
 PAD_TOKEN_ID = DBRX_ADDED_TOKENS["<|pad|>"]

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from dbrx_train.schema import closest_key
+from dbrx_train.config.schema import closest_key
 
 TIME_PATTERN = re.compile(r"\s*(\d+(?:\.\d+)?(?:e\d+)?)(ba|sp|tok|dur|ep)\s*")
 

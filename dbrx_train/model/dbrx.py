@@ -403,25 +403,6 @@ class DbrxForCausalLM(nn.Module):
             loss = lm_loss + aux_loss
         return CausalLMOutput(logits_BTV, loss, lm_loss, aux_loss, out.router_logits, past_key_values)
 
-    @classmethod
-    def from_pretrained(cls, folder, device: str | torch.device = "cpu") -> DbrxForCausalLM:
-        """Load an HF DBRX folder (config.json + safetensors, single or sharded), in fp32."""
-        from dbrx_train.model.hf import check_hf_folder, load_hf_weights
-
-        config = check_hf_folder(folder)
-        with torch.device("meta"):
-            model = cls(config)
-        model.to_empty(device=device)
-        model.transformer.rotary.init_weights()  # the only non-checkpoint state
-        load_hf_weights(model, folder)
-        return model
-
-    def save_pretrained(self, folder, dtype: torch.dtype | None = None, **kwargs) -> None:
-        """Write an HF DBRX folder that transformers.AutoModelForCausalLM loads (see model/hf.py)."""
-        from dbrx_train.model.hf import save_pretrained
-
-        save_pretrained(self, folder, dtype=dtype, **kwargs)
-
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
         """Fill every parameter and the RoPE buffers in place, on whatever device they live.

@@ -25,12 +25,15 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from dbrx_train.model.config import DbrxAttentionConfig, DbrxConfig, DbrxFFNConfig
+from dbrx_train.model.dbrx import DbrxForCausalLM
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size="5GB"
+# The dtypes an export may be written in, by the names configs and scripts use.
+EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 # Generation stops at either end of text or end of a chat turn (as databricks/dbrx-instruct).
 EOS_TOKEN_IDS = (100257, 100279)  # <|endoftext|>, <|im_end|>
@@ -104,8 +107,6 @@ def weight_files(folder: str | Path) -> dict[str, Path]:
 
 def expected_shapes(config: DbrxConfig) -> dict[str, torch.Size]:
     """Parameter name -> shape of our (= HF's) DbrxForCausalLM, computed on `meta`."""
-    from dbrx_train.model.dbrx import DbrxForCausalLM
-
     with torch.device("meta"):
         model = DbrxForCausalLM(config)
     return {name: t.shape for name, t in model.state_dict().items()}
@@ -134,6 +135,17 @@ def check_hf_folder(folder: str | Path, config: DbrxConfig | None = None) -> Dbr
                         f"{path}: tensor '{name}' has shape {tuple(shape)}, expected {tuple(shapes[name])}"
                     )
     return config
+
+
+def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> DbrxForCausalLM:
+    """An HF DBRX folder (config.json + safetensors, single or sharded) as our model, in fp32."""
+    config = check_hf_folder(folder)
+    with torch.device("meta"):
+        model = DbrxForCausalLM(config)
+    model.to_empty(device=device)
+    model.transformer.rotary.init_weights()  # the only non-checkpoint state
+    load_hf_weights(model, folder)
+    return model
 
 
 @torch.no_grad()
@@ -281,7 +293,7 @@ def save_hf_folder(
     write_hf_config(folder, config, dtype)
     write_hf_weights(folder, expected, get_tensor, dtype, max_shard_bytes)
     if tokenizer:
-        from dbrx_train.hf_tokenizer import save_hf_tokenizer
+        from dbrx_train.data.hf_tokenizer import save_hf_tokenizer
 
         save_hf_tokenizer(folder)
 

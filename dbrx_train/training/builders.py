@@ -17,11 +17,11 @@ from composer.optim import (
     LinearWithWarmupScheduler,
 )
 
-from dbrx_train.config import SchedulerConfig, TrainConfig
+from dbrx_train.checkpoint.hf_export import HFExport
+from dbrx_train.config.run import SchedulerConfig, TrainConfig
 from dbrx_train.training.callbacks import TrainPerplexity
 from dbrx_train.training.expert_load import ExpertLoadMonitor
 from dbrx_train.training.expert_parallel import clip_grad_norm_sharded_
-from dbrx_train.training.hf_export import HFExport
 from dbrx_train.training.lion import DecoupledLionW
 from dbrx_train.training.metrics_file import MetricsFileLogger
 from dbrx_train.training.nonfinite import NonFiniteLossGuard

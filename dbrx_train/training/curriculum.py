@@ -27,11 +27,11 @@ from composer.loggers import Logger
 from composer.utils import dist
 from streaming import StreamingDataLoader
 
-from dbrx_train.config import BatchLayout, TrainConfig
+from dbrx_train.config.run import BatchLayout, TrainConfig
+from dbrx_train.config.schema import ConfigError
 from dbrx_train.data.loaders import build_dataloader
 from dbrx_train.data.mixture import Segment, plan_segments
 from dbrx_train.data.text import stream_names
-from dbrx_train.schema import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from composer.utils import dist
 from composer.utils.parallelism import FSDP2Config, ParallelismConfig
 from torch.distributed.device_mesh import init_device_mesh
 
-from dbrx_train.config import FSDPConfig, TrainConfig
+from dbrx_train.config.run import FSDPConfig, TrainConfig
+from dbrx_train.config.schema import ConfigError
 from dbrx_train.model import DbrxForCausalLM
 from dbrx_train.model.dbrx import DbrxBlock
-from dbrx_train.schema import ConfigError
 
 
 def mark_fsdp_units(model: DbrxForCausalLM) -> None:

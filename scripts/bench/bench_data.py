@@ -27,7 +27,7 @@ from pathlib import Path
 import tiktoken
 import torch
 
-from dbrx_train.config import load_config
+from dbrx_train.config.run import load_config
 from dbrx_train.data.prepare import convert_text_to_mds, pack_to_mds, tokenize_documents
 from dbrx_train.data.text import StreamConfig, TextDatasetConfig, TextLoaderConfig, build_text_dataloader
 from dbrx_train.model import DbrxForCausalLM

@@ -145,7 +145,7 @@ def run(quick: bool = False, threads: int = 2, out=print) -> dict:
 
 
 def cluster_report(out=print) -> list[list[str]]:
-    from dbrx_train.config import load_config
+    from dbrx_train.config.run import load_config
 
     cfg = load_config(str(YAML_132B), [])
     a = bench_cluster.Assumptions(

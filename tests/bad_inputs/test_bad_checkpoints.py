@@ -15,7 +15,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from dbrx_train import checkpoint_store as store
+from dbrx_train.checkpoint import safe_load, store
 from tests.training.test_train_e2e import ROOT, SMALL, TINY
 
 
@@ -86,7 +86,7 @@ def test_checkpoint_that_runs_code_is_refused(case, tmp_path):
     make, message = CODE_CASES[case]
     path = make(tmp_path, marker)
     with pytest.raises(store.CheckpointError, match=message):
-        store.check_no_code(path)
+        safe_load.check_no_code(path)
     assert not marker.exists()
 
 
@@ -96,7 +96,10 @@ def test_loading_under_restricted_loading_cannot_run_code(case, tmp_path):
     restricted_loading, so a file changed after check_no_code still cannot run code."""
     marker = tmp_path / "pwned"
     path = CODE_CASES[case][0](tmp_path, marker)
-    with store.restricted_loading(), pytest.raises((pickle.UnpicklingError, CheckpointException)) as error:
+    with (
+        safe_load.restricted_loading(),
+        pytest.raises((pickle.UnpicklingError, CheckpointException)) as error,
+    ):
         if path.is_file():
             torch.load(path, weights_only=False)  # what Composer asks for
         else:
@@ -111,7 +114,7 @@ def test_loading_under_restricted_loading_cannot_run_code(case, tmp_path):
 
 
 def test_a_real_composer_checkpoint_passes(tmp_path):
-    store.check_no_code(dcp_checkpoint(tmp_path / "ok", {"step": 3, "name": "run", "lrs": [0.1, 0.2]}))
+    safe_load.check_no_code(dcp_checkpoint(tmp_path / "ok", {"step": 3, "name": "run", "lrs": [0.1, 0.2]}))
 
 
 def test_truncated_checkpoints_are_named(tmp_path):
@@ -119,7 +122,7 @@ def test_truncated_checkpoints_are_named(tmp_path):
     torch.save({"state": {"model": {"w": torch.ones(1000)}}}, pt)
     pt.write_bytes(pt.read_bytes()[:200])
     with pytest.raises(store.CheckpointError, match="rank0.pt cannot be read"):
-        store.check_no_code(pt)
+        safe_load.check_no_code(pt)
     folder = with_manifest(dcp_checkpoint(tmp_path / "ep0-ba3", {"step": 3}))
     shard = next(folder.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:-100])

@@ -22,7 +22,7 @@ from dbrx_train.data.finetuning import FinetuningLoaderConfig
 from dbrx_train.data.loaders import build_dataloader, validate_loader_config
 from dbrx_train.data.streaming_shm import SHM_DIR, release_stale_shared_memory
 from dbrx_train.data.text import TextDatasetConfig, TextLoaderConfig
-from dbrx_train.train import main
+from dbrx_train.training.train import main
 from tests.bad_inputs import shard_cases as cases
 from tests.bad_inputs.shard_cases import BAD, SEQ, VOCAB
 from tests.training.test_train_e2e import ROOT, SMALL, TINY

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dbrx_train.train import main
+from dbrx_train.training.train import main
 from tests.training.test_train_e2e import ROOT
 
 CASES = Path(__file__).parent / "yaml"
@@ -69,9 +69,9 @@ def test_two_rank_launch_of_a_broken_yaml_exits_2_without_traceback(tmp_path):
 @pytest.mark.parametrize("precision", ["fp32", "amp_fp16"])
 def test_megablocks_backend_outside_bf16_is_refused_before_the_run(precision):
     """On a GPU run (device checked first on CPU, as the megablocks-on-cpu case shows)."""
-    from dbrx_train.config import load_config
-    from dbrx_train.schema import ConfigError
-    from dbrx_train.train import check_moe_backend
+    from dbrx_train.config.run import load_config
+    from dbrx_train.config.schema import ConfigError
+    from dbrx_train.training.preflight import check_moe_backend
 
     path = CASES / "megablocks-on-cpu.yaml"
     cfg = load_config(str(path), ["device=auto", f"precision={precision}"])
@@ -83,9 +83,9 @@ def test_megablocks_backend_outside_bf16_is_refused_before_the_run(precision):
 
 
 def test_compile_on_cpu_without_a_cxx_compiler_is_refused_before_the_run(monkeypatch, tmp_path):
-    from dbrx_train.config import load_config
-    from dbrx_train.schema import ConfigError
-    from dbrx_train.train import check_compile
+    from dbrx_train.config.run import load_config
+    from dbrx_train.config.schema import ConfigError
+    from dbrx_train.training.preflight import check_compile
 
     cfg = load_config(str(CASES / "missing-data-folder.yaml"), ["compile_config={}"])
     check_compile(cfg, "cpu")  # this machine has one
@@ -110,8 +110,8 @@ def test_compile_on_cpu_without_a_cxx_compiler_is_refused_before_the_run(monkeyp
     ],
 )
 def test_expert_parallel_misconfigurations_are_refused_before_the_run(overrides, world_size, message):
-    from dbrx_train.config import load_config
-    from dbrx_train.schema import ConfigError
+    from dbrx_train.config.run import load_config
+    from dbrx_train.config.schema import ConfigError
     from dbrx_train.training.parallelize import check_expert_parallel
 
     path = CASES / "expert-parallel-degree.yaml"

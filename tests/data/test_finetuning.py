@@ -24,7 +24,7 @@ from dbrx_train.data.finetuning import (
 )
 from dbrx_train.data.text import TextDatasetConfig
 from dbrx_train.data.token_mds import iter_samples, read_index
-from dbrx_train.tokenizer import load_tokenizer
+from dbrx_train.data.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 100352

@@ -6,12 +6,12 @@ from pydoc_data.topics import topics
 
 import pytest
 
-from dbrx_train.config import load_config
+from dbrx_train.config.run import load_config
+from dbrx_train.config.schema import ConfigError
 from dbrx_train.data.finetuning import FinetuningLoaderConfig
 from dbrx_train.data.mixture import CurriculumConfig, MixPhaseConfig, Segment, plan_segments, split_samples
 from dbrx_train.data.prepare import pack_to_mds, tokenize_documents
 from dbrx_train.data.text import StreamConfig, TextDatasetConfig, TextLoaderConfig, build_text_dataloader
-from dbrx_train.schema import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "yamls/pretrain/dbrx-tiny.yaml"

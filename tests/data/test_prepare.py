@@ -15,7 +15,7 @@ import pytest
 
 from dbrx_train.data.prepare import TokenPacker, convert_text_to_mds, expand_inputs, iter_documents
 from dbrx_train.data.token_mds import check_token_mds, iter_token_samples, read_index
-from dbrx_train.tokenizer import load_tokenizer
+from dbrx_train.data.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 SEQ = 64

@@ -8,8 +8,8 @@ from pydoc_data.topics import topics
 import pytest
 import tiktoken
 
-from dbrx_train import tokenizer as tokenizer_module
-from dbrx_train.tokenizer import DBRX_VOCAB_SIZE, cl100k_bpe_path, load_bpe_ranks, load_tokenizer
+from dbrx_train.data import tokenizer as tokenizer_module
+from dbrx_train.data.tokenizer import DBRX_VOCAB_SIZE, cl100k_bpe_path, load_bpe_ranks, load_tokenizer
 
 TEXTS = [
     topics["if"],

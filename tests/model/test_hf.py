@@ -11,10 +11,17 @@ import pytest
 import torch
 import transformers
 
-from dbrx_train.chat import render_chat
+from dbrx_train.data.chat import render_chat
+from dbrx_train.data.tokenizer import load_tokenizer
 from dbrx_train.model import DbrxConfig, DbrxForCausalLM
-from dbrx_train.model.hf import INDEX_FILE, SINGLE_FILE, check_hf_folder, read_hf_config
-from dbrx_train.tokenizer import load_tokenizer
+from dbrx_train.model.hf import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    check_hf_folder,
+    load_pretrained,
+    read_hf_config,
+    save_pretrained,
+)
 
 V = 512
 CASES = {
@@ -74,14 +81,14 @@ def test_ours_to_hf_and_back_logits_equal(case, tmp_path):
         for block in ours.transformer.blocks:
             block.norm_attn_norm.attn.Wqkv.weight.mul_(10)
     # Small shards: the sharded layout with an index is exercised on every case.
-    ours.save_pretrained(tmp_path, max_shard_bytes=200_000, tokenizer=False)
+    save_pretrained(ours, tmp_path, max_shard_bytes=200_000, tokenizer=False)
     assert (tmp_path / INDEX_FILE).is_file() and not (tmp_path / SINGLE_FILE).exists()
     hf = hf_load(tmp_path)
     x = tokens()
     with torch.no_grad():
         diff = max_diff(ours(x).logits, hf(x).logits)
         assert diff <= 1e-4, diff
-        back = DbrxForCausalLM.from_pretrained(tmp_path)
+        back = load_pretrained(tmp_path)
         assert max_diff(back(x).logits, ours(x).logits) == 0.0
 
 
@@ -92,7 +99,7 @@ def test_hf_to_ours_logits_equal(case, tmp_path):
     hf = transformers.DbrxForCausalLM(hf_config).eval()
     hf.save_pretrained(tmp_path)  # transformers' own single-file layout
     assert (tmp_path / SINGLE_FILE).is_file()
-    ours = DbrxForCausalLM.from_pretrained(tmp_path).eval()
+    ours = load_pretrained(tmp_path).eval()
     assert ours.config.to_hf_dict() == config_for(case).to_hf_dict()
     x = tokens(seed=3)
     with torch.no_grad():
@@ -102,10 +109,10 @@ def test_hf_to_ours_logits_equal(case, tmp_path):
 
 def test_bf16_export_and_single_file(tmp_path):
     ours = DbrxForCausalLM(config_for("gqa-clip-top2-p1"))
-    ours.save_pretrained(tmp_path, dtype=torch.bfloat16, tokenizer=False)
+    save_pretrained(ours, tmp_path, dtype=torch.bfloat16, tokenizer=False)
     assert (tmp_path / SINGLE_FILE).is_file() and not (tmp_path / INDEX_FILE).exists()
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
-    back = DbrxForCausalLM.from_pretrained(tmp_path)
+    back = load_pretrained(tmp_path)
     for (name, a), b in zip(ours.state_dict().items(), back.state_dict().values(), strict=False):
         torch.testing.assert_close(b, a.to(torch.bfloat16).float(), atol=0, rtol=0, msg=name)
 
@@ -114,14 +121,14 @@ def test_tied_embeddings_cannot_be_exported(tmp_path):
     config = config_for("gqa-clip-top2-p1")
     config.tie_word_embeddings = True
     with pytest.raises(ValueError, match="tie_word_embeddings"):
-        DbrxForCausalLM(config).save_pretrained(tmp_path, tokenizer=False)
+        save_pretrained(DbrxForCausalLM(config), tmp_path, tokenizer=False)
 
 
 def test_folder_errors_name_the_file_and_key(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         check_hf_folder(tmp_path)
     model = DbrxForCausalLM(config_for("gqa-clip-top2-p1"))
-    model.save_pretrained(tmp_path, max_shard_bytes=200_000, tokenizer=False)
+    save_pretrained(model, tmp_path, max_shard_bytes=200_000, tokenizer=False)
     index = json.loads((tmp_path / INDEX_FILE).read_text())
     shard = sorted(set(index["weight_map"].values()))[1]
     (tmp_path / shard).rename(tmp_path / "moved.bin")
@@ -132,7 +139,7 @@ def test_folder_errors_name_the_file_and_key(tmp_path):
     incomplete = {**index, "weight_map": {k: v for k, v in index["weight_map"].items() if k != key}}
     (tmp_path / INDEX_FILE).write_text(json.dumps(incomplete))
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        DbrxForCausalLM.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
     (tmp_path / INDEX_FILE).write_text(json.dumps(index))
     config = json.loads((tmp_path / "config.json").read_text())
     config["d_model"] = 32
@@ -147,7 +154,7 @@ def test_folder_errors_name_the_file_and_key(tmp_path):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def exported_tokenizer(tmp_path_factory):
-    from dbrx_train.hf_tokenizer import save_hf_tokenizer
+    from dbrx_train.data.hf_tokenizer import save_hf_tokenizer
 
     folder = tmp_path_factory.mktemp("tok")
     save_hf_tokenizer(folder)

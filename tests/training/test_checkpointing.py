@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from dbrx_train import checkpoint_store as store
-from dbrx_train.train import saves_to_write
-from dbrx_train.training.checkpointing import resolve_start
+from dbrx_train.checkpoint import store
+from dbrx_train.checkpoint.space import saves_to_write
+from dbrx_train.checkpoint.start import resolve_start
 from tests.bad_inputs.test_bad_checkpoints import RunsCode, dcp_checkpoint, with_manifest
 
 

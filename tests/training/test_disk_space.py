@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from dbrx_train import checkpoint_store as store
+from dbrx_train.checkpoint import store
 from tests.training.test_resume_e2e import checkpoints, run
 
 # One checkpoint of the test model (SMALL in test_train_e2e: 100352-token vocabulary, d_model 64)

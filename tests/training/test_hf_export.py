@@ -14,13 +14,13 @@ import pytest
 import torch
 import transformers
 
-from dbrx_train.composer_checkpoint import read_composer_checkpoint
-from dbrx_train.config import load_config, load_model_config
+from dbrx_train.checkpoint.composer_weights import read_composer_checkpoint
+from dbrx_train.config.run import load_config, load_model_config
+from dbrx_train.config.schema import ConfigError
+from dbrx_train.data.tokenizer import load_tokenizer
 from dbrx_train.model import DbrxForCausalLM
-from dbrx_train.model.hf import save_hf_folder, weight_files
-from dbrx_train.schema import ConfigError
-from dbrx_train.tokenizer import load_tokenizer
-from dbrx_train.train import main as train_main
+from dbrx_train.model.hf import save_hf_folder, save_pretrained, weight_files
+from dbrx_train.training.train import main as train_main
 from tests.training.test_train_e2e import ROOT, TINY, launch
 
 
@@ -139,7 +139,7 @@ def test_export_convert_pretrained_start_and_generate(default_corpus, tmp_path):
 def small_export(tmp_path: Path) -> Path:
     cfg = load_config(TINY, ["model.d_model=64", "model.n_heads=4", "model.ffn_config.ffn_hidden_size=32"])
     folder = tmp_path / "pretrained"
-    DbrxForCausalLM(cfg.model.dbrx).save_pretrained(folder, tokenizer=False)
+    save_pretrained(DbrxForCausalLM(cfg.model.dbrx), folder, tokenizer=False)
     return folder
 
 

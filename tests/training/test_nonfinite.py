@@ -26,13 +26,13 @@ from composer.loggers import Logger
 from composer.optim import DecoupledAdamW
 from torch.utils.data import DataLoader
 
-from dbrx_train.composer_checkpoint import read_composer_checkpoint
-from dbrx_train.config import load_config
+from dbrx_train.checkpoint.composer_weights import read_composer_checkpoint
+from dbrx_train.config.run import load_config
+from dbrx_train.config.schema import ConfigError
 from dbrx_train.data.token_mds import write_token_mds
 from dbrx_train.model import DbrxForCausalLM
 from dbrx_train.model.config import DbrxAttentionConfig, DbrxConfig, DbrxFFNConfig
 from dbrx_train.model.hf import save_pretrained
-from dbrx_train.schema import ConfigError
 from dbrx_train.training.composer_model import DbrxComposerModel
 from dbrx_train.training.lion import DecoupledLionW
 from dbrx_train.training.nonfinite import EXIT_CODE, NonFiniteLossGuard, describe, exit_if_stopped

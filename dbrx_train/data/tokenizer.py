@@ -17,7 +17,7 @@ from pathlib import Path
 
 import tiktoken
 
-from dbrx_train.chat import chat_segments
+from dbrx_train.data.chat import chat_segments
 
 # sha256 of cl100k_base.tiktoken as published by OpenAI (the same hash tiktoken itself checks).
 CL100K_BPE_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"

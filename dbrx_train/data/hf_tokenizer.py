@@ -18,8 +18,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from transformers import PreTrainedTokenizerFast
 from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
 
-from dbrx_train.chat import CHAT_TEMPLATE
-from dbrx_train.tokenizer import CL100K_PATTERN, DbrxTokenizer, load_tokenizer
+from dbrx_train.data.chat import CHAT_TEMPLATE
+from dbrx_train.data.tokenizer import CL100K_PATTERN, DbrxTokenizer, load_tokenizer
 
 # Oniguruma (tokenizers' regex engine) reads `{1,3}+` as "one or more of {1,3}", not as a
 # possessive {1,3} as tiktoken does; nothing follows it in its alternative, so plain {1,3} is the

@@ -1,6 +1,6 @@
 """Checkpoints mirrored to an object store: `save_folder: s3://bucket/runs/x` (any URI Composer supports).
 
-A checkpoint is first written and committed in the local run folder (dbrx_train/checkpoint_store.py),
+A checkpoint is first written and committed in the local run folder (dbrx_train/checkpoint/store.py),
 then uploaded as `<prefix>/<ep..-ba..>/<file>`; the ranks upload shares of the files in parallel and
 rank 0 uploads `manifest.json` last, so a checkpoint whose manifest is in the store is complete there.
 On autoresume a newer checkpoint in the store than on the local disk (a new machine, a wiped disk) is
@@ -24,9 +24,9 @@ from composer.utils import dist
 from composer.utils.file_helpers import maybe_create_object_store_from_uri, parse_uri
 from composer.utils.object_store import ObjectStore
 
-from dbrx_train import checkpoint_store as store
-from dbrx_train.checkpoint_store import Checkpoint, CheckpointError
-from dbrx_train.training.rank_zero import on_rank0, rank_share
+from dbrx_train.checkpoint import store
+from dbrx_train.checkpoint.rank_zero import on_rank0, rank_share
+from dbrx_train.checkpoint.store import Checkpoint, CheckpointError
 
 
 class FolderObjectStore(ObjectStore):

@@ -7,37 +7,22 @@ So a crash or a full disk during a save leaves at most a `.tmp-*` folder, never 
 and the previous checkpoints are untouched. On resume the newest checkpoint whose files match its
 manifest is used; a damaged one is renamed `<name>.corrupt` and reported.
 
-Loading never runs code from the file: before Composer reads a checkpoint, every pickle in it is
-read here with restricted unpicklers (`.metadata` with DCP's metadata classes only; every other
-pickled entry with `torch.load(weights_only=True)` and a short list of harmless types), and a
-checkpoint that needs anything else is refused, naming the entry; Composer's own load then runs
-under `restricted_loading`, with the same restrictions. No Composer import: the file layout is Composer's
-(DCP folder, or `rank0.pt` when not sharded), the rules are ours.
+No Composer import: the file layout is Composer's (DCP folder, or `rank0.pt` when not sharded), the
+rules are ours. What a checkpoint may contain when loaded is checked in safe_load.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import hashlib
-import io
 import json
 import os
-import pickle
 import re
 import shutil
-import types
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
-
-from dbrx_train.composer_checkpoint import DcpMetadataUnpickler
 
 MANIFEST = "manifest.json"
 FORMAT = "dbrx-train-checkpoint/1"
@@ -46,19 +31,6 @@ CORRUPT_SUFFIX = ".corrupt"
 MONOLITH_FILE = "rank0.pt"  # an unsharded (no FSDP) checkpoint inside its folder
 NAME_RE = re.compile(r"^ep(\d+)-ba(\d+)$")
 _CHUNK = 8 << 20
-
-# The only non-tensor types Composer's state needs (timestamps' wall-clock times, the torch version,
-# numpy's RNG state). torch.load(weights_only=True) accepts these and refuses everything else.
-SAFE_GLOBALS: list[Any] = [
-    datetime.timedelta,
-    torch.torch_version.TorchVersion,
-    np.ndarray,
-    np.dtype,
-    np._core.multiarray._reconstruct,
-    type(np.dtype(np.uint32)),
-    type(np.dtype(np.int64)),
-    type(np.dtype(np.float64)),
-]
 
 
 class CheckpointError(ValueError):
@@ -123,13 +95,6 @@ def file_record(path: Path) -> dict[str, Any]:
 def checkpoint_files(folder: Path) -> list[str]:
     """Every file of a checkpoint folder but the manifest, as sorted relative paths."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def dcp_data_files(folder: Path) -> set[str]:
-    """The data files a sharded checkpoint's .metadata refers to (one per rank that wrote one)."""
-    with open(folder / ".metadata", "rb") as f:
-        metadata = DcpMetadataUnpickler(f).load()
-    return {info.relative_path for info in metadata.storage_data.values()}
 
 
 def temp_folder(run_folder: Path, name: str) -> Path:
@@ -227,74 +192,3 @@ def rotate(run_folder: Path, keep: int, just_saved: str | None = None) -> list[s
     for checkpoint in doomed:
         shutil.rmtree(checkpoint.path)
     return [c.name for c in doomed]
-
-
-# ---------------------------------------------------------------------------------------------
-# No code from checkpoints
-# ---------------------------------------------------------------------------------------------
-def _load_restricted(blob: bytes | io.BufferedIOBase, where: str) -> None:
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            torch.load(blob if not isinstance(blob, bytes) else io.BytesIO(blob), weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        detail = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), first[0])
-        raise CheckpointError(
-            f"{where} would run code from the file when loaded; refusing it ({detail.strip()})"
-        ) from None
-    except Exception as e:  # noqa: BLE001 (a damaged blob is a damaged checkpoint, whatever torch says)
-        raise CheckpointError(f"{where} cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
-
-
-@contextlib.contextmanager
-def restricted_loading() -> Iterator[None]:
-    """While Composer loads a checkpoint, nothing in it can run code, even if the files changed after
-    check_no_code: every torch.load is weights_only with SAFE_GLOBALS (DCP's byte entries and Composer's
-    .pt are read with weights_only=False otherwise), and DCP's `.metadata` goes through the restricted
-    unpickler instead of pickle.load."""
-    from torch.distributed.checkpoint import filesystem
-
-    real_load, real_pickle = torch.load, filesystem.pickle
-
-    def load(*args: Any, **kwargs: Any) -> Any:
-        kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return real_load(*args, **kwargs)
-
-    restricted_pickle = types.SimpleNamespace(**vars(pickle))
-    restricted_pickle.load = lambda f, **kwargs: DcpMetadataUnpickler(f).load()
-    torch.load, filesystem.pickle = load, restricted_pickle
-    try:
-        yield
-    finally:
-        torch.load, filesystem.pickle = real_load, real_pickle
-
-
-def check_no_code(load_path: Path) -> None:
-    """Refuse a checkpoint whose pickles reference anything beyond tensors and plain data."""
-    if load_path.is_file():
-        _load_restricted(open(load_path, "rb"), str(load_path))  # noqa: SIM115 (torch.load reads it)
-        return
-    metadata_path = load_path / ".metadata"
-    try:
-        with open(metadata_path, "rb") as f:
-            metadata = DcpMetadataUnpickler(f).load()
-    except FileNotFoundError:
-        raise CheckpointError(f"{load_path} is not a sharded checkpoint: it has no .metadata") from None
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{metadata_path} would run code from the file when loaded; refusing it ({e})"
-        ) from None
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{metadata_path} cannot be read ({type(e).__name__}: {e})") from None
-    for key, meta in metadata.state_dict_metadata.items():
-        if not isinstance(meta, BytesStorageMetadata):
-            continue  # tensors: DCP itself reads them with torch.load(weights_only=True)
-        info = metadata.storage_data[MetadataIndex(key)]
-        path = load_path / info.relative_path
-        with open(path, "rb") as f:
-            f.seek(info.offset)
-            blob = f.read(info.length)
-        if len(blob) != info.length:
-            raise CheckpointError(f"{path} is truncated (entry '{key}' runs past its end)")
-        _load_restricted(blob, f"{path} entry '{key}'")

@@ -17,13 +17,13 @@ from typing import Any, Literal
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dbrx_train.config.schema import ConfigError, build, to_dict, unknown_key_error
 from dbrx_train.data.finetuning import FinetuningLoaderConfig
 from dbrx_train.data.loaders import LOADER_KINDS
 from dbrx_train.data.mixture import CurriculumConfig, plan_segments
 from dbrx_train.data.text import TextLoaderConfig
 from dbrx_train.model import DbrxConfig
 from dbrx_train.model.compile import COMPILE_REGIONS
-from dbrx_train.schema import ConfigError, build, to_dict, unknown_key_error
 
 TIME_UNITS = ("ba", "ep", "tok", "sp", "dur")
 

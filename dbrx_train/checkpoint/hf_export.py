@@ -24,49 +24,9 @@ from composer.loggers import Logger
 from composer.utils.misc import create_interval_scheduler
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from dbrx_train.checkpoint_store import TMP_PREFIX, fsync_path, temp_folder
-from dbrx_train.model.hf import save_hf_folder
-from dbrx_train.training.checkpointing import human_size
-from dbrx_train.training.rank_zero import RankError, on_rank0
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-TOKENIZER_BYTES = 14 << 20  # tokenizer.json of cl100k_base + DBRX's tokens (13.8 MB) and two small files
-
-
-def export_space(
-    folder: Path, parameters: list[torch.Tensor], dtype: str, tokenizer: bool, to_write: int | None
-) -> tuple[str | None, str | None]:
-    """(error, warning) for the free space where HF exports go; every rank gets rank 0's.
-
-    Exports are never deleted, so every one still to come (`to_write`; None: unknown) must fit.
-    One export is the parameters in `dtype` (+ the tokenizer files).
-    """
-
-    def check() -> tuple[str | None, str | None]:
-        existing = folder
-        while not existing.exists():  # the folder is made at the first export
-            existing = existing.parent
-        free = shutil.disk_usage(existing).free
-        numel = sum(p.numel() for p in parameters)
-        need = numel * DTYPES[dtype].itemsize + (TOKENIZER_BYTES if tokenizer else 0)
-        how = f"{numel / 1e6:.1f}M parameters in {dtype}" + (" + tokenizer files" if tokenizer else "")
-        where = f"callbacks.hf_export.folder {folder}"
-        if free < need:
-            return (
-                f"{where} has {human_size(free)} free, but one HF export of this run takes about "
-                f"{human_size(need)} ({how}). Free space there, choose another folder, or set "
-                f"callbacks.hf_export: null",
-                None,
-            )
-        if to_write is not None and to_write > 1 and free < need * to_write:
-            return None, (
-                f"{where} has {human_size(free)} free, but this run writes {to_write} more HF exports of "
-                f"about {human_size(need)} each ({how}; exports are never deleted): a later export will "
-                f"fail for lack of space (checkpoints are written before it and stay intact)"
-            )
-        return None, None
-
-    return on_rank0(check)
+from dbrx_train.checkpoint.rank_zero import RankError, on_rank0
+from dbrx_train.checkpoint.store import TMP_PREFIX, fsync_path, temp_folder
+from dbrx_train.model.hf import EXPORT_DTYPES, save_hf_folder
 
 
 class HFExportError(RuntimeError):
@@ -83,7 +43,7 @@ class HFExport(Callback):
         tokenizer: bool = True,
     ):
         self.folder = Path(folder)
-        self.dtype = DTYPES[dtype]
+        self.dtype = EXPORT_DTYPES[dtype]
         self.max_shard_bytes = max_shard_bytes
         self.tokenizer = tokenizer
         self.should_export = create_interval_scheduler(save_interval)

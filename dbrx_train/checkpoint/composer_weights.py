@@ -19,21 +19,21 @@ checkpoints) unless a config path is given.
 
 from __future__ import annotations
 
-import pickle
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from dbrx_train.checkpoint.safe_load import SafeFileSystemReader, stub_pickle_module
+from dbrx_train.checkpoint.store import list_checkpoints
 from dbrx_train.model.config import DbrxConfig
 from dbrx_train.model.dbrx import DbrxForCausalLM
-from dbrx_train.model.hf import CONFIG_FILE, expected_shapes
+from dbrx_train.model.hf import CONFIG_FILE, expected_shapes, load_pretrained
 
 DCP_MODEL_PREFIX = "state.model.model."
 PT_MODEL_PREFIX = "model."
@@ -45,90 +45,10 @@ class CheckpointWeights(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# Restricted unpicklers
-# ---------------------------------------------------------------------------------------------
-_DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
-_DCP_SAFE = {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch.serialization", "_get_layout"),
-    ("torch", "Size"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("pathlib", "PurePosixPath"),
-    ("collections", "OrderedDict"),
-}
-
-
-def _is_dtype(module: str, name: str) -> bool:
-    return module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-
-
-class DcpMetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if module == _DCP_METADATA_MODULE or (module, name) in _DCP_SAFE or _is_dtype(module, name):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint's .metadata")
-
-
-class _SafeFileSystemReader(FileSystemReader):
-    def read_metadata(self) -> Metadata:
-        with open(Path(self.path) / ".metadata", "rb") as f:
-            metadata = DcpMetadataUnpickler(f).load()
-        metadata.storage_meta = metadata.storage_meta or dcp.metadata.StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class _Opaque:
-    """Stands in for any non-tensor class in a .pt checkpoint: accepts and ignores everything."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-    def __call__(self, *args: Any, **kwargs: Any) -> _Opaque:
-        return _Opaque()
-
-    def __setitem__(self, key: Any, value: Any) -> None:  # dict subclasses (SETITEMS)
-        pass
-
-    def append(self, value: Any) -> None:  # list subclasses (APPENDS)
-        pass
-
-    def extend(self, values: Any) -> None:
-        pass
-
-
-_PT_SAFE = {
-    ("torch._utils", "_rebuild_tensor_v2"),
-    ("torch._utils", "_rebuild_parameter"),
-    ("torch._utils", "_rebuild_parameter_with_state"),
-    ("torch", "Size"),
-    ("torch", "device"),
-    ("collections", "OrderedDict"),
-}
-
-
-class _StubUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _PT_SAFE or _is_dtype(module, name):
-            return super().find_class(module, name)
-        return _Opaque
-
-
-class _stub_pickle_module:  # noqa: N801 (stands in for the `pickle` module in torch.load)
-    Unpickler = _StubUnpickler
-    load = staticmethod(lambda f, **kw: _StubUnpickler(f, **kw).load())
-    __name__ = "dbrx_train_stub_pickle"
-
-
-# ---------------------------------------------------------------------------------------------
 # Readers
 # ---------------------------------------------------------------------------------------------
 def _read_dcp(folder: Path) -> CheckpointWeights:
-    reader = _SafeFileSystemReader(str(folder))
+    reader = SafeFileSystemReader(str(folder))
     metadata = reader.read_metadata()
     specs = {
         key[len(DCP_MODEL_PREFIX) :]: meta
@@ -143,7 +63,7 @@ def _read_dcp(folder: Path) -> CheckpointWeights:
         buffer = {DCP_MODEL_PREFIX + name: torch.empty(meta.size, dtype=meta.properties.dtype)}
         with warnings.catch_warnings():  # "torch.distributed is disabled...": one process is the intent
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(buffer, storage_reader=_SafeFileSystemReader(str(folder)), no_dist=True)
+            dcp.load(buffer, storage_reader=SafeFileSystemReader(str(folder)), no_dist=True)
         return buffer[DCP_MODEL_PREFIX + name]
 
     return CheckpointWeights({name: meta.size for name, meta in specs.items()}, get_tensor)
@@ -152,7 +72,7 @@ def _read_dcp(folder: Path) -> CheckpointWeights:
 def _read_pt(path: Path) -> CheckpointWeights:
     # torch.load delegates find_class to our unpickler; mmap keeps tensors on disk until copied.
     state = torch.load(
-        path, map_location="cpu", weights_only=False, pickle_module=_stub_pickle_module, mmap=True
+        path, map_location="cpu", weights_only=False, pickle_module=stub_pickle_module, mmap=True
     )
     model_state = state.get("state", {}).get("model") if isinstance(state, dict) else None
     if not isinstance(model_state, (dict, OrderedDict)):
@@ -167,8 +87,6 @@ def _read_pt(path: Path) -> CheckpointWeights:
 
 def newest_in_run_folder(path: Path) -> Path:
     """A run folder stands for its newest committed checkpoint; any other path for itself."""
-    from dbrx_train.checkpoint_store import list_checkpoints
-
     if path.is_dir() and not any((path / name).is_file() for name in (".metadata", "rank0.pt", CONFIG_FILE)):
         committed = list_checkpoints(path)
         if committed:
@@ -198,7 +116,7 @@ def run_config_path(checkpoint: str | Path) -> Path:
 
 
 def read_model_config(config_yaml: str | Path) -> DbrxConfig:
-    from dbrx_train.config import load_model_config
+    from dbrx_train.config.run import load_model_config
 
     return load_model_config(config_yaml)
 
@@ -207,7 +125,7 @@ def load_model(path: str | Path, config_yaml: str | Path | None = None) -> DbrxF
     """An fp32 DbrxForCausalLM from an HF folder or a Composer checkpoint (any world size)."""
     path = Path(path)
     if path.is_dir() and (path / CONFIG_FILE).is_file():
-        return DbrxForCausalLM.from_pretrained(path)
+        return load_pretrained(path)
     config_yaml = Path(config_yaml) if config_yaml else run_config_path(path)
     if not config_yaml.is_file():
         raise FileNotFoundError(f"no model config for {path}: {config_yaml} does not exist (pass --config)")

@@ -1,0 +1,173 @@
+"""Every check that can fail a run before it starts, each naming the key or file and what to do.
+
+`check_config` runs right after the config is parsed, before any process group, model or dataset
+exists, so a bad YAML costs seconds, not a GPU-hour. `check_checkpoint_space` runs once the model
+is built (it needs the parameters' sizes) and before the first step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from composer.utils import dist
+
+from dbrx_train.checkpoint.space import checkpoint_space, export_space, saves_to_write
+from dbrx_train.checkpoint.start import Start
+from dbrx_train.config.run import TrainConfig
+from dbrx_train.config.schema import ConfigError
+from dbrx_train.data.loaders import validate_loader_config
+from dbrx_train.data.streaming_shm import release_stale_shared_memory
+from dbrx_train.model.hf import check_hf_folder
+from dbrx_train.training.builders import hf_export_folder
+from dbrx_train.training.parallelize import check_expert_parallel
+
+log = logging.getLogger("dbrx_train")
+
+
+def check_config(cfg: TrainConfig, device: str, world_size: int) -> None:
+    """The checks that need only the config and the machine."""
+    check_init_device(cfg, device)
+    check_moe_backend(cfg, device)
+    check_expert_parallel(cfg, world_size)
+    check_compile(cfg, device)
+    check_pretrained(cfg)
+    check_load_path(cfg)
+    check_data(cfg)
+
+
+def check_data(cfg: TrainConfig) -> None:
+    """Missing folders, wrong sequence length, out-of-vocab ids: found before any process group starts."""
+    vocab = cfg.model.dbrx.vocab_size
+    try:
+        validate_loader_config(cfg.train_loader, cfg.max_seq_len, vocab)
+        if cfg.eval_loader is not None:
+            validate_loader_config(cfg.eval_loader, cfg.max_seq_len, vocab, config_key="eval_loader")
+    except (ValueError, OSError) as e:  # OSError: e.g. a shard file that may not be read
+        raise ConfigError(str(e)) from e
+    # Before any dataset exists: Streaming shared memory of killed runs (never of live ones).
+    stale = release_stale_shared_memory()
+    if stale:
+        print(
+            f"dbrx-train: removed Streaming shared memory of killed runs: {', '.join(stale)}", file=sys.stderr
+        )
+
+
+def check_pretrained(cfg: TrainConfig) -> None:
+    """model.pretrained: every weight file and tensor present with the config's shapes (headers only)."""
+    folder = cfg.model.pretrained
+    if folder is None:
+        return
+    if cfg.model.init_device == "meta":
+        raise ConfigError(
+            "model.pretrained with init_device: meta is not supported (weights would be random-"
+            "initialised after sharding); use init_device: mixed (rank 0 loads, FSDP broadcasts) or cpu"
+        )
+    try:
+        check_hf_folder(folder, cfg.model.dbrx)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"model.pretrained: {e}") from e
+
+
+def check_load_path(cfg: TrainConfig) -> None:
+    """A missing local checkpoint to start from (e.g. fine-tuning before pretraining) says how to make it."""
+    path = cfg.load_path
+    if path is None or "://" in path or Path(path).exists():
+        return
+    raise ConfigError(
+        f"load_path '{path}' does not exist. To fine-tune the tiny model, pretrain it first: `make pretrain` "
+        f"(or `composer train.py yamls/pretrain/dbrx-tiny.yaml`), which writes runs/dbrx-tiny/; "
+        f"or point load_path at another Composer checkpoint"
+    )
+
+
+def check_checkpoint_space(cfg: TrainConfig, run_folder: Path, model: torch.nn.Module, start: Start) -> None:
+    """No room for even one checkpoint (or HF export): refuse before the first step. Too little for
+    all that the run will write: warn."""
+    parameters = list(model.parameters())
+    checks = [
+        checkpoint_space(
+            run_folder,
+            parameters,
+            cfg.optimizer.name,
+            cfg.save_num_checkpoints_to_keep,
+            saves_to_write(cfg.max_duration, cfg.save_interval, start.batch),
+        )
+    ]
+    hf = cfg.callbacks.hf_export
+    if hf is not None:
+        exports = saves_to_write(cfg.max_duration, hf.save_interval, start.batch)
+        # Exports are not in checkpoints: a run resumed at its end still exports once, at fit end.
+        exports = None if exports is None else max(exports, 1)
+        folder = Path(hf_export_folder(cfg, str(run_folder)))
+        checks.append(export_space(folder, parameters, hf.dtype, hf.tokenizer, exports))
+    for error, _ in checks:
+        if error is not None:
+            raise ConfigError(error)
+    for _, warning in checks:
+        if warning is not None and dist.get_global_rank() == 0:
+            print(f"dbrx-train: warning: {warning}", file=sys.stderr, flush=True)
+
+
+def resolve_device(cfg: TrainConfig) -> str:
+    if cfg.device == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("device: gpu was asked for but CUDA is not available; use device: auto or cpu")
+    if cfg.device == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def resolve_precision(cfg: TrainConfig, device: str) -> str:
+    return cfg.precision if cfg.precision != "auto" else ("amp_bf16" if device == "gpu" else "fp32")
+
+
+def check_moe_backend(cfg: TrainConfig, device: str) -> None:
+    """The megablocks backend runs bf16 CUDA kernels (grouped_gemm has no other dtype): say so before
+    anything is built, rather than at the first forward."""
+    requested = cfg.model.dbrx.ffn_config.moe_backend
+    if requested == "auto" and device == "gpu" and resolve_precision(cfg, device) != "amp_bf16":
+        log.info(
+            "moe_backend auto: precision %s is not amp_bf16, so the experts run the torch backend's code "
+            "(MegaBlocks' grouped GEMMs are bf16 only)",
+            resolve_precision(cfg, device),
+        )
+    if requested != "megablocks":
+        return
+    if device != "gpu":
+        raise ConfigError(
+            "model.ffn_config.moe_backend: megablocks runs CUDA kernels but this run is on CPU; "
+            "use moe_backend: torch (or auto)"
+        )
+    precision = resolve_precision(cfg, device)
+    if precision != "amp_bf16":
+        raise ConfigError(
+            f"model.ffn_config.moe_backend: megablocks computes the experts in bf16 only, but precision is "
+            f"{precision}; use precision: amp_bf16 (or auto), or moe_backend: torch"
+        )
+
+
+def check_compile(cfg: TrainConfig, device: str) -> None:
+    """torch.compile on CPU writes C++ and builds it: without a compiler it fails at the first batch."""
+    if cfg.compile_config is None or device != "cpu":
+        return
+    compilers = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+    if not any(name and shutil.which(name) for name in compilers):
+        raise ConfigError(
+            "compile_config: torch.compile on CPU needs a C++ compiler (g++ or clang++, or $CXX) and none "
+            "was found; install one or set compile_config: null"
+        )
+
+
+def check_init_device(cfg: TrainConfig, device: str) -> None:
+    init_device = cfg.model.init_device
+    if init_device != "cpu" and cfg.fsdp is None:
+        raise ConfigError(
+            f"model.init_device: {init_device} needs FSDP (fsdp_config) to materialise the weights"
+        )
+    if init_device == "meta" and device != "gpu":
+        # Composer materialises meta modules on CUDA only; on CPU rank 0 can build and broadcast.
+        raise ConfigError("model.init_device: meta needs CUDA; on CPU use 'cpu' or 'mixed'")
