@@ -54,7 +54,7 @@ def read_task_file(path: str | Path, task_type: str) -> list[dict[str, Any]]:
                 raise TaskFileError(f"{where}: not a JSON object ({e.msg})") from None
             if not isinstance(example, dict):
                 raise TaskFileError(f"{where}: not a JSON object")
-            for name, kind in required.items():
+            for name in required:
                 if name not in example:
                     raise TaskFileError(
                         f"{where}: missing field '{name}' ({task_type} needs {', '.join(required)})"
