@@ -144,7 +144,7 @@ class DbrxLM(TemplateLM):
                 ]
                 prompts = [p or [self.prefix_token_id] for p in prompts]
 
-                def finished(new_ids: list[int]) -> bool:
+                def finished(new_ids: list[int], until: list[str] = until) -> bool:
                     text = self.tok_decode(new_ids)
                     return any(stop in text for stop in until)
 
