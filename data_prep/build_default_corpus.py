@@ -256,8 +256,10 @@ def build_default_corpus(
     }
     for stream, source in STREAMS.items():
         documents = tokenize_capped(source.documents(), max_tokens=caps.get(stream), num_workers=num_workers)
-        trained[stream] = {name for name, _ in documents}  # train and val: the ICL suite avoids both
         train, val = split_train_val(stream, documents, max_seq_len)
+        # What the ICL suite must avoid: the train split's documents (val is never trained on).
+        val_arrays = {id(tokens) for tokens in val}
+        trained[stream] = {name for name, tokens in documents if id(tokens) not in val_arrays}
         entry: dict = {"source": source.description, "token_cap": caps.get(stream)}
         for split, arrays in (("train", train), ("val", val)):
             # Already tokenized: a progress bar here would only time the packing.

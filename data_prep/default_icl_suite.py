@@ -8,8 +8,9 @@ Tasks (OUT/icl/<task>.jsonl):
   pydoc_topic        multiple_choice: a held-out help-topic paragraph; which of four topic titles is it from?
   pydoc_keyword      schema: a held-out help-topic sentence quoting a Python keyword; which of four
                      keywords makes the rest of the sentence likeliest?
-  stdlib_line_end    language_modeling: standard-library code (files pretraining never saw) up to a
-                     line's last word; the model must produce that word greedily
+  stdlib_line_end    language_modeling: standard-library code (files pretraining never saw: the code
+                     stream's val split and the files past its token cap) up to a line's last word;
+                     the model must produce that word greedily
   stdlib_line_end_qa generation_task_with_answers: the same kind of line, answered by generation
                      (greedy, KV cache, cut at the end of the line), exact match
 """

@@ -55,10 +55,15 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 
 
 def task(path: str, kind: str, **keys) -> ICLTaskConfig:
-    return build(ICLTaskConfig, {"label": Path(path).stem, "dataset_uri": path, "icl_task_type": kind, **keys})
+    return build(
+        ICLTaskConfig, {"label": Path(path).stem, "dataset_uri": path, "icl_task_type": kind, **keys}
+    )
 
 
-MC_ROWS = [{"query": f"Q{i}: {i} + {i} =", "choices": [str(2 * i), str(2 * i + 1), "none"], "gold": 0} for i in range(5)]
+MC_ROWS = [
+    {"query": f"Q{i}: {i} + {i} =", "choices": [str(2 * i), str(2 * i + 1), "none"], "gold": 0}
+    for i in range(5)
+]
 SCHEMA_ROWS = [
     {"context_options": [f"The cat {i}", f"The dog {i}"], "continuation": "barked at the mail.", "gold": 1}
     for i in range(4)
@@ -68,7 +73,9 @@ SCHEMA_ROWS = [
 def test_prompts_follow_foundry(tmp_path, tokenizer):
     decode = tokenizer.decode
     lm = task(
-        write_jsonl(tmp_path / "lm.jsonl", [{"context": f"x{i} =", "continuation": f"{i}"} for i in range(4)]),
+        write_jsonl(
+            tmp_path / "lm.jsonl", [{"context": f"x{i} =", "continuation": f"{i}"} for i in range(4)]
+        ),
         "language_modeling",
         prompt_string="Numbers:",
         example_delimiter="\n",
@@ -95,7 +102,10 @@ def test_prompts_follow_foundry(tmp_path, tokenizer):
     # example delimiter and the continuation is the shared answer
     schema = task(write_jsonl(tmp_path / "s.jsonl", SCHEMA_ROWS), "schema", continuation_delimiter=" ")
     q0 = prepare_task(schema, SCHEMA_ROWS, 0, 64, tokenizer).questions[0]
-    assert [decode(s.ids) for s in q0.sequences] == ["The cat 0 barked at the mail.", "The dog 0 barked at the mail."]
+    assert [decode(s.ids) for s in q0.sequences] == [
+        "The cat 0 barked at the mail.",
+        "The dog 0 barked at the mail.",
+    ]
     q1 = prepare_task(schema, SCHEMA_ROWS, 1, 64, tokenizer).questions[0]
     assert all(decode(s.ids).count("barked at the mail.") == 2 for s in q1.sequences)
     assert {decode(s.ids[s.start :]) for s in q1.sequences} == {" barked at the mail."}
@@ -161,7 +171,9 @@ def test_generation_with_kv_cache_equals_without(tmp_path, tokenizer, model):
         plain = generate(
             model, [q.prompt for q in prepared.questions], SamplingConfig(max_new_tokens=5, use_cache=False)
         )
-        scored = score_task(prepared, 2, None, model_generate_fn(model), tokenizer.decode, tokenizer.pad_token_id)
+        scored = score_task(
+            prepared, 2, None, model_generate_fn(model), tokenizer.decode, tokenizer.pad_token_id
+        )
     assert cached == plain
     assert [r.generation for r in scored.values()] == [tokenizer.decode(ids[:1]) for ids in cached]
 
@@ -185,7 +197,10 @@ def test_bad_task_files_are_one_line_naming_file_line_and_field(tmp_path):
     }
     for line, message in cases.items():
         path.write_text(json.dumps(MC_ROWS[0]) + "\n" + line + "\n")
-        overrides = [f"icl_tasks=[{{label: mc, dataset_uri: {path}, icl_task_type: multiple_choice}}]"]
+        overrides = [
+            f"icl_tasks=[{{label: mc, dataset_uri: {path}, icl_task_type: multiple_choice}}]",
+            "eval_gauntlet=null",
+        ]
         cfg = load_config(TINY, overrides)
         from dbrx_train.training.preflight import check_config
 
@@ -193,14 +208,18 @@ def test_bad_task_files_are_one_line_naming_file_line_and_field(tmp_path):
             check_config(cfg, "cpu", 1)
         assert message in str(error.value) and "\n" not in str(error.value)
     bad_keys = {
-        "dataset_uri: hf://datasets/x": "only local files are read",
-        "icl_task_type: qa": "must be one of",
-        "metric_names: [InContextLearningLMAccuracy]": "computes [InContextLearningMultipleChoiceAccuracy] only",
+        ("dataset_uri", "hf://datasets/x"): "only local files are read",
+        ("icl_task_type", "qa"): "must be one of",
+        (
+            "metric_names",
+            "[InContextLearningLMAccuracy]",
+        ): "computes [InContextLearningMultipleChoiceAccuracy] only",
     }
-    for key, message in bad_keys.items():
-        entry = f"{{label: mc, dataset_uri: {path}, icl_task_type: multiple_choice, {key}}}"
+    for (key, value), message in bad_keys.items():
+        entry = {"label": "mc", "dataset_uri": str(path), "icl_task_type": "multiple_choice", key: value}
+        text = ", ".join(f"{k}: {v}" for k, v in entry.items())
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
-            load_config(TINY, [f"icl_tasks=[{entry}]"])
+            load_config(TINY, [f"icl_tasks=[{{{text}}}]", "eval_gauntlet=null"])
     gauntlet = "eval_gauntlet={categories: [{name: c, benchmarks: [{name: nope, num_fewshot: 0}]}]}"
     with pytest.raises(ConfigError, match="names benchmark 'nope', which is not an icl_tasks label"):
         load_config(TINY, [gauntlet])
@@ -223,7 +242,11 @@ def test_gauntlet_is_foundrys_arithmetic():
             ],
         },
     )
-    scores = gauntlet_scores(gauntlet, {"x/0-shot": 0.5, "y/0-shot": 0.75, "z/1-shot": 0.1}, {"x/0-shot": 10, "y/0-shot": 30, "z/1-shot": 10})
+    scores = gauntlet_scores(
+        gauntlet,
+        {"x/0-shot": 0.5, "y/0-shot": 0.75, "z/1-shot": 0.1},
+        {"x/0-shot": 10, "y/0-shot": 30, "z/1-shot": 10},
+    )
     assert scores["a"] == pytest.approx((0.5 - 0.25) / 0.75)
     assert scores["b"] == pytest.approx((0.5 * 30 + 0.1 * 10) / 40)
     assert scores["default_average"] == pytest.approx((scores["a"] + scores["b"]) / 2)
@@ -244,7 +267,9 @@ def test_default_suite_is_held_out_of_pretraining(default_corpus, tokenizer, mod
             held += 1
     assert held > 50
     cfg = load_config(TINY, [f"variables.data_root={default_corpus}"])
-    suite = build_icl_suite(cfg.icl_tasks, tokenizer, default_batch_size=16, icl_seq_len=96, subset_num_batches=1)
+    suite = build_icl_suite(
+        cfg.icl_tasks, tokenizer, default_batch_size=16, icl_seq_len=96, subset_num_batches=1
+    )
     manifest = json.loads((default_corpus / "manifest.json").read_text())
     assert {t.label for t in suite.tasks} == set(manifest["icl"])
     with torch.no_grad():
