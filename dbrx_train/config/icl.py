@@ -41,9 +41,8 @@ class ICLTaskConfig:
     # example itself) precede each question.
     num_fewshot: list[int] = field(default_factory=lambda: [0])
     batch_size: int | None = None  # sequences per forward on one device; null: device_eval_batch_size
-    max_seq_len: int | None = (
-        None  # tokens per sequence (prompt + answer), cut from the left; null: icl_seq_len
-    )
+    # Tokens per sequence (prompt + answer), cut from the left of the context; null: icl_seq_len.
+    max_seq_len: int | None = None
     # Only the task type's own metric (ICL_METRICS); null: that metric.
     metric_names: list[str] | None = None
     prompt_string: str = ""  # text once before the few-shot examples and the question

@@ -275,9 +275,8 @@ class TrainConfig:
     # In-context-learning tasks (LLM Foundry's icl_tasks), scored at eval_interval, at the end and with
     # eval_first: a list of tasks or the path of a YAML file holding `icl_tasks:`; null: none.
     icl_tasks: list[ICLTaskConfig] | None = None
-    icl_seq_len: int | None = (
-        None  # tokens per ICL sequence unless a task sets max_seq_len; null: max_seq_len
-    )
+    # Tokens per ICL sequence (prompt + answer) unless a task sets max_seq_len; null: max_seq_len.
+    icl_seq_len: int | None = None
     # Batches per ICL task and shot count (the same ones on any number of ranks); null: all.
     icl_subset_num_batches: int | None = None
     # LLM Foundry's composite score over icl_tasks (or the path of a YAML file holding it); null: none.
