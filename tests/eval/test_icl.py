@@ -268,7 +268,12 @@ def test_default_suite_is_held_out_of_pretraining(default_corpus, tokenizer, mod
     assert held > 50
     cfg = load_config(TINY, [f"variables.data_root={default_corpus}"])
     suite = build_icl_suite(
-        cfg.icl_tasks, tokenizer, default_batch_size=16, icl_seq_len=96, subset_num_batches=1
+        cfg.icl_tasks,
+        tokenizer,
+        default_batch_size=16,
+        icl_seq_len=96,
+        subset_num_batches=1,
+        gauntlet=cfg.eval_gauntlet,
     )
     manifest = json.loads((default_corpus / "manifest.json").read_text())
     assert {t.label for t in suite.tasks} == set(manifest["icl"])
