@@ -1,7 +1,7 @@
 """Evaluate a model outside training: lm-eval-harness tasks, or our ICL tasks (LLM Foundry format).
 
     python scripts/eval.py --model runs/dbrx-tiny/hf/ba120 --tasks my_task --include-path eval/tasks
-    python scripts/eval.py --model runs/dbrx-tiny --icl-tasks yamls/pretrain/dbrx-tiny.yaml
+    python scripts/eval.py --model runs/dbrx-tiny/hf/ba120 --icl-tasks yamls/pretrain/dbrx-tiny.yaml
         [--batch-size 8] [--device cpu|cuda] [--dtype fp32|bf16] [--limit N] [--num-fewshot N]
         [--log-samples] [--output results.json]
 
