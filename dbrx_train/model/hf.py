@@ -5,12 +5,12 @@ or as shards `model-0000i-of-0000n.safetensors` listed in `model.safetensors.ind
 usually `generation_config.json` and tokenizer files. Our parameter names equal HF's, so import
 and export are loops over keys with a shape check each, no rename table.
 
-Memory: reading copies row ranges of one tensor at a time into already allocated tensors (the whole
-model, or one rank's FSDP shard of it: `read_hf_rows`), at most `ROW_CHUNK_BYTES` of a file mapped
-at once; writing streams one
-tensor at a time from a name -> tensor callback straight into the file (our own safetensors writer:
-8-byte header length, JSON header, raw little-endian bytes), so exporting never needs a second
-copy of the model, even when the source is a sharded checkpoint read key by key.
+Memory: reading copies row ranges of one tensor at a time into already allocated tensors (the
+whole model, or one rank's FSDP shard of it: `read_hf_rows`), with at most `ROW_CHUNK_BYTES` of a
+file mapped at once; writing streams one tensor at a time from a name -> tensor callback straight
+into the file (our own safetensors writer: 8-byte header length, JSON header, raw little-endian
+bytes), so exporting never needs a second copy of the model, even when the source is a sharded
+checkpoint read key by key.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def load_hf_weights(model: torch.nn.Module, folder: str | Path) -> None:
     params = model.state_dict()
     files = weight_files(folder)
     for name in files:
-        # In chunks: a file kept open would add its whole mapping to the RSS (2x the model in all).
+        # In chunks: a file kept open keeps every page read from it in the RSS, on top of the model.
         read_hf_rows(files, name, 0, params[name].shape[0], params[name])
 
 
