@@ -37,7 +37,8 @@ class ModelConfig:
     name: Literal["dbrx"] = "dbrx"  # the model family; only `dbrx`
     # cpu: every rank builds and initialises the full model from the run seed (identical on all ranks).
     # mixed: rank 0 builds it, the others start on `meta` and receive rank 0's weights while sharding.
-    # meta: every rank starts on `meta`; weights are initialised shard by shard after FSDP (GPU).
+    # meta: every rank starts on `meta`; weights are initialised shard by shard after FSDP (GPU), or
+    # with `pretrained` (CPU or GPU) each rank reads only its shard's rows from the safetensors.
     init_device: Literal["cpu", "mixed", "meta"] = "cpu"
     # An HF DBRX folder (config.json + safetensors) to start from instead of random weights. Its
     # config.json supplies every architecture key the YAML omits; shape keys the YAML does give

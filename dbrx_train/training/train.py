@@ -68,6 +68,7 @@ from dbrx_train.training.preflight import (
     resolve_device,
     resolve_precision,
 )
+from dbrx_train.training.pretrained_shards import load_pretrained_shards
 
 log = logging.getLogger("dbrx_train")
 
@@ -131,6 +132,9 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
     if cfg.fsdp is not None:
         mark_fsdp_units(model)
         parallelism = build_parallelism_config(cfg.fsdp, device_type)
+    shards = None
+    if cfg.model.init_device == "meta" and cfg.model.pretrained:  # each rank reads its shard, in Trainer()
+        shards = load_pretrained_shards(model, cfg.model.pretrained, device_type)
     composer_model = DbrxComposerModel(model)
     optimizer = build_optimizer(cfg, composer_model.parameters())
     check_checkpoint_space(cfg, Path(run_folder), model, start)
@@ -190,6 +194,8 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
             load_weights_only=start.weights_only,
             dist_timeout=cfg.dist_timeout,
         )
+    if shards is not None:
+        shards.check_done()
     trainer.logger.log_hyperparameters(resolved)  # the whole resolved config, e.g. into W&B's run config
     if already_finished(trainer):
         finish_without_training(trainer, hf_export, start)
