@@ -294,11 +294,14 @@ class TrainConfig:
     save_interval: str = "1000ba"
     # Checkpoints kept in save_folder, counted on disk (also across resumes), oldest deleted first; -1: all.
     save_num_checkpoints_to_keep: int = -1
-    # Replace checkpoints in save_folder that lie past this run's starting batch (another run's, or a
-    # rewound run's); false: such checkpoints stop the run before it starts.
-    save_overwrite: bool = False
+    # A previous run in save_folder past this run's start: true replaces it if it finished; one that did not
+    # finish (or has only damaged checkpoints) is replaced only when this names its folder
+    # (save_overwrite: runs/x). false: either stops the run before it starts. A replaced run is moved to
+    # .<folder>.replaced-<time>/ beside it and deleted when the new run finishes.
+    save_overwrite: bool | str = False
     # Resume from the newest intact checkpoint in save_folder if there is one (then load_path is ignored);
-    # damaged ones are reported, renamed <name>.corrupt, and the previous one is used. Needs a fixed run_name.
+    # damaged ones are reported, renamed <name>.corrupt, and the previous one is used; when none is intact the
+    # run stops (start over with save_overwrite: <save_folder>). Needs a fixed run_name.
     autoresume: bool = False
     # Checkpoint to start from: a checkpoint folder, a run folder (its newest intact checkpoint), a Composer
     # .pt file, or an object-store URI; null: start fresh.
