@@ -20,6 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from torch.distributed.checkpoint.api import CheckpointException
+
 from dbrx_train.atomic import FolderKind, check_replaceable, replacing
 from dbrx_train.checkpoint.composer_weights import (
     check_shapes,
@@ -28,6 +30,7 @@ from dbrx_train.checkpoint.composer_weights import (
     run_config_path,
     verify_checkpoint,
 )
+from dbrx_train.checkpoint.saver import describe_error
 from dbrx_train.model.hf import CONFIG_FILE, DEFAULT_MAX_SHARD_BYTES, EXPORT_DTYPES, save_hf_folder
 
 HF_EXPORT = FolderKind(
@@ -72,11 +75,8 @@ def main(argv: list[str] | None = None) -> None:
                 args.max_shard_size,
                 tokenizer=not args.no_tokenizer,
             )
-    except Exception as e:  # a full disk, or a damaged tensor read with --no-verify
-        print(
-            f"convert_to_hf: could not write {out} ({type(e).__name__}: {e}); it is unchanged",
-            file=sys.stderr,
-        )
+    except (Exception, CheckpointException) as e:  # a full disk; a damaged tensor read with --no-verify
+        print(f"convert_to_hf: could not write {out} ({describe_error(e)}); it is unchanged", file=sys.stderr)
         raise SystemExit(1) from None
     print(f"convert_to_hf: wrote {out}")
 

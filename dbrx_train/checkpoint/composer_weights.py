@@ -99,6 +99,8 @@ def verify_checkpoint(path: str | Path) -> str | None:
     CheckpointError naming the first bad file. Returns a warning when there is no manifest to check
     against (a checkpoint Composer wrote itself), None when it verified."""
     path = newest_in_run_folder(Path(path))
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
     folder = path if path.is_dir() else path.parent
     if not (folder / MANIFEST).is_file():
         return f"{folder} has no {MANIFEST}: its files are read without checksum verification"

@@ -46,6 +46,7 @@ class Start:
     # autoresume found checkpoints but none intact: (name, batch, why) of each; the run may only start over
     # when save_overwrite names the folder.
     rejected: list[tuple[str, int, str]] = field(default_factory=list)
+    autoresumed: bool = False  # continuing the run in its own folder (its damaged checkpoints are its own)
 
     @property
     def batch(self) -> int:
@@ -73,6 +74,19 @@ def newest_good_checkpoint(run_folder: Path, *, hashes: bool) -> Checkpoint | No
     for checkpoint in reversed(on_rank0(lambda: store.list_checkpoints(run_folder))):
         problem = verify(checkpoint, hashes=hashes)
         if problem is None:
+            incomplete = on_rank0(lambda: store.rejected_checkpoints(run_folder))
+            newer = [
+                (name, why)
+                for name, batch, why in incomplete
+                if batch > checkpoint.batch
+                and store.CORRUPT_SUFFIX not in name  # those were reported when found
+            ]
+            if newer and dist.get_global_rank() == 0:
+                skipped = "; ".join(f"{name}: {why}" for name, why in newer)
+                print(
+                    f"dbrx-train: not resuming from newer folders that are not intact checkpoints ({skipped})",
+                    flush=True,
+                )
             return checkpoint
         moved = on_rank0(lambda checkpoint=checkpoint, problem=problem: store.quarantine(checkpoint, problem))
         if dist.get_global_rank() == 0:
@@ -167,7 +181,7 @@ def resolve_start(
             newer = newer_in_store(remote, run_folder, checkpoint, hashes=hashes, rejected=rejected)
             checkpoint = newer or checkpoint
         if checkpoint is not None:
-            return Start(str(checkpoint.load_path), False, checkpoint, resumed=True)
+            return Start(str(checkpoint.load_path), False, checkpoint, resumed=True, autoresumed=True)
         rejected = on_rank0(lambda: store.rejected_checkpoints(run_folder)) + rejected
     if load_path is None:
         return Start(None, False, None, resumed=False, rejected=rejected)
@@ -278,6 +292,8 @@ def choose_start(
         if interesting and dist.get_global_rank() == 0:
             log.info("resuming with changed settings: %s", "; ".join(interesting))
         log.info("resuming from %s (batch %d)", start.checkpoint.path, start.checkpoint.batch)
+    if start.autoresumed:
+        return start  # the newest intact checkpoint of this folder: nothing past it but its own damaged saves
     previous = on_rank0(lambda: previous_run(run_folder, start))
     if previous is None:
         return start

@@ -201,6 +201,14 @@ def rejected_checkpoints(run_folder: Path) -> list[tuple[str, int, str]]:
     return sorted(found, key=lambda item: (item[1], item[0]))
 
 
+def _has_manifest(folder: Path) -> bool:
+    try:
+        read_manifest(folder)
+    except CheckpointError:
+        return False
+    return True
+
+
 def _leftover_batch(path: Path) -> int | None:
     """The batch of a `<name>.replaced-*` or `<name>.corrupt*` folder, else None."""
     for marker in (REPLACED_INFIX, CORRUPT_SUFFIX):
@@ -224,9 +232,9 @@ def rotate(run_folder: Path, keep: int, just_saved: str | None = None) -> list[s
     """Keep the newest `keep` committed checkpoints (counted on disk, so across resumes); -1 keeps all.
 
     Called right after a save committed; at least one checkpoint, and always `just_saved`, is kept.
-    Leftovers go with them: a `.replaced-*` folder (an older copy of a name committed again) once a
-    checkpoint at or past its batch is committed; a `.corrupt` one (kept for inspection) once
-    rotation has passed its batch.
+    Leftovers go with them: a `.replaced-*` folder (an older copy of a name committed again, with its
+    manifest) once a checkpoint at or past its batch is committed; a `.corrupt` one (kept for
+    inspection) once rotation has passed its batch.
     """
     checkpoints = list_checkpoints(run_folder)
     doomed = []
@@ -241,8 +249,12 @@ def rotate(run_folder: Path, keep: int, just_saved: str | None = None) -> list[s
         batch = _leftover_batch(path)
         if batch is None or newest is None:
             continue
-        replaced = REPLACED_INFIX in path.name and batch <= newest
-        if replaced or (keep >= 0 and batch < oldest):
+        if REPLACED_INFIX in path.name:
+            # A superseded copy of a committed checkpoint; a folder that never had a manifest is not ours.
+            superseded = batch <= newest and _has_manifest(path)
+        else:  # .corrupt: kept for inspection while rotation still keeps checkpoints as old as it
+            superseded = keep >= 0 and batch < oldest
+        if superseded:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path.name)
     return removed

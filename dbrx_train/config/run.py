@@ -343,8 +343,8 @@ def load_yaml(path: str | Path, overrides: list[str] | None = None) -> dict[str,
         raise ConfigError(f"config file '{path}' does not exist")
     try:
         cfg = OmegaConf.load(path)
-    except Exception as e:  # yaml.YAMLError carries the line and column in its message
-        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
+    except Exception as e:  # yaml.YAMLError carries the line and column in its message (on several lines)
+        raise ConfigError(f"config file '{path}' is not valid YAML: {' '.join(str(e).split())}") from e
     if not OmegaConf.is_dict(cfg):
         raise ConfigError(f"config file '{path}' must hold a mapping of keys at top level")
     for item in overrides or []:

@@ -134,7 +134,8 @@ class CheckedStream(Stream):
         try:
             return super().get_shards(world, allow_unsafe_types)
         except Exception as error:
-            source = f"remote {self.remote}" if self.remote else f"{self.local}"
+            where = self.remote or self.local
+            source = ("remote " if self.remote else "") + (f"{where}/{self.split}" if self.split else where)
             raise ShardReadError(
                 f"{self.key}: could not read {INDEX_FILE} from {source} ({error_text(error)}). Check the path, "
                 f"and for an object store its credentials (s3://: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "

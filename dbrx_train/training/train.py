@@ -182,20 +182,29 @@ def train_holding_lock(
     except ConfigError as e:
         raise Refused(str(e)) from None
 
-    train_loader, data_callbacks = build_train_data(cfg, layout)
-    evaluators = []
-    if cfg.eval_loader is not None and not evaluation_off(cfg):
-        eval_loader = build_dataloader(
-            cfg.eval_loader,
-            device_batch_size=layout.device_eval_batch_size,
-            max_seq_len=cfg.max_seq_len,
-            vocab_size=cfg.model.dbrx.vocab_size,
-            seed=cfg.seed,
-            config_key="eval_loader",
-        )
-        evaluators.append(
-            Evaluator(label="eval", dataloader=eval_loader, metric_names=list(composer_model.get_metrics()))
-        )
+    try:
+        train_loader, data_callbacks = build_train_data(cfg, layout)
+        evaluators = []
+        if cfg.eval_loader is not None and not evaluation_off(cfg):
+            eval_loader = build_dataloader(
+                cfg.eval_loader,
+                device_batch_size=layout.device_eval_batch_size,
+                max_seq_len=cfg.max_seq_len,
+                vocab_size=cfg.model.dbrx.vocab_size,
+                seed=cfg.seed,
+                config_key="eval_loader",
+            )
+            evaluators.append(
+                Evaluator(
+                    label="eval", dataloader=eval_loader, metric_names=list(composer_model.get_metrics())
+                )
+            )
+    except ShardReadError:
+        raise  # what one rank read (e.g. a remote stream's index): reported by that rank
+    except (
+        ValueError
+    ) as e:  # the data and the config do not fit (e.g. fewer samples than a batch): on every rank
+        raise Refused(str(e)) from None
 
     checkpoints = CheckpointManager(
         run_folder, cfg.save_interval, cfg.save_num_checkpoints_to_keep, resolved, remote
