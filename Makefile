@@ -26,11 +26,12 @@ $(DATA)/manifest.json: data_prep/build_default_corpus.py
 # prose -> code curriculum (~5 min) -> fine-tune it on the chat set (~1-2 min) -> ask it a question.
 train: pretrain finetune sample
 
+# dbrx_train.launch is Composer's launcher with Ctrl-C answered cleanly (a checkpoint, exit 130).
 pretrain: data
-	$(VENV)/bin/composer -n 1 train.py yamls/pretrain/dbrx-tiny.yaml
+	$(PY) -m dbrx_train.launch -n 1 train.py yamls/pretrain/dbrx-tiny.yaml
 
 finetune: data
-	$(VENV)/bin/composer -n 1 train.py yamls/finetune.yaml
+	$(PY) -m dbrx_train.launch -n 1 train.py yamls/finetune.yaml
 
 # Greedy answer of the fine-tuned model (runs/dbrx-tiny-chat) to one chat prompt.
 sample: setup

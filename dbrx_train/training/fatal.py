@@ -39,9 +39,12 @@ def leave(code: int, *, after_first_rank: bool) -> NoReturn:
     (the launcher then SIGTERMs this one, which does not dump its log)."""
     sys.stdout.flush()
     sys.stderr.flush()
-    if after_first_rank and dist.get_world_size() > 1 and dist.get_local_rank() != 0:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    waits = after_first_rank and dist.get_world_size() > 1 and dist.get_local_rank() != 0
+    if threading.current_thread() is threading.main_thread():
+        # A rank that exits with its code ignores the SIGTERM the launcher sends once another rank is gone:
+        # arriving during interpreter shutdown it would turn the code into -15 (and hide this rank's log).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if waits else signal.SIG_IGN)
+    if waits:
         time.sleep(LAUNCHER_GRACE_S)
     raise SystemExit(code)
 

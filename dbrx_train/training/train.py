@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -78,6 +80,10 @@ USAGE = "usage: composer train.py <config.yaml> [key=value ...]   (or: python tr
 
 def main(argv: list[str] | None = None) -> Trainer:
     argv = sys.argv[1:] if argv is None else argv
+    # Composer's import made Ctrl-C a silent SystemExit(130): until training starts (and preemption.py
+    # takes over), it is a KeyboardInterrupt that says what happened.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         raise SystemExit(0 if argv else 2)
@@ -201,9 +207,8 @@ def train_holding_lock(
             )
     except ShardReadError:
         raise  # what one rank read (e.g. a remote stream's index): reported by that rank
-    except (
-        ValueError
-    ) as e:  # the data and the config do not fit (e.g. fewer samples than a batch): on every rank
+    except ValueError as e:
+        # The data and the config do not fit (e.g. fewer samples than a batch): the same on every rank.
         raise Refused(str(e)) from None
 
     checkpoints = CheckpointManager(

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from streaming import MDSWriter
 
-from dbrx_train.checkpoint import run_lock, store
+from dbrx_train.checkpoint import store
 from tests.bad_inputs.test_bad_checkpoints import RunsCode, dcp_checkpoint, with_manifest
 from tests.faults.harness import Act, Case
 from tests.faults.world import ROOT, SEQ, World, copy, token_rows, train_args, write_stream
@@ -173,105 +173,30 @@ def s3_data_stream(w: World, tmp: Path) -> Act:
     )
 
 
+# fmt: off
 CONFIG = [
-    Case(
-        "unknown-key",
-        "config",
-        config("optimizer.learning_rate=1"),
-        2,
-        ("unknown config key 'optimizer.learning_rate'",),
-    ),
+    Case("unknown-key", "config", config("optimizer.learning_rate=1"), 2, ("unknown config key 'optimizer.learning_rate'",)),
     Case("wrong-type", "config", config("seed=abc"), 2, ("config key 'seed' must be an integer",)),
-    Case(
-        "max-duration-0-curriculum",
-        "config",
-        max_duration_zero_curriculum,
-        2,
-        ("'max_duration' must be more than 0",),
-    ),
+    Case("max-duration-0-curriculum", "config", max_duration_zero_curriculum, 2, ("'max_duration' must be more than 0",)),
     Case("max-duration-0", "config", config("max_duration=0ba"), 2, ("'max_duration' must be more than 0",)),
-    Case(
-        "eval-interval-0",
-        "config",
-        config("eval_interval=0ba"),
-        0,
-        ("eval_interval is 0ba: evaluation is off",),
-    ),
-    Case(
-        "batch-does-not-divide",
-        "config",
-        config("global_train_batch_size=6"),
-        2,
-        ("device_train_microbatch_size=4",),
-    ),
+    Case("eval-interval-0", "config", config("eval_interval=0ba"), 0, ("eval_interval is 0ba: evaluation is off",)),
+    Case("batch-does-not-divide", "config", config("global_train_batch_size=6"), 2, ("device_train_microbatch_size=4",)),
     Case("missing-yaml", "config", missing_yaml, 2, ("typo.yaml' does not exist",)),
     Case("broken-yaml", "config", broken_yaml, 2, ("broken.yaml' is not valid YAML",)),
-    Case(
-        "megablocks-on-cpu",
-        "config",
-        config("model.ffn_config.moe_backend=megablocks"),
-        2,
-        ("moe_backend: megablocks",),
-    ),
+    Case("megablocks-on-cpu", "config", config("model.ffn_config.moe_backend=megablocks"), 2, ("moe_backend: megablocks",)),
     Case("meta-init-on-cpu", "config", config("model.init_device=meta"), 2, ("init_device: meta",)),
-    Case(
-        "load-path-missing",
-        "config",
-        config("load_path=/nonexistent/ckpt"),
-        2,
-        ("load_path '/nonexistent/ckpt' does not exist",),
-    ),
-    Case(
-        "weights-only-without-load-path",
-        "config",
-        config("load_weights_only=true"),
-        2,
-        ("load_weights_only: true needs 'load_path'",),
-    ),
+    Case("load-path-missing", "config", config("load_path=/nonexistent/ckpt"), 2, ("load_path '/nonexistent/ckpt' does not exist",)),
+    Case("weights-only-without-load-path", "config", config("load_weights_only=true"), 2, ("load_weights_only: true needs 'load_path'",)),
     Case("autoresume-without-run-name", "config", config("run_name=null"), 2, ("needs a fixed 'run_name'",)),
-    Case(
-        "pretrained-missing", "config", config("model.pretrained=/nonexistent/hf"), 2, ("model.pretrained",)
-    ),
-    Case(
-        "save-overwrite-names-another-folder",
-        "config",
-        save_overwrite_names_another_folder,
-        2,
-        ("save_overwrite names",),
-    ),
+    Case("pretrained-missing", "config", config("model.pretrained=/nonexistent/hf"), 2, ("model.pretrained",)),
+    Case("save-overwrite-names-another-folder", "config", save_overwrite_names_another_folder, 2, ("save_overwrite names",)),
     Case("save-folder-is-a-file", "disk", save_folder_is_a_file, 2, ("cannot be written",)),
-    Case(
-        "save-folder-read-only",
-        "disk",
-        save_folder_read_only,
-        2,
-        ("cannot be written (Read-only file system)",),
-    ),
-    Case(
-        "s3-save-folder-no-credentials",
-        "config",
-        s3_save_folder,
-        2,
-        ("save_folder s3://no-such-bucket/runs/x: could not list", "credentials"),
-    ),
-    Case(
-        "unknown-scheme-save-folder",
-        "config",
-        unknown_scheme_save_folder,
-        2,
-        ("save_folder nosuch://bucket/runs/x",),
-    ),
-    Case(
-        "s3-data-stream-no-credentials",
-        "data",
-        s3_data_stream,
-        1,
-        (
-            "train_loader.dataset.streams.prose: could not read index.json from remote s3://no-such-bucket/prose/train",
-            "credentials",
-        ),
-    ),
+    Case("save-folder-read-only", "disk", save_folder_read_only, 2, ("cannot be written (Read-only file system)",)),
+    Case("s3-save-folder-no-credentials", "config", s3_save_folder, 2, ("save_folder s3://no-such-bucket/runs/x: could not list", "credentials")),
+    Case("unknown-scheme-save-folder", "config", unknown_scheme_save_folder, 2, ("save_folder nosuch://bucket/runs/x",)),
+    Case("s3-data-stream-no-credentials", "data", s3_data_stream, 1, ("train_loader.dataset.streams.prose: could not read index.json from remote s3://no-such-bucket/prose/train", "credentials")),
 ]
+# fmt: on
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -365,103 +290,27 @@ def missing_local_remote(w: World, tmp: Path) -> Act:
     return train(w, tmp, f"train_loader.dataset.streams.prose.remote={tmp / 'nowhere'}")
 
 
+# fmt: off
 DATA = [
-    Case(
-        "data-folder-missing",
-        "data",
-        lambda w, tmp: train(w, tmp, data_root=tmp / "nowhere"),
-        2,
-        ("train_loader.dataset.streams.prose",),
-    ),
-    Case(
-        "index-missing",
-        "data",
-        broken_data(lambda f: (f / "index.json").unlink()),
-        2,
-        ("train_loader.dataset.streams.prose", "index.json"),
-    ),
-    Case(
-        "index-truncated",
-        "data",
-        broken_data(lambda f: (f / "index.json").write_text('{"shards": [')),
-        2,
-        ("train_loader.dataset.streams.prose", "index.json"),
-    ),
-    Case(
-        "index-garbage",
-        "data",
-        broken_data(lambda f: (f / "index.json").write_bytes(os.urandom(200))),
-        2,
-        ("train_loader.dataset.streams.prose", "index.json"),
-    ),
-    Case(
-        "shard-missing",
-        "data",
-        broken_data(lambda f: first_shard(f).unlink()),
-        2,
-        ("shard.00001.mds.zstd", "is missing"),
-    ),
-    Case(
-        "shard-zip-missing-beside-its-raw",
-        "data",
-        zip_missing_beside_raw,
-        2,
-        ("shard.00001.mds is there but not shard.00001.mds.zstd",),
-    ),
-    Case(
-        "shard-truncated",
-        "data",
-        broken_data(lambda f: first_shard(f).write_bytes(first_shard(f).read_bytes()[:100])),
-        2,
-        ("shard.00001.mds.zstd has 100 bytes",),
-    ),
-    Case(
-        "shard-garbage-same-size",
-        "data",
-        broken_data(lambda f: first_shard(f).write_bytes(os.urandom(first_shard(f).stat().st_size))),
-        1,
-        ("shard.00001.mds", "could not be prepared"),
-    ),
-    Case(
-        "raw-shard-bit-flip",
-        "data",
-        raw_shard_bit_flip,
-        1,
-        ("shard.00000.mds does not match its xxh3_64 hash",),
-    ),
-    Case(
-        "out-of-vocab-later-sample",
-        "data",
-        later_samples(lambda r: np.full_like(r, 9999)),
-        1,
-        ("has token id 9999, outside [0, vocab_size=512)",),
-    ),
-    Case(
-        "short-sample-later",
-        "data",
-        later_samples(lambda r: r[:-1]),
-        1,
-        (f"has {SEQ - 1} tokens, but max_seq_len is {SEQ}",),
-    ),
-    Case(
-        "sequence-length-mismatch",
-        "data",
-        config("max_seq_len=32", "model.max_seq_len=32"),
-        2,
-        (f"has {SEQ} tokens, but max_seq_len is 32",),
-    ),
+    Case("data-folder-missing", "data", lambda w, tmp: train(w, tmp, data_root=tmp / "nowhere"), 2, ("train_loader.dataset.streams.prose",)),
+    Case("index-missing", "data", broken_data(lambda f: (f / "index.json").unlink()), 2, ("train_loader.dataset.streams.prose", "index.json")),
+    Case("index-truncated", "data", broken_data(lambda f: (f / "index.json").write_text('{"shards": [')), 2, ("train_loader.dataset.streams.prose", "index.json")),
+    Case("index-garbage", "data", broken_data(lambda f: (f / "index.json").write_bytes(os.urandom(200))), 2, ("train_loader.dataset.streams.prose", "index.json")),
+    Case("shard-missing", "data", broken_data(lambda f: first_shard(f).unlink()), 2, ("shard.00001.mds.zstd", "is missing")),
+    Case("shard-zip-missing-beside-its-raw", "data", zip_missing_beside_raw, 2, ("shard.00001.mds is there but not shard.00001.mds.zstd",)),
+    Case("shard-truncated", "data", broken_data(lambda f: first_shard(f).write_bytes(first_shard(f).read_bytes()[:100])), 2, ("shard.00001.mds.zstd has 100 bytes",)),
+    Case("shard-garbage-same-size", "data", broken_data(lambda f: first_shard(f).write_bytes(os.urandom(first_shard(f).stat().st_size))), 1, ("shard.00001.mds", "could not be prepared")),
+    Case("raw-shard-bit-flip", "data", raw_shard_bit_flip, 1, ("shard.00000.mds does not match its xxh3_64 hash",)),
+    Case("out-of-vocab-later-sample", "data", later_samples(lambda r: np.full_like(r, 9999)), 1, ("has token id 9999, outside [0, vocab_size=512)",)),
+    Case("short-sample-later", "data", later_samples(lambda r: r[:-1]), 1, (f"has {SEQ - 1} tokens, but max_seq_len is {SEQ}",)),
+    Case("sequence-length-mismatch", "data", config("max_seq_len=32", "model.max_seq_len=32"), 2, (f"has {SEQ} tokens, but max_seq_len is 32",)),
     Case("pickle-column", "data", pickle_column, 2, ("pkl",)),
     Case("finetuning-unsigned-labels", "data", finetuning_unsigned_labels, 2, ("labels",)),
     Case("eval-folder-missing", "data", eval_folder_missing, 2, ("eval_loader.dataset.streams.prose",)),
-    Case(
-        "fewer-samples-than-a-batch",
-        "data",
-        fewer_samples_than_a_batch,
-        2,
-        ("fewer than device_batch_size=1024",),
-    ),
+    Case("fewer-samples-than-a-batch", "data", fewer_samples_than_a_batch, 2, ("fewer than device_batch_size=1024",)),
     Case("local-remote-missing", "data", missing_local_remote, 2, ("train_loader.dataset.streams.prose",)),
 ]
+# fmt: on
 
 
 # --- checkpoints and reruns ------------------------------------------------------------------------
@@ -565,96 +414,34 @@ def finished_replaced(w: World, tmp: Path) -> Act:
     return train(w, tmp, "autoresume=false", "save_overwrite=true", "seed=3", post=replaced)
 
 
+# fmt: off
 CHECKPOINTS = [
-    Case(
-        "newest-checkpoint-damaged",
-        "checkpoint",
-        newest_damaged,
-        0,
-        ("checkpoint ep0-ba2 is damaged", "does not match the sha256", "ep0-ba2.corrupt"),
-    ),
-    Case(
-        "every-checkpoint-damaged",
-        "checkpoint",
-        all_damaged,
-        2,
-        ("autoresume found no intact checkpoint", "ep0-ba2.corrupt", "ep0-ba1.corrupt", "save_overwrite="),
-    ),
-    Case(
-        "every-checkpoint-damaged-relaunch",
-        "checkpoint",
-        all_damaged_seen_before,
-        2,
-        ("autoresume found no intact checkpoint", "ep0-ba2.corrupt", "ep0-ba1.corrupt"),
-    ),
+    Case("newest-checkpoint-damaged", "checkpoint", newest_damaged, 0, ("checkpoint ep0-ba2 is damaged", "does not match the sha256", "ep0-ba2.corrupt")),
+    Case("every-checkpoint-damaged", "checkpoint", all_damaged, 2, ("autoresume found no intact checkpoint", "ep0-ba2.corrupt", "ep0-ba1.corrupt", "save_overwrite=")),
+    Case("every-checkpoint-damaged-relaunch", "checkpoint", all_damaged_seen_before, 2, ("autoresume found no intact checkpoint", "ep0-ba2.corrupt", "ep0-ba1.corrupt")),
     Case("every-checkpoint-damaged-start-over", "checkpoint", all_damaged_start_over, 0, ("was moved to",)),
-    Case(
-        "newest-without-manifest",
-        "checkpoint",
-        newest_without_manifest,
-        0,
-        ("not resuming from newer folders", "ep0-ba2", "no manifest.json"),
-    ),
-    Case(
-        "newest-manifest-garbage",
-        "checkpoint",
-        newest_manifest_garbage,
-        0,
-        ("not resuming from newer folders", "ep0-ba2", "unreadable"),
-    ),
-    Case(
-        "unfinished-save-left-by-a-crash",
-        "checkpoint",
-        stale_temporary,
-        0,
-        ("removed unfinished saves of a crashed run", ".tmp-ep0-ba3-deadbeef"),
-    ),
+    Case("newest-without-manifest", "checkpoint", newest_without_manifest, 0, ("not resuming from newer folders", "ep0-ba2", "no manifest.json")),
+    Case("newest-manifest-garbage", "checkpoint", newest_manifest_garbage, 0, ("not resuming from newer folders", "ep0-ba2", "unreadable")),
+    Case("unfinished-save-left-by-a-crash", "checkpoint", stale_temporary, 0, ("removed unfinished saves of a crashed run", ".tmp-ep0-ba3-deadbeef")),
     Case("load-path-runs-code", "checkpoint", malicious_load_path, 2, ("would run code",)),
     Case("load-path-damaged", "checkpoint", damaged_load_path, 2, ("does not match the sha256",)),
-    Case(
-        "load-path-empty-run-folder",
-        "checkpoint",
-        empty_run_as_load_path,
-        2,
-        ("holds no complete checkpoint",),
-    ),
+    Case("load-path-empty-run-folder", "checkpoint", empty_run_as_load_path, 2, ("holds no complete checkpoint",)),
     Case("resume-with-changed-seed", "checkpoint", changed_seed, 2, ("seed: 17 -> 5",)),
     Case("rerun-after-the-end", "checkpoint", rerun(keep_all=False), 0, ("nothing to train",)),
-    Case(
-        "shorter-smoke-test-same-run-name",
-        "checkpoint",
-        rerun("max_duration=1ba", keep_all=False),
-        0,
-        ("nothing to train",),
-    ),
-    Case(
-        "rerun-finished-without-autoresume",
-        "checkpoint",
-        rerun("autoresume=false"),
-        2,
-        ("already holds a finished run", "save_overwrite: true"),
-    ),
-    Case(
-        "rerun-interrupted-without-autoresume",
-        "checkpoint",
-        rerun("autoresume=false", "max_duration=4ba", make=interrupted),
-        2,
-        ("holds a run that did not finish", "autoresume=true", "save_overwrite="),
-    ),
-    Case(
-        "save-overwrite-true-on-interrupted-run",
-        "checkpoint",
-        rerun("autoresume=false", "save_overwrite=true", "max_duration=4ba", make=interrupted),
-        2,
-        ("holds a run that did not finish", "autoresume=true", "save_overwrite="),
-    ),
+    Case("shorter-smoke-test-same-run-name", "checkpoint", rerun("max_duration=1ba", keep_all=False), 0, ("nothing to train",)),
+    Case("rerun-finished-without-autoresume", "checkpoint", rerun("autoresume=false"), 2, ("already holds a finished run", "save_overwrite: true")),
+    Case("rerun-interrupted-without-autoresume", "checkpoint", rerun("autoresume=false", "max_duration=4ba", make=interrupted), 2, ("holds a run that did not finish", "autoresume=true", "save_overwrite=")),
+    Case("save-overwrite-true-on-interrupted-run", "checkpoint", rerun("autoresume=false", "save_overwrite=true", "max_duration=4ba", make=interrupted), 2, ("holds a run that did not finish", "autoresume=true", "save_overwrite=")),
     Case("save-overwrite-true-on-finished-run", "checkpoint", finished_replaced, 0, ("was moved to",)),
 ]
+# fmt: on
 
 
 # --- one run per folder ------------------------------------------------------------------------
 def live_holder(w: World, tmp: Path) -> Act:
     run = finished(w, tmp)
+    from dbrx_train.checkpoint import run_lock
+
     lock, _ = run_lock.acquire(run, "another-run")  # held by this process: a live run
     return train(w, tmp, "max_duration=3ba", keep=[run], finish=lock.release)
 
@@ -667,12 +454,12 @@ def dead_holder(w: World, tmp: Path) -> Act:
         "started": "2024-01-01T00:00:00",
         "run_id": "old",
     }
-    (run / run_lock.LOCK_FILE).write_text(json.dumps(record))
+    (run / "run.lock").write_text(json.dumps(record))
     return train(w, tmp, "max_duration=3ba", keep=checkpoints(run))
 
 
-def launch(nproc: int, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "composer.cli.launcher", "-n", str(nproc), str(ROOT / "train.py"), *args]
+def launch(nproc: int, args: list[str], launcher: str = "composer.cli.launcher") -> list[str]:
+    return [sys.executable, "-m", launcher, "-n", str(nproc), str(ROOT / "train.py"), *args]
 
 
 def environment(**extra: str) -> dict[str, str]:
@@ -731,134 +518,59 @@ def second_launch(w: World, tmp: Path) -> Act:
     return Act(launch=go)
 
 
+# fmt: off
 CONCURRENT = [
-    Case(
-        "live-run-holds-the-folder",
-        "concurrent",
-        live_holder,
-        2,
-        ("is in use by another run", f"pid {os.getpid()} on {socket.gethostname()}"),
-    ),
-    Case(
-        "dead-run-left-its-lock",
-        "concurrent",
-        dead_holder,
-        0,
-        ("took over", "no longer running", f"pid {2**22 + 1}"),
-    ),
-    Case(
-        "second-launch-while-training",
-        "concurrent",
-        second_launch,
-        2,
-        ("is in use by another run",),
-        slow=True,
-    ),
+    Case("live-run-holds-the-folder", "concurrent", live_holder, 2, ("is in use by another run", f"pid {os.getpid()} on {socket.gethostname()}")),
+    Case("dead-run-left-its-lock", "concurrent", dead_holder, 0, ("took over", "no longer running", f"pid {2**22 + 1}")),
+    Case("second-launch-while-training", "concurrent", second_launch, 2, ("is in use by another run",), slow=True),
 ]
+# fmt: on
 
 
 # --- signals and disk ----------------------------------------------------------------------------
-def interrupt(times: int):
-    """Ctrl-C as a terminal sends it (SIGINT to the whole process group), once or twice, mid-training."""
-
-    def setup(w: World, tmp: Path) -> Act:
-        run = tmp / "run"
-        # Slow batches (16 microbatches) leave time for a second Ctrl-C; a checkpoint at batch 2 to keep.
-        args = train_args(
-            w.data, run, "max_duration=400ba", "save_interval=2ba", "global_train_batch_size=64"
-        )
-        out = tmp / "out.txt"
-
-        def go() -> tuple[int, str]:
-            # Once: through Composer's launcher. Twice: `python train.py`, whose handler answers the second
-            # Ctrl-C itself (under the launcher, the launcher kills the ranks on a second Ctrl-C).
-            command = launch(1, args) if times == 1 else [sys.executable, str(ROOT / "train.py"), *args]
-            proc = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=environment(),
-                stdout=out.open("w"),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            try:
-                wait_for(lambda: batches_done(run) >= 3, proc)
-                os.killpg(proc.pid, signal.SIGINT)
-                if times == 2:
-                    wait_for(lambda: "received" in out.read_text(), proc)
-                    os.killpg(proc.pid, signal.SIGINT)
-                code = proc.wait(timeout=300)
-            finally:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-            return code, out.read_text()
-
-        def saved() -> str | None:
-            names = [c.name for c in store.list_checkpoints(run)]
-            if "ep0-ba2" not in names:
-                return f"the checkpoint of batch 2 is gone: {names}"
-            store.verify_files(store.list_checkpoints(run)[0])
-            if times == 1 and len(names) < 2:
-                return f"no checkpoint was saved on Ctrl-C: {names}"
-            if times == 2 and len(names) != 1:
-                return f"a second Ctrl-C still saved: {names}"
-            return None
-
-        return Act(launch=go, post=saved)
-
-    return setup
-
-
-def file_size_limit(w: World, tmp: Path) -> Act:
-    """A disk that fills up at the next save (a file size limit below one checkpoint shard)."""
-    import resource
-
-    run = interrupted(w, tmp)
-    keep = checkpoints(run)
-    limit = shard_of(run / "ep0-ba2").stat().st_size // 2
-    args = train_args(w.data, run, "max_duration=4ba")
+def second_ctrl_c(w: World, tmp: Path) -> Act:
+    """Ctrl-C twice, as a terminal sends it (SIGINT to the whole process group), to `python train.py`:
+    the second quits at once without saving. (Once: tests/training/test_resume_e2e.py.)"""
+    run = tmp / "run"
+    # Slow batches (16 microbatches) leave time for the second Ctrl-C; a checkpoint at batch 2 to keep.
+    args = train_args(w.data, run, "max_duration=400ba", "save_interval=2ba", "global_train_batch_size=64")
+    out = tmp / "out.txt"
 
     def go() -> tuple[int, str]:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, str(ROOT / "train.py"), *args],
             cwd=ROOT,
             env=environment(),
-            capture_output=True,
-            text=True,
-            timeout=180,
-            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+            stdout=out.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
-        return proc.returncode, proc.stdout + proc.stderr
+        try:
+            wait_for(lambda: batches_done(run) >= 3, proc)
+            os.killpg(proc.pid, signal.SIGINT)
+            wait_for(lambda: "received" in out.read_text(), proc)
+            os.killpg(proc.pid, signal.SIGINT)
+            code = proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        return code, out.read_text()
 
-    return Act(launch=go, keep=keep)
+    def kept() -> str | None:
+        names = [c.name for c in store.list_checkpoints(run)]
+        if names != ["ep0-ba2"]:
+            return f"expected only the checkpoint of batch 2, found {names}"
+        store.verify_files(store.list_checkpoints(run)[0])
+        return None
+
+    return Act(launch=go, post=kept)
 
 
+# fmt: off
 SIGNALS = [
-    Case(
-        "ctrl-c-saves-and-stops",
-        "signal",
-        interrupt(1),
-        130,
-        ("stopped by Ctrl-C (SIGINT) after batch", "saved checkpoint"),
-        slow=True,
-    ),
-    Case(
-        "second-ctrl-c-quits-at-once",
-        "signal",
-        interrupt(2),
-        130,
-        ("second Ctrl-C: quitting now without saving",),
-        slow=True,
-    ),
-    Case(
-        "disk-full-at-a-save",
-        "disk",
-        file_size_limit,
-        1,
-        ("checkpoint ep0-ba3 could not be written", "Earlier checkpoints are intact (latest: ep0-ba2)"),
-        slow=True,
-    ),
+    Case("second-ctrl-c-quits-at-once", "signal", second_ctrl_c, 130, ("second Ctrl-C: quitting now without saving",), slow=True),
 ]
+# fmt: on
 
 
 # --- two ranks -------------------------------------------------------------------------------------
@@ -870,10 +582,17 @@ def two_ranks(make_args):
         args, keep = make_args(w, tmp)
 
         def go() -> tuple[int, str]:
+            # stdout and stderr as one stream, interleaved as a terminal shows them
             proc = subprocess.run(
-                launch(2, args), cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=600
+                launch(2, args),
+                cwd=ROOT,
+                env=environment(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=600,
             )
-            return proc.returncode, proc.stdout + proc.stderr
+            return proc.returncode, proc.stdout
 
         return Act(launch=go, keep=keep)
 
@@ -881,10 +600,14 @@ def two_ranks(make_args):
 
 
 def two_rank_bad_samples(w: World, tmp: Path) -> tuple[list[str], list[Path]]:
+    """One bad sample, read by rank 1 only: unshuffled, rank 0 reads samples 0, 2 and rank 1 reads 1, 3."""
     root = data(w, tmp)
     rows = token_rows(256, seed=0)
-    one_shard(root, [rows[0], *(np.full_like(r, 9999) for r in rows[1:])])
-    return train_args(root, tmp / "run", *TWO_RANK_BATCH), [root / "prose" / "train"]
+    rows[3] = np.full_like(rows[3], 9999)
+    one_shard(root, rows)
+    prose = ("train_loader.dataset.streams=null", f"train_loader.dataset.local={root / 'prose'}")
+    unshuffled = ("train_loader.dataset.split=train", "train_loader.dataset.shuffle=false")
+    return train_args(root, tmp / "run", *TWO_RANK_BATCH, *prose, *unshuffled), [root / "prose" / "train"]
 
 
 def two_rank_refusal(w: World, tmp: Path) -> tuple[list[str], list[Path]]:
@@ -892,24 +615,12 @@ def two_rank_refusal(w: World, tmp: Path) -> tuple[list[str], list[Path]]:
     return train_args(w.data, run, "autoresume=false", "max_duration=4ba", *TWO_RANK_BATCH), [run]
 
 
+# fmt: off
 TWO_RANKS = [
-    Case(
-        "two-ranks-bad-sample-while-training",
-        "data",
-        two_ranks(two_rank_bad_samples),
-        1,
-        ("has token id 9999",),
-        slow=True,
-    ),
-    Case(
-        "two-ranks-refused-rerun",
-        "checkpoint",
-        two_ranks(two_rank_refusal),
-        2,
-        ("holds a run that did not finish",),
-        slow=True,
-    ),
+    Case("two-ranks-bad-sample-while-training", "data", two_ranks(two_rank_bad_samples), 1, ("sample 3 (shard shard.00000.mds)", "has token id 9999"), slow=True),
+    Case("two-ranks-refused-rerun", "checkpoint", two_ranks(two_rank_refusal), 2, ("holds a run that did not finish",), slow=True),
 ]
+# fmt: on
 
 
 # --- HF scripts --------------------------------------------------------------------------------------
@@ -965,69 +676,23 @@ def generate(*extra: str, damage=None):
     return setup
 
 
+# fmt: off
 HF = [
-    Case(
-        "convert-damaged-over-a-good-export",
-        "hf",
-        convert(damage=lambda c: flip(shard_of(c))),
-        2,
-        ("does not match the sha256",),
-    ),
+    Case("convert-damaged-over-a-good-export", "hf", convert(damage=lambda c: flip(shard_of(c))), 2, ("does not match the sha256",)),
     Case("convert-truncated-checkpoint", "hf", convert(damage=truncate), 2, ("(truncated?)",)),
-    Case(
-        "convert-truncated-unverified",
-        "hf",
-        convert("--no-verify", damage=truncate_to_a_third),
-        1,
-        ("could not write", "it is unchanged"),
-    ),
-    Case(
-        "convert-into-its-run-folder",
-        "hf",
-        convert(out=lambda w, tmp, run: run),
-        2,
-        ("lies inside the output folder",),
-    ),
+    Case("convert-truncated-unverified", "hf", convert("--no-verify", damage=truncate_to_a_third), 1, ("could not write", "it is unchanged")),
+    Case("convert-into-its-run-folder", "hf", convert(out=lambda w, tmp, run: run), 2, ("lies inside the output folder",)),
     Case("convert-into-a-folder-of-notes", "hf", convert(out=notes_folder), 2, ("is not an HF export",)),
     Case("convert-under-a-file", "hf", convert(out=under_a_file, keep_export=False), 1, ("could not write",)),
     Case("convert-missing-checkpoint", "hf", convert_missing_checkpoint, 2, ("does not exist",)),
     Case("convert-without-run-config", "hf", convert_without_config, 2, ("config.yaml does not exist",)),
-    Case(
-        "generate-damaged-checkpoint",
-        "hf",
-        generate("--prompt", "x", damage=lambda c: flip(shard_of(c))),
-        2,
-        ("does not match the sha256",),
-    ),
-    Case(
-        "generate-missing-model",
-        "hf",
-        lambda w, tmp: Act("generate", ["--model", str(tmp / "nowhere"), "--prompt", "x"]),
-        2,
-        ("does not exist",),
-    ),
-    Case(
-        "generate-prompt-longer-than-the-model",
-        "hf",
-        generate("--prompt", "x", "--max-new-tokens", "100"),
-        2,
-        ("max_seq_len",),
-    ),
-    Case(
-        "model-stats-world-size-0",
-        "config",
-        lambda w, tmp: Act("stats", [str(ROOT / "yamls/pretrain/dbrx-tiny.yaml"), "--world-size", "0"]),
-        2,
-        ("--world-size: must be a whole number >= 1",),
-    ),
-    Case(
-        "model-stats-unknown-key",
-        "config",
-        lambda w, tmp: Act("stats", [str(ROOT / "yamls/pretrain/dbrx-tiny.yaml"), "model.d_modle=8"]),
-        2,
-        ("unknown config key 'model.d_modle'",),
-    ),
+    Case("generate-damaged-checkpoint", "hf", generate("--prompt", "x", damage=lambda c: flip(shard_of(c))), 2, ("does not match the sha256",)),
+    Case("generate-missing-model", "hf", lambda w, tmp: Act("generate", ["--model", str(tmp / "nowhere"), "--prompt", "x"]), 2, ("does not exist",)),
+    Case("generate-prompt-longer-than-the-model", "hf", generate("--prompt", "x", "--max-new-tokens", "100"), 2, ("max_seq_len",)),
+    Case("model-stats-world-size-0", "config", lambda w, tmp: Act("stats", [str(ROOT / "yamls/pretrain/dbrx-tiny.yaml"), "--world-size", "0"]), 2, ("--world-size: must be a whole number >= 1",)),
+    Case("model-stats-unknown-key", "config", lambda w, tmp: Act("stats", [str(ROOT / "yamls/pretrain/dbrx-tiny.yaml"), "model.d_modle=8"]), 2, ("unknown config key 'model.d_modle'",)),
 ]
+# fmt: on
 
 
 # --- data preparation ------------------------------------------------------------------------------
@@ -1130,97 +795,23 @@ def corpus_over_notes(w: World, tmp: Path) -> Act:
     return Act("corpus", ["--out", str(notes(w, tmp)), "--overwrite"], keep=[tmp / "notes"])
 
 
+# fmt: off
 PREP = [
-    Case(
-        "prep-overwrite-with-a-bad-line",
-        "prep",
-        prep("prep_text", bad_jsonl, text_out, "--overwrite"),
-        1,
-        ("docs.jsonl:2: not valid JSON",),
-    ),
-    Case(
-        "prep-input-inside-the-output",
-        "prep",
-        prep("prep_text", inside_out("notes.txt", "words " * 200), text_out, "--overwrite"),
-        1,
-        ("lies inside the output folder",),
-    ),
-    Case(
-        "prep-existing-without-overwrite",
-        "prep",
-        prep("prep_text", good_texts, text_out),
-        1,
-        ("--overwrite",),
-    ),
-    Case(
-        "prep-overwrite-a-folder-of-notes",
-        "prep",
-        prep("prep_text", good_texts, notes, "--overwrite"),
-        1,
-        ("is not an MDS dataset",),
-    ),
-    Case(
-        "prep-glob-matches-nothing",
-        "prep",
-        lambda w, tmp: Act("prep_text", ["--input", str(tmp / "*.none"), "--out", str(tmp / "out")]),
-        1,
-        ("matches no file",),
-    ),
+    Case("prep-overwrite-with-a-bad-line", "prep", prep("prep_text", bad_jsonl, text_out, "--overwrite"), 1, ("docs.jsonl:2: not valid JSON",)),
+    Case("prep-input-inside-the-output", "prep", prep("prep_text", inside_out("notes.txt", "words " * 200), text_out, "--overwrite"), 1, ("lies inside the output folder",)),
+    Case("prep-existing-without-overwrite", "prep", prep("prep_text", good_texts, text_out), 1, ("--overwrite",)),
+    Case("prep-overwrite-a-folder-of-notes", "prep", prep("prep_text", good_texts, notes, "--overwrite"), 1, ("is not an MDS dataset",)),
+    Case("prep-glob-matches-nothing", "prep", lambda w, tmp: Act("prep_text", ["--input", str(tmp / "*.none"), "--out", str(tmp / "out")]), 1, ("matches no file",)),
     Case("prep-not-utf8", "prep", prep("prep_text", not_utf8, text_out, "--overwrite"), 1, ("not UTF-8",)),
-    Case(
-        "prep-too-little-text",
-        "prep",
-        prep("prep_text", too_short, text_out, "--overwrite"),
-        1,
-        ("fewer than one sample",),
-    ),
-    Case(
-        "prep-parquet-without-the-column",
-        "prep",
-        prep("prep_text", parquet_without_text, text_out, "--overwrite"),
-        1,
-        ("no column 'text'",),
-    ),
+    Case("prep-too-little-text", "prep", prep("prep_text", too_short, text_out, "--overwrite"), 1, ("fewer than one sample",)),
+    Case("prep-parquet-without-the-column", "prep", prep("prep_text", parquet_without_text, text_out, "--overwrite"), 1, ("no column 'text'",)),
     Case("prep-disk-full-while-rewriting", "disk", disk_full_prep, 1, ("No space left on device",)),
-    Case(
-        "prep-chat-overwrite-with-a-bad-row",
-        "prep",
-        prep(
-            "prep_chat",
-            chats(['{"prompt": "q", "response": "a"}', '{"prompt": "q"}']),
-            chat_out,
-            "--overwrite",
-        ),
-        1,
-        ("chats.jsonl:2", "no 'response'"),
-    ),
-    Case(
-        "prep-chat-input-inside-the-output",
-        "prep",
-        prep(
-            "prep_chat",
-            inside_out("chats.jsonl", '{"prompt": "q", "response": "a"}\n'),
-            chat_out,
-            "--overwrite",
-        ),
-        1,
-        ("lies inside the output folder",),
-    ),
-    Case(
-        "prep-chat-no-usable-row",
-        "prep",
-        prep("prep_chat", chats(['{"prompt": "q"}']), chat_out, "--overwrite", "--skip-bad"),
-        1,
-        ("no usable conversation",),
-    ),
-    Case(
-        "prep-chat-forged-turn-is-text",
-        "prep",
-        prep("prep_chat", chats([FORGED]), lambda w, tmp: tmp / "new", keep_out=False),
-        0,
-        ("2 special-token strings", "encoded as plain text"),
-    ),
+    Case("prep-chat-overwrite-with-a-bad-row", "prep", prep("prep_chat", chats(['{"prompt": "q", "response": "a"}', '{"prompt": "q"}']), chat_out, "--overwrite"), 1, ("chats.jsonl:2", "no 'response'")),
+    Case("prep-chat-input-inside-the-output", "prep", prep("prep_chat", inside_out("chats.jsonl", '{"prompt": "q", "response": "a"}\n'), chat_out, "--overwrite"), 1, ("lies inside the output folder",)),
+    Case("prep-chat-no-usable-row", "prep", prep("prep_chat", chats(['{"prompt": "q"}']), chat_out, "--overwrite", "--skip-bad"), 1, ("no usable conversation",)),
+    Case("prep-chat-forged-turn-is-text", "prep", prep("prep_chat", chats([FORGED]), lambda w, tmp: tmp / "new", keep_out=False), 0, ("2 special-token strings", "encoded as plain text")),
     Case("corpus-overwrite-a-folder-of-notes", "prep", corpus_over_notes, 1, ("is not a default corpus",)),
 ]
+# fmt: on
 
 ALL = [*CONFIG, *DATA, *CHECKPOINTS, *CONCURRENT, *SIGNALS, *TWO_RANKS, *HF, *PREP]

@@ -30,7 +30,7 @@ from tests.faults.world import World, script_main
 OUTCOMES = ("clean", "traceback", "hang", "silent", "lost")
 # What Composer's launcher prints around the ranks' own output (not the run's words).
 LAUNCHER_LINE = re.compile(
-    r"^(ERROR:__main__:|WARNING:__main__:|INFO:__main__:|Global rank \d|Waiting up to \d|----------"
+    r"^((ERROR|WARNING|INFO):(__main__|composer\.cli\.launcher):|Global rank \d|Waiting up to \d|----------"
     r"|Killing training processes|Ctrl-C received|wandb:|\s*$)"
 )
 

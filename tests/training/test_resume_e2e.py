@@ -211,7 +211,19 @@ def test_ctrl_c_saves_a_checkpoint_then_the_same_command_resumes_bit_exact(
     nproc, reference, default_corpus, tmp_path
 ):
     run_dir, logs = tmp_path / "run", tmp_path / "logs"
-    proc = start(nproc, run_dir, default_corpus, "save_interval=100ba", logs=logs)
+    logs.mkdir()
+    # The launcher `make` and `dbrx-train train` use: Composer's, with its Ctrl-C handling restored.
+    cmd = command(nproc, run_dir, default_corpus, "save_interval=100ba", launcher_logs=logs)
+    cmd[cmd.index("composer.cli.launcher")] = "dbrx_train.launch"
+    out_file = (logs / "launcher.out").open("w")
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=environment(nproc),
+        stdout=out_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     wait_until(lambda: last_batch(run_dir) >= 2, proc)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends: the launcher and every rank
     assert proc.wait(timeout=120) == 130
@@ -224,6 +236,7 @@ def test_ctrl_c_saves_a_checkpoint_then_the_same_command_resumes_bit_exact(
     assert f"stopped by Ctrl-C (SIGINT) after batch {stopped}; saved checkpoint {run_dir / saved}" in out, (
         out[-3000:]
     )
+    assert "Ctrl-C received; terminating training processes." in out  # the launcher's own line
     assert "Traceback" not in out + ranks and "KeyboardInterrupt" not in out + ranks
 
     run_ok(nproc, run_dir, default_corpus)
