@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
+
+TALLY = pytest.StashKey[dict]()  # case name -> outcome
+
+
+@pytest.fixture
+def tally(request) -> dict:
+    return request.config.stash.setdefault(TALLY, {})
+
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     from tests.faults.harness import OUTCOMES
-    from tests.faults.test_fault_suite import TALLY
 
-    if not TALLY:
-        return
-    counts = {outcome: sum(1 for o in TALLY.values() if o == outcome) for outcome in OUTCOMES}
-    terminalreporter.write_line(
-        f"fault suite: {len(TALLY)} cases: " + ", ".join(f"{outcome} {n}" for outcome, n in counts.items())
-    )
+    outcomes = config.stash.get(TALLY, {})
+    if outcomes:
+        counts = ", ".join(f"{o} {sum(1 for v in outcomes.values() if v == o)}" for o in OUTCOMES)
+        terminalreporter.write_line(f"fault suite: {len(outcomes)} cases: {counts}")

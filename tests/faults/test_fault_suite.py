@@ -11,8 +11,6 @@ from tests.faults.cases import ALL
 from tests.faults.harness import OUTCOMES, Case, run_case
 from tests.faults.world import World, build_world
 
-TALLY: dict[str, str] = {}  # case name -> outcome, for the summary
-
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> World:
@@ -24,9 +22,9 @@ def marks(case: Case) -> list:
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=marks(c)) for c in ALL])
-def test_fault_ends_clean(case: Case, world: World, tmp_path: Path, capfd):
+def test_fault_ends_clean(case: Case, world: World, tmp_path: Path, capfd, tally):
     verdict = run_case(case, world, tmp_path, capfd)
-    TALLY[case.name] = verdict.outcome
+    tally[case.name] = verdict.outcome
     assert verdict.outcome in OUTCOMES
     assert verdict.outcome == "clean", f"{case.name} ({case.kind}): {verdict.outcome}\n{verdict.detail}"
 
