@@ -47,6 +47,8 @@ TINY_RUN = [
     "callbacks.expert_load=null",
     "callbacks.speed_monitor.window_size=1",
     "curriculum=null",
+    "icl_tasks=null",
+    "eval_gauntlet=null",
     "save_interval=1ba",
     "save_num_checkpoints_to_keep=-1",
     "max_duration=2ba",
@@ -104,6 +106,9 @@ def quiet(fn, *args) -> None:
 def script_main(path: str) -> Callable[[list[str]], None]:
     """`main` of a script in this repo (data_prep/..., scripts/...), to run it in this process."""
     name = f"_fault_suite_{Path(path).stem}"
+    folder = str((ROOT / path).parent)
+    if folder not in sys.path:  # as `python data_prep/x.py` does: its sibling modules import
+        sys.path.append(folder)
     spec = importlib.util.spec_from_file_location(name, ROOT / path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up there
