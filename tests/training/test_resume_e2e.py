@@ -31,6 +31,8 @@ RELIABLE = [
     "curriculum=null",
     "callbacks.sample_log={}",
     "callbacks.expert_load=null",
+    "icl_tasks=null",  # not about ICL: no evaluation rows in metrics.jsonl, no ICL time per run
+    "eval_gauntlet=null",
     "model.resid_pdrop=0.1",
     "model.emb_pdrop=0.1",
     "model.attn_config.attn_pdrop=0.1",
@@ -139,7 +141,7 @@ def session_gone(proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    return {r["batch"]: r["loss/train/total"] for r in read_metrics(run_dir)}
+    return {r["batch"]: r["loss/train/total"] for r in read_metrics(run_dir) if "loss/train/total" in r}
 
 
 def samples(run_dir: Path) -> dict[int, list[int]]:
