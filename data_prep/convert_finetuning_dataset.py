@@ -11,6 +11,8 @@ Longer than --max-seq-len: --truncation truncate (cut the end; default), skip, o
 A bad row (invalid JSON, missing or empty fields, wrong types) stops the conversion with its
 file and line, unless --skip-bad skips and counts it. --pack joins several conversations into
 one sample (they then attend to earlier conversations in the row; see docs/data.md).
+Special-token strings typed inside a message (`<|im_end|>`, ...) are encoded as plain text, as in
+pretraining, and counted; --allow-special-tokens encodes them as control tokens instead.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="none",
         help="'default': insert DBRX's default system prompt where a conversation has none (~400 tokens)",
     )
+    parser.add_argument(
+        "--allow-special-tokens",
+        action="store_true",
+        help="special-token strings in message content (<|im_end|>, ...) become control tokens; by default they "
+        "are plain text, so a message cannot forge a turn (their count is reported either way)",
+    )
     parser.add_argument("--compression", default="zstd", help="shard compression, or 'none' (default: zstd)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing MDS dataset in --out")
     return parser.parse_args(argv)
@@ -56,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
             skip_bad=args.skip_bad,
             pack=args.pack,
             system_prompt=args.system_prompt == "default",
+            allow_special_tokens=args.allow_special_tokens,
             compression=None if args.compression == "none" else args.compression,
             overwrite=args.overwrite,
         )

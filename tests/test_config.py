@@ -109,3 +109,11 @@ def test_resolved_dict_round_trips():
     cfg = load_config(TINY)
     again = parse_config(resolved_dict(cfg))
     assert again == cfg
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "yamls").rglob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_yamls_continue_when_run_again_and_never_overwrite(path):
+    """The same command after an interruption continues the run; no shipped default deletes one."""
+    raw = yaml.safe_load(path.read_text())
+    assert raw.get("autoresume") is True and raw.get("run_name"), path
+    assert raw.get("save_overwrite", False) is False, path

@@ -24,8 +24,9 @@ from composer.loggers import Logger
 from composer.utils.misc import create_interval_scheduler
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from dbrx_train.atomic import swap_in
 from dbrx_train.checkpoint.rank_zero import RankError, on_rank0
-from dbrx_train.checkpoint.store import TMP_PREFIX, fsync_path, temp_folder
+from dbrx_train.checkpoint.store import TMP_PREFIX, temp_folder
 from dbrx_train.model.hf import EXPORT_DTYPES, save_hf_folder
 
 
@@ -99,13 +100,7 @@ class HFExport(Callback):
                 self.max_shard_bytes,
                 self.tokenizer,
             )
-            for path in tmp.rglob("*"):
-                if path.is_file():
-                    fsync_path(path)
-            if out.exists():  # the same batch exported again: a run resumed at its last batch
-                shutil.rmtree(out)
-            tmp.rename(out)
-            fsync_path(self.folder)
+            swap_in(tmp, out)  # fsynced; replaces the same batch exported again (a run resumed at its end)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -303,11 +303,14 @@ class TrainConfig:
     save_interval: str = "1000ba"
     # Checkpoints kept in save_folder, counted on disk (also across resumes), oldest deleted first; -1: all.
     save_num_checkpoints_to_keep: int = -1
-    # Replace checkpoints in save_folder that lie past this run's starting batch (another run's, or a
-    # rewound run's); false: such checkpoints stop the run before it starts.
-    save_overwrite: bool = False
+    # A previous run in save_folder past this run's start: true replaces it if it finished; one that did not
+    # finish (or has only damaged checkpoints) is replaced only when this names its folder
+    # (save_overwrite: runs/x). false: either stops the run before it starts. A replaced run is moved to
+    # .<folder>.replaced-<time>/ beside it and deleted when the new run finishes.
+    save_overwrite: bool | str = False
     # Resume from the newest intact checkpoint in save_folder if there is one (then load_path is ignored);
-    # damaged ones are reported, renamed <name>.corrupt, and the previous one is used. Needs a fixed run_name.
+    # damaged ones are reported, renamed <name>.corrupt, and the previous one is used; when none is intact the
+    # run stops (start over with save_overwrite: <save_folder>). Needs a fixed run_name.
     autoresume: bool = False
     # Checkpoint to start from: a checkpoint folder, a run folder (its newest intact checkpoint), a Composer
     # .pt file, or an object-store URI; null: start fresh.
@@ -349,8 +352,8 @@ def load_yaml(path: str | Path, overrides: list[str] | None = None) -> dict[str,
         raise ConfigError(f"config file '{path}' does not exist")
     try:
         cfg = OmegaConf.load(path)
-    except Exception as e:  # yaml.YAMLError carries the line and column in its message
-        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
+    except Exception as e:  # yaml.YAMLError carries the line and column in its message (on several lines)
+        raise ConfigError(f"config file '{path}' is not valid YAML: {' '.join(str(e).split())}") from e
     if not OmegaConf.is_dict(cfg):
         raise ConfigError(f"config file '{path}' must hold a mapping of keys at top level")
     for item in overrides or []:

@@ -16,7 +16,6 @@ the conversations before it in the row (the model has no block-diagonal mask).
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,9 +27,10 @@ import torch
 from streaming import MDSWriter, StreamingDataLoader
 from tqdm import tqdm
 
+from dbrx_train.atomic import replacing
 from dbrx_train.data.chat import validate_messages
-from dbrx_train.data.integrity import at_most_size, check_shard_files
-from dbrx_train.data.prepare import expand_inputs, prepare_output_folder
+from dbrx_train.data.integrity import ShardReadError, at_most_size, check_shard_files
+from dbrx_train.data.prepare import MDS_DATASET, expand_inputs
 from dbrx_train.data.text import (
     ModelSampleDataset,
     TextDatasetConfig,
@@ -128,17 +128,25 @@ def iter_jsonl_conversations(paths: Iterable[Path]) -> Iterator[tuple[str, list[
 class Example:
     input_ids: np.ndarray  # (T,) int32
     labels: np.ndarray  # (T,) int32, IGNORE_INDEX where not trained
+    special_strings: int = 0  # special-token strings found in the messages' content
 
     @property
     def trained_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
 
-def tokenize_conversation(tokenizer: DbrxTokenizer, messages: list[dict], *, system_prompt: bool) -> Example:
-    ids, trainable = tokenizer.encode_chat(messages, default_system_prompt=system_prompt)
+def tokenize_conversation(
+    tokenizer: DbrxTokenizer, messages: list[dict], *, system_prompt: bool, allow_special_tokens: bool = False
+) -> Example:
+    """Special-token strings in a message's content (`<|im_end|>`, ...) are text unless
+    `allow_special_tokens`; either way the example counts them (`special_strings`)."""
+    ids, trainable = tokenizer.encode_chat(
+        messages, default_system_prompt=system_prompt, allow_special_in_content=allow_special_tokens
+    )
     input_ids = np.array(ids, np.int32)
     labels = np.where(np.array(trainable, bool), input_ids, IGNORE_INDEX).astype(np.int32)
-    return Example(input_ids, labels)
+    special = sum(tokenizer.count_special(m["content"]) for m in messages)
+    return Example(input_ids, labels, special)
 
 
 def fit_length(example: Example, max_seq_len: int, truncation: str, where: str) -> Example | None:
@@ -219,6 +227,8 @@ class ConvertSummary:
     skipped_bad: int = 0
     bad_examples: list[str] = field(default_factory=list)  # the first few skipped rows' messages
     seconds: float = 0.0
+    special_strings: int = 0  # special-token strings in message content (`<|im_end|>`, ...)
+    special_allowed: bool = False  # they were encoded as control tokens (--allow-special-tokens)
 
     def describe(self) -> str:
         text = (
@@ -226,7 +236,17 @@ class ConvertSummary:
             f"({self.trained_tokens:,} trained); {self.truncated} truncated, {self.skipped_too_long} "
             f"skipped as too long, {self.skipped_bad} bad rows skipped, in {self.seconds:.1f} s"
         )
-        return "\n".join([text, *(f"  skipped: {m}" for m in self.bad_examples)])
+        lines = [text, *(f"  skipped: {m}" for m in self.bad_examples)]
+        if self.special_strings:
+            how = (
+                "encoded as control tokens (--allow-special-tokens)"
+                if self.special_allowed
+                else "encoded as plain text (--allow-special-tokens would make them control tokens)"
+            )
+            lines.append(
+                f"  {self.special_strings:,} special-token strings (<|im_end|>, ...) in message content, {how}"
+            )
+        return "\n".join(lines)
 
 
 def convert_conversations(
@@ -238,21 +258,58 @@ def convert_conversations(
     skip_bad: bool = False,
     pack: bool = False,
     system_prompt: bool = False,
+    allow_special_tokens: bool = False,
     overwrite: bool = False,
     compression: str | None = "zstd",
     size_limit: int | str = 1 << 26,
     vocab_size: int = DBRX_VOCAB_SIZE,
+    inputs: Sequence[Path] = (),
 ) -> ConvertSummary:
-    """Tokenize (where, messages) pairs into a fine-tuning MDS dataset in `out`, then re-read it.
-    `system_prompt`: insert DBRX's default system prompt where a conversation has none."""
+    """Tokenize (where, messages) pairs into a fine-tuning MDS dataset, re-read it, and only then put it
+    in `out` (replacing an old one with `overwrite`; on any error `out` is left as it was). `inputs`: the
+    files the conversations come from, which must not lie in `out`.
+    `system_prompt`: insert DBRX's default system prompt where a conversation has none.
+    `allow_special_tokens`: special-token strings in message content become control tokens (else text)."""
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
     out = Path(out)
-    prepare_output_folder(out, overwrite)
+    summary = ConvertSummary(special_allowed=allow_special_tokens)
+    options = dict(max_seq_len=max_seq_len, truncation=truncation, skip_bad=skip_bad, pack=pack)
+    with replacing(out, overwrite=overwrite, kind=MDS_DATASET, inputs=inputs) as tmp:
+        _write_conversations(
+            conversations,
+            tmp,
+            out,
+            summary,
+            system_prompt=system_prompt,
+            compression=compression,
+            size_limit=size_limit,
+            vocab_size=vocab_size,
+            **options,
+        )
+    return summary
+
+
+def _write_conversations(
+    conversations: Iterable[tuple[str, list[dict] | BadRow]],
+    tmp: Path,
+    out: Path,
+    summary: ConvertSummary,
+    *,
+    max_seq_len: int,
+    truncation: str,
+    skip_bad: bool,
+    pack: bool,
+    system_prompt: bool,
+    compression: str | None,
+    size_limit: int | str,
+    vocab_size: int,
+) -> None:
+    """Into `tmp` (swapped into `out` by the caller), counting into `summary`."""
     tokenizer = load_tokenizer()
-    summary = ConvertSummary()
+    allow_special_tokens = summary.special_allowed
     start = time.perf_counter()
 
     def examples() -> Iterator[Example]:
@@ -261,7 +318,13 @@ def convert_conversations(
             try:
                 if isinstance(messages, BadRow):
                     raise messages
-                example = tokenize_conversation(tokenizer, messages, system_prompt=system_prompt)
+                example = tokenize_conversation(
+                    tokenizer,
+                    messages,
+                    system_prompt=system_prompt,
+                    allow_special_tokens=allow_special_tokens,
+                )
+                summary.special_strings += example.special_strings
                 fitted = fit_length(example, max_seq_len, truncation, where)
             except BadRow as error:
                 if not skip_bad:
@@ -278,7 +341,7 @@ def convert_conversations(
 
     rows = pack_examples(examples(), max_seq_len) if pack else examples()
     writer = MDSWriter(
-        columns=COLUMNS, out=str(out), compression=compression, hashes=SHARD_HASHES, size_limit=size_limit
+        columns=COLUMNS, out=str(tmp), compression=compression, hashes=SHARD_HASHES, size_limit=size_limit
     )
     try:
         for example in tqdm(rows, desc="fine-tuning samples", unit=" samples", disable=None):
@@ -289,21 +352,18 @@ def convert_conversations(
     except BaseException:
         # Not `with MDSWriter(...)`: its __exit__ would write an index for a partial dataset.
         writer.cancel_future_jobs()
-        shutil.rmtree(out, ignore_errors=True)
         raise
     writer.finish()
     summary.seconds = time.perf_counter() - start
     if summary.samples == 0:
-        shutil.rmtree(out, ignore_errors=True)
         raise ValueError(f"no usable conversation among {summary.rows} rows; nothing was written to {out}")
     written = check_finetuning_mds(
-        out, max_seq_len=max_seq_len, vocab_size=vocab_size, name="output", all_samples=True
+        tmp, max_seq_len=max_seq_len, vocab_size=vocab_size, name="output", all_samples=True
     )
     if written.num_samples != summary.samples:
         raise RuntimeError(
             f"{out}: wrote {summary.samples} samples but its index lists {written.num_samples}"
         )
-    return summary
 
 
 def convert_finetuning_dataset(inputs: Sequence[str], out: str | Path, **options: Any) -> ConvertSummary:
@@ -311,7 +371,7 @@ def convert_finetuning_dataset(inputs: Sequence[str], out: str | Path, **options
     paths = [p for p in expand_inputs(inputs) if p.suffix == ".jsonl"]
     if not paths:
         raise FileNotFoundError(f"--input {list(inputs)} holds no .jsonl file")
-    return convert_conversations(iter_jsonl_conversations(paths), out, **options)
+    return convert_conversations(iter_jsonl_conversations(paths), out, inputs=paths, **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,14 +430,14 @@ class FinetuningDataset(ModelSampleDataset):
     def get_item(self, idx: int, retry: int = 7) -> dict[str, torch.Tensor]:
         sample = super().get_item(idx, retry)
         if "input_ids" not in sample or "labels" not in sample:
-            raise ValueError(
+            raise ShardReadError(
                 f"{self.describe_sample(idx)} has columns {sorted(sample)}, but fine-tuning "
                 f"data needs {list(COLUMNS)}. {HOW_TO_MAKE_CHAT_DATA}"
             )
         input_ids, labels = np.asarray(sample["input_ids"]), np.asarray(sample["labels"])
         problem = find_sample_problem(input_ids, labels, self.max_seq_len, self.vocab_size)
         if problem:
-            raise ValueError(f"{self.describe_sample(idx)} {problem}.")
+            raise ShardReadError(f"{self.describe_sample(idx)} {problem}.")
         padded_ids = np.full(self.max_seq_len, PAD_TOKEN_ID, np.int64)
         padded_labels = np.full(self.max_seq_len, IGNORE_INDEX, np.int64)
         padded_ids[: len(input_ids)] = input_ids

@@ -35,7 +35,13 @@ import torch
 from streaming import StreamingDataLoader, StreamingDataset
 from streaming.base.shuffle import algos as shuffle_algos
 
-from dbrx_train.data.integrity import CheckedStream, GuardedStreamingDataset, VerifyShards, at_most_size
+from dbrx_train.data.integrity import (
+    CheckedStream,
+    GuardedStreamingDataset,
+    ShardReadError,
+    VerifyShards,
+    at_most_size,
+)
 from dbrx_train.data.token_mds import (
     LEGACY_BYTES_COLUMN,
     TOKENS_COLUMN,
@@ -81,7 +87,9 @@ class TextDatasetConfig:
     # Checks of each local (or local `remote`) folder's shard files before training, on every rank:
     # size: each file index.json lists is there with its recorded size (stat only). hash: also each
     # file's hash in index.json (reads every byte). full: also every sample decompressed, decoded and
-    # checked (reads and decodes everything). none: only index.json and the first sample.
+    # checked (reads and decodes everything). All but none also check each shard file against its
+    # hash in index.json when a process first reads from it (no sample of a corrupt shard is trained
+    # on). none: only index.json and the first sample, and no check while training.
     verify_shards: VerifyShards = "size"
 
 
@@ -285,7 +293,7 @@ class TokenSequenceDataset(ModelSampleDataset):
         except ValueError as error:
             problem = str(error)
         if problem:
-            raise ValueError(f"{self.describe_sample(idx)} {problem}.")
+            raise ShardReadError(f"{self.describe_sample(idx)} {problem}.")
         return {"input_ids": torch.from_numpy(ids.astype("int64")), **self.provenance(idx)}
 
 
@@ -348,6 +356,7 @@ def build_streaming_loader(
     dataset = dataset_class(
         **dataset_kwargs,
         stream_keys=[s.key for s in resolved],
+        verify_on_read=dataset_cfg.verify_shards != "none",
         streams=[
             CheckedStream(key=s.key, local=s.local, remote=s.remote, split=s.split, **weight)
             for s, weight in zip(resolved, weights, strict=True)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
+from composer.core import Time
 from composer.utils import dist
 
 from dbrx_train.checkpoint.space import checkpoint_space, export_space, saves_to_write
@@ -32,6 +33,7 @@ log = logging.getLogger("dbrx_train")
 
 def check_config(cfg: TrainConfig, device: str, world_size: int) -> None:
     """The checks that need only the config and the machine."""
+    check_durations(cfg)
     check_init_device(cfg, device)
     check_moe_backend(cfg, device)
     check_expert_parallel(cfg, world_size)
@@ -57,6 +59,26 @@ def check_data(cfg: TrainConfig) -> None:
         print(
             f"dbrx-train: removed Streaming shared memory of killed runs: {', '.join(stale)}", file=sys.stderr
         )
+
+
+def check_durations(cfg: TrainConfig) -> None:
+    """max_duration 0 trains nothing (and breaks a curriculum's plan); eval_interval 0 turns evaluation off,
+    which Composer does without a word: say so."""
+    if Time.from_timestring(cfg.max_duration).value <= 0:
+        raise ConfigError(
+            f"config key 'max_duration' must be more than 0 (e.g. 100ba); got {cfg.max_duration!r}. To check a "
+            f"config without training, see scripts/model_stats.py"
+        )
+    if evaluation_off(cfg) and cfg.eval_loader is not None and dist.get_global_rank() == 0:
+        print(
+            f"dbrx-train: eval_interval is {cfg.eval_interval}: evaluation is off (eval_loader is not used)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def evaluation_off(cfg: TrainConfig) -> bool:
+    return Time.from_timestring(cfg.eval_interval).value == 0
 
 
 def check_pretrained(cfg: TrainConfig) -> None:

@@ -266,3 +266,23 @@ def test_default_chat_set(default_corpus, tokenizer):
         for sample in read_samples(default_corpus / entry["folder"]):
             assert sample["input_ids"][-1] == tokenizer.im_end_id
     assert not questions["train"] & questions["val"]
+
+
+def test_special_token_strings_in_content_are_counted_and_encoded_as_text(tmp_path):
+    forged = {
+        "prompt": "Print <|im_end|> and <|endoftext|>",
+        "response": "They are <|im_end|> and <|endoftext|>.",
+    }
+    src = write_jsonl(tmp_path / "chat.jsonl", [forged, *topic_rows()[:2]])
+    summary = convert_finetuning_dataset([str(src)], tmp_path / "text", max_seq_len=SEQ)
+    assert summary.special_strings == 4 and "4 special-token strings" in summary.describe()
+    [sample, *_] = read_samples(tmp_path / "text")
+    im_end, eos = 100279, 100257
+    # Only the template's two <|im_end|> (one per turn); the content's strings are plain text.
+    assert list(sample["input_ids"]).count(im_end) == 2 and eos not in sample["input_ids"]
+    summary = convert_finetuning_dataset(
+        [str(src)], tmp_path / "allowed", max_seq_len=SEQ, allow_special_tokens=True
+    )
+    assert "encoded as control tokens" in summary.describe()
+    [sample, *_] = read_samples(tmp_path / "allowed")
+    assert list(sample["input_ids"]).count(im_end) == 4 and list(sample["input_ids"]).count(eos) == 2

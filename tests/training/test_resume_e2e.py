@@ -1,5 +1,6 @@
-"""Real interrupted runs: SIGKILL at an arbitrary batch and mid-save, a size-limited disk, a damaged
-latest checkpoint, SIGTERM, elastic 2 <-> 1 resumes, and changed configs on resume.
+"""Real interrupted runs: SIGKILL at an arbitrary batch (a curriculum mid-segment on 2 ranks) and
+mid-save, a size-limited disk, a damaged latest checkpoint, SIGTERM, Ctrl-C, elastic 2 <-> 1 resumes,
+and changed configs on resume.
 
 Every run uses dropout (all three kinds), so bit-exact per-batch losses after a resume show that
 every RNG, the optimizer, the schedule and the data position came back exactly.
@@ -30,6 +31,8 @@ RELIABLE = [
     "curriculum=null",
     "callbacks.sample_log={}",
     "callbacks.expert_load=null",
+    "icl_tasks=null",  # not about ICL: no evaluation rows in metrics.jsonl, no ICL time per run
+    "eval_gauntlet=null",
     "model.resid_pdrop=0.1",
     "model.emb_pdrop=0.1",
     "model.attn_config.attn_pdrop=0.1",
@@ -138,7 +141,7 @@ def session_gone(proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    return {r["batch"]: r["loss/train/total"] for r in read_metrics(run_dir)}
+    return {r["batch"]: r["loss/train/total"] for r in read_metrics(run_dir) if "loss/train/total" in r}
 
 
 def samples(run_dir: Path) -> dict[int, list[int]]:
@@ -161,24 +164,85 @@ def reference(default_corpus, tmp_path_factory) -> dict[int, Path]:
     return runs
 
 
+# The curriculum of dbrx-tiny.yaml in mix segments of 2 batches (each its own Streaming epoch): the
+# checkpoint at batch 3 and a kill at batch 5 both fall mid-segment.
+CURRICULUM = (
+    "curriculum={interpolation: linear, step: 2ba, phases: [{start: 0dur, mix: {prose: 0.8, code: 0.2}}, "
+    "{start: 0.25dur, mix: {prose: 0.8, code: 0.2}}, {start: 0.75dur, mix: {prose: 0.2, code: 0.8}}]}",
+)
+
+
+def batch_of(name: str) -> int:
+    return int(name.split("-ba")[1])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [1, 2], ids=["1-rank", "2-ranks-curriculum"])
 def test_sigkill_at_any_batch_then_autoresume_is_bit_exact(nproc, reference, default_corpus, tmp_path):
+    mix = CURRICULUM if nproc == 2 else ()
+    want_dir = reference[nproc]
+    if mix:  # its own uninterrupted reference
+        want_dir = tmp_path / "reference"
+        run_ok(nproc, want_dir, default_corpus, *mix)
     run_dir = tmp_path / "run"
-    proc = start(nproc, run_dir, default_corpus, logs=tmp_path / "logs")
+    proc = start(nproc, run_dir, default_corpus, *mix, logs=tmp_path / "logs")
     wait_until(lambda: last_batch(run_dir) >= 5, proc)  # past the checkpoint at batch 3
     kill_session(proc)
     session_gone(proc)
-    assert "ep0-ba3" in checkpoints(run_dir)
+    assert 3 in [batch_of(name) for name in checkpoints(run_dir)]
 
-    proc = run_ok(nproc, run_dir, default_corpus)  # the same command again
+    proc = run_ok(nproc, run_dir, default_corpus, *mix)  # the same command again
     assert "resuming from" in proc.stdout + proc.stderr
-    want = losses(reference[nproc])
+    want = losses(want_dir)
     assert sorted(want) == list(range(1, 9))
     assert losses(run_dir) == want  # bit for bit, dropout included
-    assert samples(run_dir) == samples(reference[nproc])
+    assert samples(run_dir) == samples(want_dir)
+    if mix:  # the mix went on where it stopped, segment by segment
+        mixes = [{k: v for k, v in r.items() if k.startswith("data/mix/")} for r in read_metrics(run_dir)]
+        assert mixes == [
+            {k: v for k, v in r.items() if k.startswith("data/mix/")} for r in read_metrics(want_dir)
+        ]
+        assert len({tuple(m.items()) for m in mixes}) > 1
     # rotation counted the first process's checkpoints too: only the newest two are left
-    assert checkpoints(run_dir) == ["ep0-ba6", "ep0-ba8"]
+    assert [batch_of(name) for name in checkpoints(run_dir)] == [6, 8]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_ctrl_c_saves_a_checkpoint_then_the_same_command_resumes_bit_exact(
+    nproc, reference, default_corpus, tmp_path
+):
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    logs.mkdir()
+    # The launcher `make` and `dbrx-train train` use: Composer's, with its Ctrl-C handling restored.
+    cmd = command(nproc, run_dir, default_corpus, "save_interval=100ba", launcher_logs=logs)
+    cmd[cmd.index("composer.cli.launcher")] = "dbrx_train.launch"
+    out_file = (logs / "launcher.out").open("w")
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=environment(nproc),
+        stdout=out_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    wait_until(lambda: last_batch(run_dir) >= 2, proc)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends: the launcher and every rank
+    assert proc.wait(timeout=120) == 130
+    session_gone(proc)
+    out = (logs / "launcher.out").read_text()
+    ranks = "".join((logs / f"rank{r}.{s}").read_text() for r in range(1, nproc) for s in ("out", "err"))
+    [saved] = checkpoints(run_dir)
+    stopped = batch_of(saved)
+    assert 2 <= stopped < 8
+    assert f"stopped by Ctrl-C (SIGINT) after batch {stopped}; saved checkpoint {run_dir / saved}" in out, (
+        out[-3000:]
+    )
+    assert "Ctrl-C received; terminating training processes." in out  # the launcher's own line
+    assert "Traceback" not in out + ranks and "KeyboardInterrupt" not in out + ranks
+
+    run_ok(nproc, run_dir, default_corpus)
+    assert losses(run_dir) == losses(reference[nproc])
 
 
 @pytest.mark.slow
