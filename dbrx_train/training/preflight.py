@@ -22,6 +22,7 @@ from dbrx_train.config.run import TrainConfig
 from dbrx_train.config.schema import ConfigError
 from dbrx_train.data.loaders import validate_loader_config
 from dbrx_train.data.streaming_shm import release_stale_shared_memory
+from dbrx_train.eval.icl_suite import read_icl_tasks
 from dbrx_train.model.hf import check_hf_folder
 from dbrx_train.training.builders import hf_export_folder
 from dbrx_train.training.parallelize import check_expert_parallel
@@ -39,6 +40,7 @@ def check_config(cfg: TrainConfig, device: str, world_size: int) -> None:
     check_load_path(cfg)
     check_expert_bias_export(cfg)
     check_data(cfg)
+    read_icl_tasks(cfg.icl_tasks or [])  # every task file, line by line
 
 
 def check_expert_bias_export(cfg: TrainConfig) -> None:
