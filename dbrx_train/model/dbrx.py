@@ -32,8 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from dbrx_train import compat
 from dbrx_train.model.config import DbrxConfig
 from dbrx_train.model.moe import DbrxFFN, DbrxRouter, ExpertGLU, RouterStats, StepTotals
+from dbrx_train.vocab import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +251,7 @@ def document_layout(sequence_id_BT: torch.Tensor, kernel: str) -> tuple[torch.Te
     position_ids_BT, _ = document_positions(sequence_id_BT)
     B, T = sequence_id_BT.shape
     if kernel == "flex":
+        compat.check("flex_block_mask_compile")
 
         def same_document_causal(b, h, q, kv):
             return (sequence_id_BT[b, q] == sequence_id_BT[b, kv]) & (kv <= q)
@@ -454,9 +457,6 @@ class CausalLMOutput(NamedTuple):
     past_key_values: KVCache | None = None  # the (updated) cache, when one was used
     z_loss: torch.Tensor | None = None  # moe_z_loss_weight * router z-loss averaged over layers; 0-dim
     router_stats: tuple[RouterStats, ...] | None = None  # per layer: routing of the counted tokens
-
-
-IGNORE_INDEX = -100
 
 
 def document_labels(labels_BT: torch.Tensor, sequence_id_BT: torch.Tensor | None) -> torch.Tensor:

@@ -11,8 +11,9 @@ from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 
 from dbrx_train.model import DbrxForCausalLM
-from dbrx_train.model.dbrx import IGNORE_INDEX, RouterTotals, document_labels, shift_labels
+from dbrx_train.model.dbrx import RouterTotals, document_labels, shift_labels
 from dbrx_train.model.stats import flops_per_token
+from dbrx_train.vocab import IGNORE_INDEX
 
 
 class DbrxComposerModel(ComposerModel):

@@ -117,7 +117,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--data", default="data/default", help="the default corpus (make data)")
     parser.add_argument("--out", default="runs/balance", help="one run folder per variant")
-    parser.add_argument("--max-duration", default="120ba", help="training length of every variant (NNba; 120ba: the tiny pretraining)")
+    parser.add_argument(
+        "--max-duration",
+        default="120ba",
+        help="training length of every variant (NNba; 120ba: the tiny pretraining)",
+    )
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     args = parser.parse_args(argv)
     out = Path(args.out)
