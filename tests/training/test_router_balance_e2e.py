@@ -8,13 +8,15 @@ two world sizes and microbatch splits train the same model:
   balancing would differ here: its statistics would come from 2 rows instead of 8);
 - bias balancing: the biases are equal integers-times-rate at the same batch, so they were restored
   from the checkpoint and both world sizes counted the same global loads;
-- the expert-load monitor logs max/mean load and the tokens over capacity over the global batch.
+- the expert-load monitor logs max/mean load and the tokens over capacity over the global batch, and
+  the run report draws them in its expert overload panel.
 """
 
 from __future__ import annotations
 
 import pytest
 
+from dbrx_train.report.run_report import write_report
 from tests.training.test_resume_e2e import run_ok
 from tests.training.test_train_e2e import read_metrics
 
@@ -77,3 +79,6 @@ def test_global_scope_and_bias_balancing_agree_across_world_sizes_and_resume(def
             0.0 <= row[f"moe/layer_{layer}/over_capacity_1.25"] <= row[f"moe/layer_{layer}/over_capacity_1.0"]
         )
     assert got[6]["moe/layer_0/max_over_mean"] == pytest.approx(row["moe/layer_0/max_over_mean"], rel=1e-6)
+    report = write_report(two, tmp_path / "report")
+    assert report.folder / "expert_overload.png" in report.pngs
+    assert report.summary["final_max_over_mean_load"] == pytest.approx(row["moe/max_over_mean"])
