@@ -83,6 +83,13 @@ PATCHES: dict[str, Patch] = {
         "dbrx_train/training/pretrained_shards.py",
         "Composer's meta init allocates on 'cuda' only; per-shard loading must run on CPU too",
     ),
+    "flex_block_mask_compile": Patch(
+        "torch",
+        "==2.7.0",
+        "torch.nn.attention.flex_attention.create_block_mask(_compile=...)",
+        "dbrx_train/model/dbrx.py",
+        "an eager BlockMask of packed documents materialises (B, T, T) on CUDA; compiled, it is built by blocks",
+    ),
     "tiktoken_mergeable_ranks": Patch(
         "tiktoken",
         ">=0.14,<0.15",

@@ -168,3 +168,9 @@ def test_tiktoken_keeps_the_bpe_ranks_the_hf_export_reads():
 
     ranks = load_tokenizer().encoding._mergeable_ranks
     assert len(ranks) == 100256 and ranks[b"!"] == 0
+
+
+def test_flex_attention_block_mask_takes_the_private_compile_switch():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    assert "_compile" in inspect.signature(create_block_mask).parameters

@@ -214,6 +214,10 @@ class ExpertLoadConfig:
     # An expert below this fraction of its fair share (1/E) for collapse_window batches counts as collapsed.
     collapse_fraction: float = 0.1
     collapse_window: int = 100  # batches an expert must stay below collapse_fraction to count as collapsed
+    # Warn when, over this many batches, a layer's load-balancing loss fell while its busiest expert's load
+    # over the mean load (max_over_mean) rose by more than imbalance_rise; at least 2 x log_interval.
+    imbalance_window: int = 100
+    imbalance_rise: float = 0.1  # relative rise of max_over_mean over imbalance_window that warns
 
 
 @dataclass
@@ -225,6 +229,10 @@ class HFExportConfig:
     dtype: Literal["bf16", "fp32", "fp16"] = "bf16"  # dtype of the exported weights
     max_shard_size: int = 5 * 1024**3  # bytes per safetensors shard (transformers' default 5GB)
     tokenizer: bool = True  # also write tokenizer.json, tokenizer_config.json (chat template), ...
+    # Bias balancing (model.ffn_config.moe_bias_update_rate > 0) trains expert biases that HF DBRX has no place
+    # for. true: export without them and print how much the top-k choices change on the first eval batch (needs
+    # an eval_loader); false: such a run is refused before it starts.
+    drop_expert_bias: bool = False
 
     def __post_init__(self):
         check_time("callbacks.hf_export.save_interval", self.save_interval)

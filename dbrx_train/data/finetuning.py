@@ -5,12 +5,15 @@
       -> ChatML ids (`dbrx_train.data.chat`, the one definition of the format) and a per-token mask
       -> MDS samples `input_ids` / `labels` (both `ndarray:int32`, same length <= max_seq_len;
          labels = input_ids where trained, -100 elsewhere)
-      -> the loader pads each sample to max_seq_len (pad id, labels -100): `(B, T)` batches.
+      -> the loader pads each sample to max_seq_len (pad id, labels -100): `(B, T)` batches, with
+         `sequence_id` (B, T): 0, 1, ... for the conversations of a row, -1 on padding.
 
 Padding needs no attention mask: the model is causal, so pad tokens *after* a sample are never
-seen by it, and their labels are -100. With packing (`pack=True` when converting), several
-conversations share a row; each still trains only on its own assistant turns, but attends to
-the conversations before it in the row (the model has no block-diagonal mask).
+seen by it, their labels are -100, and `sequence_id` -1 keeps them out of the router statistics.
+With packing (`pack=True` when converting), several conversations share a row and the samples get a
+`sequence_id` column (`ndarray:int32`, the conversation of each token); the model then keeps each
+conversation to itself (attention, RoPE positions, targets: model.attn_config.attn_uses_sequence_id,
+on by default), so a packed conversation trains exactly as it would alone.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from dbrx_train.data.tokenizer import DbrxTokenizer, load_tokenizer
 from dbrx_train.vocab import DBRX_VOCAB_SIZE, IGNORE_INDEX, PAD_TOKEN_ID
 
 COLUMNS = {"input_ids": "ndarray:int32", "labels": "ndarray:int32"}
+SEQUENCE_ID = "sequence_id"  # packed samples only: the conversation (0, 1, ...) of each token
+PACKED_COLUMNS = {**COLUMNS, SEQUENCE_ID: "ndarray:int32"}
 TRUNCATION_POLICIES = ("truncate", "skip", "error")
 HOW_TO_MAKE_CHAT_DATA = (
     "Create it with `python data_prep/convert_finetuning_dataset.py --input FILE.jsonl --out DIR "
@@ -129,6 +134,7 @@ class Example:
     input_ids: np.ndarray  # (T,) int32
     labels: np.ndarray  # (T,) int32, IGNORE_INDEX where not trained
     special_strings: int = 0  # special-token strings found in the messages' content
+    sequence_id: np.ndarray | None = None  # (T,) int32 packed rows: the conversation of each token
 
     @property
     def trained_tokens(self) -> int:
@@ -181,14 +187,21 @@ def pack_examples(examples: Iterable[Example], max_seq_len: int) -> Iterator[Exa
 
 def _join(examples: list[Example]) -> Example:
     return Example(
-        np.concatenate([e.input_ids for e in examples]), np.concatenate([e.labels for e in examples])
+        np.concatenate([e.input_ids for e in examples]),
+        np.concatenate([e.labels for e in examples]),
+        np.concatenate([np.full(len(e.input_ids), i, np.int32) for i, e in enumerate(examples)]),
     )
 
 
 def find_sample_problem(
-    input_ids: np.ndarray, labels: np.ndarray, max_seq_len: int, vocab_size: int
+    input_ids: np.ndarray,
+    labels: np.ndarray,
+    max_seq_len: int,
+    vocab_size: int,
+    sequence_id: np.ndarray | None = None,
 ) -> str | None:
-    """Why this (input_ids, labels) pair cannot train a model with this max_seq_len and vocab."""
+    """Why this (input_ids, labels[, sequence_id]) sample cannot train a model with this max_seq_len
+    and vocab."""
     if input_ids.ndim != 1 or labels.shape != input_ids.shape:
         return (
             f"has input_ids of shape {input_ids.shape} but labels of shape {labels.shape}; both must be (T,)"
@@ -213,6 +226,13 @@ def find_sample_problem(
         return "has labels that are neither -100 nor the token at the same position"
     if not trained[1:].any():
         return "has no trained position (every label is -100)"
+    if sequence_id is not None:
+        steps = np.diff(sequence_id.astype(np.int64))
+        if sequence_id.shape != input_ids.shape or sequence_id[0] != 0 or not np.isin(steps, (0, 1)).all():
+            return (
+                f"has a {SEQUENCE_ID} column that does not number its conversations 0, 1, ... in order, one id "
+                f"per token ({len(sequence_id)} ids for {len(input_ids)} tokens)"
+            )
     return None
 
 
@@ -341,11 +361,18 @@ def _write_conversations(
 
     rows = pack_examples(examples(), max_seq_len) if pack else examples()
     writer = MDSWriter(
-        columns=COLUMNS, out=str(tmp), compression=compression, hashes=SHARD_HASHES, size_limit=size_limit
+        columns=PACKED_COLUMNS if pack else COLUMNS,
+        out=str(tmp),
+        compression=compression,
+        hashes=SHARD_HASHES,
+        size_limit=size_limit,
     )
     try:
         for example in tqdm(rows, desc="fine-tuning samples", unit=" samples", disable=None):
-            writer.write({"input_ids": example.input_ids, "labels": example.labels})
+            sample = {"input_ids": example.input_ids, "labels": example.labels}
+            if pack:
+                sample[SEQUENCE_ID] = example.sequence_id
+            writer.write(sample)
             summary.samples += 1
             summary.tokens += len(example.input_ids)
             summary.trained_tokens += example.trained_tokens
@@ -403,7 +430,8 @@ def check_finetuning_mds(
     limit = None if all_samples or verify_shards == "full" else 1
     for location, sample in iter_samples(folder, index["shards"], name, limit_per_shard=limit):
         input_ids, labels = np.asarray(sample["input_ids"]), np.asarray(sample["labels"])
-        problem = find_sample_problem(input_ids, labels, max_seq_len, vocab_size)
+        sequence_id = np.asarray(sample[SEQUENCE_ID]) if SEQUENCE_ID in sample else None
+        problem = find_sample_problem(input_ids, labels, max_seq_len, vocab_size, sequence_id)
         if problem:
             raise ValueError(f"{name}: {location} in {folder} {problem}.")
         max_length = max(max_length, len(input_ids))
@@ -421,11 +449,17 @@ def validate_finetuning_dataset_config(
     """Like `validate_text_dataset_config`, for fine-tuning MDS folders."""
     if cfg.name != "finetuning":
         raise ValueError(f"{config_key}.name is {cfg.name!r}; the fine-tuning loader is 'finetuning'")
+    if cfg.dataset.eos_token_id is not None:
+        raise ValueError(
+            f"{config_key}.dataset.eos_token_id splits pretraining rows into documents; fine-tuning samples "
+            "carry their conversations' sequence ids (packed with --pack). Remove it"
+        )
     return check_local_streams(cfg, check_finetuning_mds, max_seq_len, vocab_size, config_key, verify_shards)
 
 
 class FinetuningDataset(ModelSampleDataset):
-    """Samples padded to max_seq_len: `input_ids` (pad id after the sample) and `labels` (-100 there)."""
+    """Samples padded to max_seq_len: `input_ids` (pad id after the sample), `labels` (-100 there) and
+    `sequence_id` (the sample's own column when packed, else 0; -1 on padding)."""
 
     def get_item(self, idx: int, retry: int = 7) -> dict[str, torch.Tensor]:
         sample = super().get_item(idx, retry)
@@ -435,16 +469,20 @@ class FinetuningDataset(ModelSampleDataset):
                 f"data needs {list(COLUMNS)}. {HOW_TO_MAKE_CHAT_DATA}"
             )
         input_ids, labels = np.asarray(sample["input_ids"]), np.asarray(sample["labels"])
-        problem = find_sample_problem(input_ids, labels, self.max_seq_len, self.vocab_size)
+        sequence_id = np.asarray(sample[SEQUENCE_ID]) if SEQUENCE_ID in sample else None
+        problem = find_sample_problem(input_ids, labels, self.max_seq_len, self.vocab_size, sequence_id)
         if problem:
             raise ShardReadError(f"{self.describe_sample(idx)} {problem}.")
         padded_ids = np.full(self.max_seq_len, PAD_TOKEN_ID, np.int64)
         padded_labels = np.full(self.max_seq_len, IGNORE_INDEX, np.int64)
+        padded_sequence_id = np.full(self.max_seq_len, -1, np.int64)
         padded_ids[: len(input_ids)] = input_ids
         padded_labels[: len(labels)] = labels
+        padded_sequence_id[: len(input_ids)] = 0 if sequence_id is None else sequence_id
         return {
             "input_ids": torch.from_numpy(padded_ids),
             "labels": torch.from_numpy(padded_labels),
+            SEQUENCE_ID: torch.from_numpy(padded_sequence_id),
             **self.provenance(idx),
         }
 
@@ -459,7 +497,7 @@ def build_finetuning_dataloader(
     config_key: str = "train_loader",
     choose: dict[str, int] | None = None,
 ) -> StreamingDataLoader:
-    """Batches of `input_ids`/`labels` (B, max_seq_len) int64 and `stream_id` (B,)."""
+    """Batches of `input_ids`/`labels`/`sequence_id` (B, max_seq_len) int64 and `stream_id` (B,)."""
     validate_finetuning_dataset_config(
         cfg,
         max_seq_len,

@@ -40,8 +40,28 @@ def check_config(cfg: TrainConfig, device: str, world_size: int) -> None:
     check_compile(cfg, device)
     check_pretrained(cfg)
     check_load_path(cfg)
+    check_expert_bias_export(cfg)
     check_data(cfg)
     read_icl_tasks(cfg.icl_tasks or [])  # every task file, line by line
+
+
+def check_expert_bias_export(cfg: TrainConfig) -> None:
+    """Bias balancing trains state HF DBRX cannot hold: an HF export must say it drops it."""
+    hf = cfg.callbacks.hf_export
+    if hf is None or cfg.model.dbrx.ffn_config.moe_bias_update_rate == 0:
+        return
+    if not hf.drop_expert_bias:
+        raise ConfigError(
+            "callbacks.hf_export: model.ffn_config.moe_bias_update_rate > 0 trains per-expert routing biases "
+            "that HF DBRX has no place for, so the export would route differently; set "
+            "callbacks.hf_export.drop_expert_bias: true to export without them (the change in top-k choices "
+            "is measured on an eval batch), or remove callbacks.hf_export"
+        )
+    if cfg.eval_loader is None:
+        raise ConfigError(
+            "callbacks.hf_export.drop_expert_bias measures how much the top-k choices change on the first "
+            "eval batch; add an eval_loader (held-out data)"
+        )
 
 
 def check_data(cfg: TrainConfig) -> None:

@@ -33,6 +33,7 @@ from dbrx_train import compat
 from dbrx_train.model import DbrxForCausalLM
 from dbrx_train.model.dbrx import RotaryEmbedding
 from dbrx_train.model.hf import read_hf_rows, weight_files
+from dbrx_train.model.moe import DbrxRouter
 
 log = logging.getLogger("dbrx_train")
 
@@ -98,6 +99,8 @@ class ShardLoader:
             )
         if isinstance(module, RotaryEmbedding):
             module.init_weights()  # derived from the config, in no checkpoint
+        elif isinstance(module, DbrxRouter) and module.expert_bias is not None:
+            module.expert_bias.zero_()  # bias balancing starts unbiased; HF DBRX has no such tensor
         elif next(module.buffers(recurse=False), None) is not None:
             raise RuntimeError(f"module '{prefix}' has buffers that an HF folder does not hold")
         for param_name, param in module.named_parameters(recurse=False):

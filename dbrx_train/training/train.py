@@ -334,7 +334,7 @@ def build_model(cfg: TrainConfig) -> DbrxForCausalLM:
     if pretrained and not on_meta:
         # No random init to overwrite: allocate, fill the RoPE buffers, copy tensor by tensor.
         model.to_empty(device="cpu")
-        model.transformer.rotary.init_weights()
+        model.init_non_hf_state()
         load_hf_weights(model, pretrained)
         log.info("loaded pretrained weights from %s", pretrained)
     elif not on_meta:

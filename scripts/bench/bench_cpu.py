@@ -98,13 +98,16 @@ def batch_of(shape: Shape, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, shape.vocab_size, (shape.batch, shape.seq_len), generator=gen)
 
 
-def train_step(model: torch.nn.Module, input_ids: torch.Tensor, optimizer: bool = True) -> Callable[[], None]:
+def train_step(
+    model: torch.nn.Module, input_ids: torch.Tensor, optimizer: bool = True, **inputs: torch.Tensor
+) -> Callable[[], None]:
     """fwd + bwd (+ AdamW step): the same optimizer for every model, torch's fused CPU AdamW, the
-    fastest one here, so the optimizer (identical work for both) dilutes the ratio least."""
+    fastest one here, so the optimizer (identical work for both) dilutes the ratio least. `inputs`:
+    more model inputs (sequence_id)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True) if optimizer else None
 
     def step() -> None:
-        model(input_ids, labels=input_ids).loss.backward()
+        model(input_ids, labels=input_ids, **inputs).loss.backward()
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -328,3 +331,50 @@ def bench_memory(shape: Shape, threads: int) -> dict[str, dict[str, float]]:
         )
         results[which] = json.loads(proc.stdout.strip().splitlines()[-1])
     return results
+
+
+def bench_document_masking(shape: Shape, doc_lens: list[int], reps: int) -> dict[str, Timing]:
+    """A training step on the same tokens, as plain causal rows and as rows of packed documents of
+    each length (sequence_id: block-diagonal attention, restarting positions; sdpa with a bool mask)."""
+    model = build_ours(shape)
+    x = batch_of(shape)
+    fns = {"plain causal": train_step(model, x)}
+    for n in doc_lens:
+        seq = (torch.arange(shape.seq_len) // n).expand(shape.batch, -1).contiguous()
+        fns[f"documents of {n}"] = train_step(model, x, sequence_id=seq)
+    return interleaved(fns, reps=reps, warmup=1)
+
+
+def accumulated_step(
+    model: DbrxForCausalLM, x: torch.Tensor, microbatches: int, step_wide: bool
+) -> Callable[[], None]:
+    """fwd + bwd over `microbatches` (gradient accumulation, as Composer weights them); with `step_wide`
+    first the routing pass of moe_loss_scope global (a forward without gradients of every microbatch)."""
+    from dbrx_train.model.dbrx import RouterTotals
+
+    pieces = x.chunk(microbatches)
+
+    def step() -> None:
+        totals = None
+        if step_wide:
+            with torch.no_grad():
+                stats = [model(mb, labels=mb, router_only=True).router_stats for mb in pieces]
+            counts = sum(torch.stack([s.counts_E for s in st]) for st in stats)
+            totals = RouterTotals(counts, sum(st[0].tokens for st in stats), len(x))
+        for mb in pieces:
+            (model(mb, labels=mb, router_totals=totals).loss * (len(mb) / len(x))).backward()
+        for p in model.parameters():
+            p.grad = None
+
+    return step
+
+
+def bench_loss_scope(shape: Shape, microbatches: int, reps: int) -> dict[str, Timing]:
+    """The step cost of moe_loss_scope global (its routing pass) against microbatch, same tokens."""
+    model = build_ours(shape)
+    x = batch_of(shape)
+    fns = {
+        scope: accumulated_step(model, x, microbatches, scope == "global")
+        for scope in ("microbatch", "global")
+    }
+    return interleaved(fns, reps=reps, warmup=1)

@@ -139,7 +139,25 @@ def run(quick: bool = False, threads: int = 2, out=print) -> dict:
     results["seq_scaling"] = {T: {k: v.median for k, v in t.items()} for T, t in seq.items()}
     results["expert_scaling"] = {E: {k: v.median for k, v in t.items()} for E, t in exp.items()}
 
-    # 5. The 132B config on a GPU cluster, on paper
+    # 5. The training signal: document masking and step-wide router balancing
+    doc_lens = [shape.seq_len // 4] if quick else [shape.seq_len // 2, shape.seq_len // 8, 16]
+    out(
+        f"\n== document masking: train fwd+bwd, {shape.tokens} tokens, rows of packed documents vs plain causal =="
+    )
+    masking = bench_cpu.bench_document_masking(shape, doc_lens, reps=2 if quick else 5)
+    for name, t in masking.items():
+        out(f"  {name:18s} {fmt(t)}  {t.median / masking['plain causal'].median:.2f}x the plain step")
+    results["document_masking"] = {name: t.median for name, t in masking.items()}
+    microbatches = 2 if quick else 4
+    out(
+        f"== moe_loss_scope: fwd+bwd over {microbatches} microbatches, global (+ its routing pass) vs microbatch =="
+    )
+    scope = bench_cpu.bench_loss_scope(shape, microbatches, reps=2 if quick else 5)
+    for name, t in scope.items():
+        out(f"  {name:10s} {fmt(t)}  {t.median / scope['microbatch'].median:.2f}x microbatch")
+    results["loss_scope"] = {name: t.median for name, t in scope.items()}
+
+    # 6. The 132B config on a GPU cluster, on paper
     results["cluster"] = cluster_report(out)
     return results
 

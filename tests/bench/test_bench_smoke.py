@@ -31,6 +31,11 @@ def test_quick_bench_prints_well_formed_numbers():
         assert positive(mem["step_ratio"])
     for table in (results["seq_scaling"], results["expert_scaling"]):
         assert all(positive(t) for times in table.values() for t in times.values())
+    assert len(results["document_masking"]) == 2 and all(
+        positive(t) for t in results["document_masking"].values()
+    )
+    assert set(results["loss_scope"]) == {"microbatch", "global"}
+    assert all(positive(t) for t in results["loss_scope"].values())
     assert len(results["cluster"]) == len(bench_cluster.GPU_COUNTS)
 
 

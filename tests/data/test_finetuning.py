@@ -20,6 +20,7 @@ from dbrx_train.data.finetuning import (
     build_finetuning_dataloader,
     check_finetuning_mds,
     convert_finetuning_dataset,
+    find_sample_problem,
     validate_finetuning_dataset_config,
 )
 from dbrx_train.data.text import TextDatasetConfig
@@ -155,6 +156,21 @@ def test_packing_joins_whole_conversations_in_order(tmp_path, tokenizer):
         np.concatenate([s["labels"] for s in samples]), np.concatenate([p[1] for p in parts])
     )
     assert all(len(s["input_ids"]) <= 256 for s in samples)
+    # each token carries its conversation's number within the row, which the loader pads with -1
+    lengths = [len(p[0]) for p in parts]
+    ids_per_row = [np.unique(s["sequence_id"]).tolist() for s in samples]
+    assert all(ids == list(range(len(ids))) for ids in ids_per_row)
+    np.testing.assert_array_equal(np.concatenate([np.bincount(s["sequence_id"]) for s in samples]), lengths)
+    (batch,) = build_finetuning_dataloader(
+        loader_cfg(tmp_path / "packed", shuffle=False),
+        device_batch_size=len(samples),
+        max_seq_len=256,
+        vocab_size=VOCAB,
+        seed=0,
+    )
+    for row, sample in zip(batch["sequence_id"], samples, strict=True):
+        n = len(sample["input_ids"])
+        assert row[:n].tolist() == sample["sequence_id"].tolist() and set(row[n:].tolist()) <= {-1}
 
 
 def test_refuses_to_overwrite_unless_asked(tmp_path):
@@ -189,6 +205,8 @@ def test_loader_pads_each_sample_and_masks_the_padding(tmp_path):
         assert row_ids[:n].tolist() == sample["input_ids"].tolist()
         assert row_labels[:n].tolist() == sample["labels"].tolist()
         assert set(row_ids[n:].tolist()) <= {PAD_TOKEN_ID} and set(row_labels[n:].tolist()) <= {IGNORE_INDEX}
+    # unpacked: one conversation per row, padding marked -1 (it never counts in router statistics)
+    assert (batch["sequence_id"] == torch.where(batch["input_ids"] == PAD_TOKEN_ID, -1, 0)).all()
 
 
 def test_data_errors_name_the_stream_and_say_how_to_make_data(tmp_path):
@@ -286,3 +304,11 @@ def test_special_token_strings_in_content_are_counted_and_encoded_as_text(tmp_pa
     assert "encoded as control tokens" in summary.describe()
     [sample, *_] = read_samples(tmp_path / "allowed")
     assert list(sample["input_ids"]).count(im_end) == 4 and list(sample["input_ids"]).count(eos) == 2
+
+
+def test_a_sequence_id_column_that_does_not_number_conversations_in_order_is_refused():
+    ids = np.arange(6, dtype=np.int32)
+    labels = ids.copy()
+    assert find_sample_problem(ids, labels, 8, VOCAB, np.array([0, 0, 1, 1, 2, 2])) is None
+    for bad in ([0, 0, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1], [0, 1, 0, 1, 1, 1], [0, 0, 1]):
+        assert "sequence_id" in find_sample_problem(ids, labels, 8, VOCAB, np.array(bad))
