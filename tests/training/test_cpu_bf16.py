@@ -25,8 +25,8 @@ from dbrx_train.training import cpu
 from dbrx_train.training.composer_model import DbrxComposerModel
 from dbrx_train.training.preflight import check_precision, resolve_precision
 from tests.training.test_hf_export import hf_tensors
-from tests.training.test_resume_e2e import losses, run_ok
-from tests.training.test_train_e2e import TINY
+from tests.training.test_resume_e2e import run_ok
+from tests.training.test_train_e2e import TINY, read_metrics
 
 
 def tiny_model() -> DbrxForCausalLM:
@@ -118,7 +118,18 @@ def test_auto_precision_stays_fp32_on_cpu_and_amp_fp16_is_refused(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # Real runs: 2-rank FSDP2 on gloo, resumed on 2 ranks (bit for bit) and on 1 (elastic)
 # ---------------------------------------------------------------------------------------------
-BF16 = ["precision=amp_bf16", "save_num_checkpoints_to_keep=-1", "max_duration=6ba"]
+BF16 = [
+    "precision=amp_bf16",
+    "save_num_checkpoints_to_keep=-1",
+    "max_duration=6ba",
+    "icl_tasks=null",
+    "eval_gauntlet=null",
+]
+
+
+def losses(run_dir) -> dict[int, float]:
+    """The training loss of each batch (eval rows carry none)."""
+    return {r["batch"]: r["loss/train/total"] for r in read_metrics(run_dir) if "loss/train/total" in r}
 
 
 @pytest.fixture(scope="module")
