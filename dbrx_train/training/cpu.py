@@ -2,7 +2,7 @@
 
 Composer 0.32.1 refuses amp_bf16 on CPU (`_validate_precision`: "not supported for CPU training"),
 and its `get_precision_context` enters no autocast for it there. Yet CPUs with AVX512-BF16 or AMX
-multiply bf16 several times faster than fp32 (docs/performance.md: 4.4x on the Zen 4 it was measured
+multiply bf16 several times faster than fp32 (issue 21: 4.4x on the Zen 4 it was measured
 on), and torch's CPU autocast runs matmuls in bf16 and keeps softmax, norms and losses in fp32 exactly
 as CUDA autocast does. `enable_amp_bf16_on_cpu` lets Composer's own amp_bf16 path run on CPU: the
 Trainer keeps `precision=amp_bf16` (so FSDP2's mixed-precision policy gathers bf16 parameters and
