@@ -16,12 +16,14 @@ import contextlib
 
 import torch
 
+from dbrx_train import compat
+
 
 def native_bf16_matmul() -> bool:
     """True when this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX) that torch's
     oneDNN GEMMs use; without them bf16 matmuls are emulated and slower than fp32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu, private but stable
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    compat.check("torch_cpu_bf16_isa")
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def enable_amp_bf16_on_cpu() -> None:
@@ -37,10 +39,6 @@ def enable_amp_bf16_on_cpu() -> None:
     from composer.core import Precision
     from composer.devices import DeviceCPU
 
-    if getattr(trainer_module.get_precision_context, "_dbrx_cpu_bf16", False):
-        return
-    validate, precision_context = trainer_module._validate_precision, trainer_module.get_precision_context
-
     def validate_precision(precision, device) -> None:
         if Precision(precision) == Precision.AMP_BF16 and isinstance(device, DeviceCPU):
             return
@@ -55,7 +53,7 @@ def enable_amp_bf16_on_cpu() -> None:
             with precision_context(precision, precision_config, fp8_autocast_enabled):
                 yield
 
-    cpu_precision_context._dbrx_cpu_bf16 = True
-    trainer_module._validate_precision = validate_precision
-    prepare_distributed._validate_precision = validate_precision
-    trainer_module.get_precision_context = cpu_precision_context
+    name = "composer_cpu_amp_bf16"
+    validate = compat.replace(name, trainer_module, "_validate_precision", validate_precision)
+    compat.replace(name, prepare_distributed, "_validate_precision", validate_precision)
+    precision_context = compat.replace(name, trainer_module, "get_precision_context", cpu_precision_context)

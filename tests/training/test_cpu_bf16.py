@@ -12,8 +12,6 @@ import pytest
 import torch
 from composer import Trainer
 from composer.core import Callback, Precision, State
-from composer.core.precision import _validate_precision
-from composer.devices import DeviceCPU
 from composer.loggers import Logger
 from torch.utils.data import DataLoader
 
@@ -60,13 +58,6 @@ class Dtypes(Callback):
 
     def eval_after_forward(self, state: State, logger: Logger) -> None:
         self.eval.append(state.outputs.dtype)
-
-
-def test_composer_refuses_amp_bf16_on_cpu_by_itself():
-    """The reason training/cpu.py patches Composer: when this fails, Composer accepts it and the
-    patch can go."""
-    with pytest.raises(ValueError, match="not supported for CPU training"):
-        _validate_precision(Precision.AMP_BF16, DeviceCPU())
 
 
 def test_composer_trains_and_evaluates_amp_bf16_on_cpu_under_autocast():
