@@ -90,6 +90,21 @@ PATCHES: dict[str, Patch] = {
         "dbrx_train/model/dbrx.py",
         "an eager BlockMask of packed documents materialises (B, T, T) on CUDA; compiled, it is built by blocks",
     ),
+    "composer_cpu_amp_bf16": Patch(
+        "mosaicml",
+        "==0.32.1",
+        "composer.trainer.trainer._validate_precision/get_precision_context and "
+        "composer.distributed.prepare_distributed._validate_precision",
+        "dbrx_train/training/cpu.py",
+        "Composer refuses precision amp_bf16 on CPU and enters no autocast for it there",
+    ),
+    "torch_cpu_bf16_isa": Patch(
+        "torch",
+        "==2.7.0",
+        "torch.cpu._is_avx512_bf16_supported and torch.cpu._is_amx_tile_supported",
+        "dbrx_train/training/cpu.py",
+        "the only way torch tells whether its CPU GEMMs multiply bf16 natively",
+    ),
     "tiktoken_mergeable_ranks": Patch(
         "tiktoken",
         ">=0.14,<0.15",

@@ -174,3 +174,24 @@ def test_flex_attention_block_mask_takes_the_private_compile_switch():
     from torch.nn.attention.flex_attention import create_block_mask
 
     assert "_compile" in inspect.signature(create_block_mask).parameters
+
+
+def test_composer_refuses_amp_bf16_on_cpu_and_looks_its_precision_names_up_at_call_time():
+    """training/cpu.py replaces these module globals: Composer's own check refuses amp_bf16 on CPU
+    (when it stops, the patch can go), and the Trainer and FSDP2 path call them by module name."""
+    from composer.core import Precision
+    from composer.core.precision import _validate_precision
+    from composer.devices import DeviceCPU
+    from composer.distributed import prepare_distributed
+    from composer.trainer import trainer
+
+    with pytest.raises(ValueError, match="not supported for CPU training"):
+        _validate_precision(Precision.AMP_BF16, DeviceCPU())
+    assert "_validate_precision(" in inspect.getsource(trainer.Trainer.__init__)
+    assert "get_precision_context(" in inspect.getsource(trainer.Trainer._train_microbatch)
+    assert "_validate_precision(" in inspect.getsource(prepare_distributed)
+
+
+def test_torch_reports_the_cpu_bf16_instructions():
+    assert isinstance(torch.cpu._is_avx512_bf16_supported(), bool)
+    assert isinstance(torch.cpu._is_amx_tile_supported(), bool)

@@ -101,7 +101,10 @@ def build_loggers(cfg: TrainConfig, run_folder: str) -> list[LoggerDestination]:
     return loggers
 
 
-def build_callbacks(cfg: TrainConfig, save_folder: str | None = None) -> list[Callback]:
+def build_callbacks(
+    cfg: TrainConfig, save_folder: str | None = None, precision: str = "fp32"
+) -> list[Callback]:
+    """`precision`: the resolved one (preflight.resolve_precision), for the MFU's peak on CPU."""
     nonfinite = cfg.nonfinite_loss
     callbacks: list[Callback] = [
         TrainPerplexity(),
@@ -111,7 +114,7 @@ def build_callbacks(cfg: TrainConfig, save_folder: str | None = None) -> list[Ca
     if cb.speed_monitor is not None:
         peak = cb.speed_monitor.peak_flops
         if peak == "auto":
-            peak = device_peak_flops()
+            peak = device_peak_flops(precision)
         callbacks.append(SpeedMonitor(window_size=cb.speed_monitor.window_size, gpu_flops_available=peak))
     ffn = cfg.model.dbrx.ffn_config
     if ffn.moe_loss_scope == "global" or ffn.moe_bias_update_rate > 0:

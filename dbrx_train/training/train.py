@@ -56,6 +56,7 @@ from dbrx_train.training.builders import (
 )
 from dbrx_train.training.callbacks import BatchSeededRNG
 from dbrx_train.training.composer_model import DbrxComposerModel
+from dbrx_train.training.cpu import enable_amp_bf16_on_cpu
 from dbrx_train.training.curriculum import build_train_data
 from dbrx_train.training.icl_eval import ICLEvaluation, build_icl_evaluation
 from dbrx_train.training.nonfinite import exit_if_stopped, guard_of
@@ -127,6 +128,9 @@ class Refused(ValueError):
 def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     precision = resolve_precision(cfg, device)
+    if device == "cpu" and precision == "amp_bf16":
+        enable_amp_bf16_on_cpu()  # Composer 0.32 refuses it on CPU; bf16 GEMMs are 2-4x faster there
+    log.info("precision: %s (config: %s)", precision, cfg.precision)
     if cfg.fsdp is not None or layout.world_size > 1:
         dist.initialize_dist(device, cfg.dist_timeout)
     run_name = cfg.run_name or shared_run_name()
@@ -242,7 +246,7 @@ def train_holding_lock(
             algorithms=build_algorithms(cfg),
             loggers=build_loggers(cfg, run_folder),
             callbacks=[
-                *build_callbacks(cfg, run_folder),
+                *build_callbacks(cfg, run_folder, precision),
                 *data_callbacks,
                 *([icl] if icl is not None else []),
                 BatchSeededRNG(cfg.seed),
