@@ -44,7 +44,8 @@ def fold_corpus(real: Path, out: Path, vocab_size: int = SMALL_VOCAB) -> Path:
     table[by_frequency[: vocab_size - 1]] = np.arange(min(len(by_frequency), vocab_size - 1))
     for (stream, split), rows in text.items():
         write_token_mds((table[ids].astype(np.int32) for ids in rows), out / stream / split)
-    shutil.copytree(real / "chat", out / "chat")
+    for text_folder in ("chat", "icl"):  # conversations and ICL tasks are text: copied unchanged
+        shutil.copytree(real / text_folder, out / text_folder)
     manifest = json.loads((real / "manifest.json").read_text())
     manifest["folded_vocab_size"] = vocab_size  # pretraining streams only; see tests/small_vocab.py
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
