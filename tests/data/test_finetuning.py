@@ -266,22 +266,22 @@ def test_cli_converts_and_reports(tmp_path):
     assert check_finetuning_mds(out, max_seq_len=SEQ, vocab_size=VOCAB, all_samples=True).num_samples >= 1
 
 
-def test_default_chat_set(default_corpus, tokenizer):
-    manifest = json.loads((default_corpus / "manifest.json").read_text())
+def test_default_chat_set(real_vocab_corpus, tokenizer):
+    manifest = json.loads((real_vocab_corpus / "manifest.json").read_text())
     questions = {}
     for split in ("train", "val"):
         entry = manifest["finetuning"]["chat"][split]
         info = check_finetuning_mds(
-            default_corpus / entry["folder"], max_seq_len=64, vocab_size=VOCAB, all_samples=True
+            real_vocab_corpus / entry["folder"], max_seq_len=64, vocab_size=VOCAB, all_samples=True
         )
-        rows = [json.loads(line) for line in (default_corpus / entry["jsonl"]).read_text().splitlines()]
+        rows = [json.loads(line) for line in (real_vocab_corpus / entry["jsonl"]).read_text().splitlines()]
         assert info.num_samples == entry["samples"] == len(rows) >= 20
         for row in rows[:5]:
             user, assistant = row["messages"]
             assert user["role"] == "user" and assistant["role"] == "assistant" and assistant["content"]
         questions[split] = {row["messages"][0]["content"] for row in rows}
         # every conversation fits whole: its answer ends in <|im_end|>
-        for sample in read_samples(default_corpus / entry["folder"]):
+        for sample in read_samples(real_vocab_corpus / entry["folder"]):
             assert sample["input_ids"][-1] == tokenizer.im_end_id
     assert not questions["train"] & questions["val"]
 
