@@ -5,8 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA := data/default
 SEQ_LEN := 128
-# pip extras of the editable install; CI adds `eval` (lm-eval-harness, for its parity test).
-EXTRAS ?= dev
+# pip extras of the editable install: the tests need `eval` too (lm-eval-harness, for its parity test).
+EXTRAS ?= dev,eval
 
 .PHONY: setup data pretrain finetune sample train test test-fast test-fault-launches bench docs lint format clean
 
