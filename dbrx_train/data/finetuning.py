@@ -189,7 +189,8 @@ def _join(examples: list[Example]) -> Example:
     return Example(
         np.concatenate([e.input_ids for e in examples]),
         np.concatenate([e.labels for e in examples]),
-        np.concatenate([np.full(len(e.input_ids), i, np.int32) for i, e in enumerate(examples)]),
+        special_strings=sum(e.special_strings for e in examples),
+        sequence_id=np.concatenate([np.full(len(e.input_ids), i, np.int32) for i, e in enumerate(examples)]),
     )
 
 
