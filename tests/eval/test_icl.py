@@ -22,6 +22,7 @@ from dbrx_train.eval.icl_scoring import generation_is_correct, normalize_answer,
 from dbrx_train.eval.icl_suite import build_icl_suite, evaluate_suite, model_generate_fn, model_logits_fn
 from dbrx_train.model import DbrxConfig, DbrxForCausalLM
 from dbrx_train.model.generate import SamplingConfig, generate
+from tests.small_vocab import SMALL_VOCAB
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "yamls/pretrain/dbrx-tiny.yaml"
@@ -198,7 +199,10 @@ def test_bad_task_files_are_one_line_naming_file_line_and_field(default_corpus, 
     for line, message in cases.items():
         path.write_text(json.dumps(MC_ROWS[0]) + "\n" + line + "\n")
         overrides = [
-            f"variables.data_root={default_corpus}",  # the training data is checked first
+            # the training data is checked first: default_corpus fits this model
+            f"variables.data_root={default_corpus}",
+            "max_seq_len=64",
+            f"model.vocab_size={SMALL_VOCAB}",
             f"icl_tasks=[{{label: mc, dataset_uri: {path}, icl_task_type: multiple_choice}}]",
             "eval_gauntlet=null",
         ]
