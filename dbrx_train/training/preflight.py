@@ -30,14 +30,25 @@ log = logging.getLogger("dbrx_train")
 
 
 def check_config(cfg: TrainConfig, device: str, world_size: int) -> None:
-    """The checks that need only the config and the machine."""
-    check_init_device(cfg, device)
-    check_moe_backend(cfg, device)
-    check_expert_parallel(cfg, world_size)
-    check_compile(cfg, device)
-    check_pretrained(cfg)
-    check_load_path(cfg)
-    check_data(cfg)
+    """The checks that need only the config and the machine; every one runs, and all the problems
+    found are raised together."""
+    checks = (
+        lambda: check_init_device(cfg, device),
+        lambda: check_moe_backend(cfg, device),
+        lambda: check_expert_parallel(cfg, world_size),
+        lambda: check_compile(cfg, device),
+        lambda: check_pretrained(cfg),
+        lambda: check_load_path(cfg),
+        lambda: check_data(cfg),
+    )
+    problems: list[str] = []
+    for check in checks:
+        try:
+            check()
+        except ConfigError as e:
+            problems += e.problems
+    if problems:
+        raise ConfigError(problems)
 
 
 def check_data(cfg: TrainConfig) -> None:

@@ -9,6 +9,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from composer import Trainer
@@ -80,13 +81,14 @@ def main(argv: list[str] | None = None) -> Trainer:
         raise SystemExit(0 if argv else 2)
     try:
         cfg = load_config(argv[0], argv[1:])
-        layout = batch_layout(cfg, dist.get_world_size())
         device = resolve_device(cfg)
+        layout = batch_layout(cfg, dist.get_world_size(), device)
         check_config(cfg, device, layout.world_size)
     except ConfigError as e:
-        # One clear line per rank instead of a traceback through the config machinery.
-        print(f"dbrx-train: config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        config_error_exit(e)
+    if dist.get_global_rank() == 0:
+        for note in [*(cfg.foundry.notes() if cfg.foundry else []), *layout.notes]:
+            print(f"dbrx-train: warning: {note}", file=sys.stderr, flush=True)
     try:
         return train(cfg, layout, device)
     except (ConfigError, CheckpointError) as e:
@@ -95,6 +97,24 @@ def main(argv: list[str] | None = None) -> Trainer:
     except (CheckpointSaveError, HFExportError, ShardReadError) as e:
         print(f"dbrx-train: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+
+
+# A rank other than 0 waits this long before printing its own copy of a config error: rank 0
+# prints it, exits 2 and the launcher stops the others, so the console shows it once. A rank
+# that alone found the problem (a file missing on its node) still says so after the wait.
+OTHER_RANKS_WAIT_S = 10.0
+
+
+def config_error_exit(error: ConfigError) -> NoReturn:
+    """The config is parsed before any process group exists, on every rank: one message, exit 2."""
+    if dist.get_global_rank() != 0:
+        time.sleep(OTHER_RANKS_WAIT_S)
+        print(
+            f"dbrx-train: config error (rank {dist.get_global_rank()}): {error}", file=sys.stderr, flush=True
+        )
+    else:
+        print(f"dbrx-train: config error: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
