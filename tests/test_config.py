@@ -103,11 +103,15 @@ def test_microbatch_larger_than_the_device_batch_and_auto_are_composers():
     layout = batch_layout(cfg, world_size=2)
     assert layout.device_train_microbatch_size == 8
     [note] = layout.notes
-    assert "device_train_microbatch_size=16 is more than the 8 samples" in note and "microbatches of 8" in note
+    assert (
+        "device_train_microbatch_size=16 is more than the 8 samples" in note and "microbatches of 8" in note
+    )
     auto = load_config(TINY, ["device_train_microbatch_size=auto"])
     assert batch_layout(auto, world_size=2, device="cpu").device_train_microbatch_size == 8
     assert batch_layout(auto, world_size=2, device="gpu").device_train_microbatch_size == "auto"
-    with pytest.raises(ConfigError, match=r"'device_train_microbatch_size' must be an integer, 'auto' or null; got 'big'"):
+    with pytest.raises(
+        ConfigError, match=r"'device_train_microbatch_size' must be an integer, 'auto' or null; got 'big'"
+    ):
         load_config(TINY, ["device_train_microbatch_size=big"])
 
 

@@ -251,7 +251,7 @@ class Translation:
     ignored: list[str] = field(default_factory=list)  # keys with no effect here
     renamed: list[str] = field(default_factory=list)  # "old -> new"
     problems: list[str] = field(default_factory=list)  # unsupported keys, named
-    model_refused: bool = False  # not a DBRX model: its section is not worth checking further
+    refused: str | None = None  # not a DBRX model: the one line to say, nothing else is worth checking
 
     def notes(self) -> list[str]:
         """The one-line notices a run prints once at start."""
@@ -317,12 +317,10 @@ def _table_outcomes(t: Translation, known: Callable[[str], bool]) -> None:
 
 
 def _refuse_model(t: Translation, why: str) -> None:
-    t.problems.append(
+    t.refused = (
         f"{why}: {DBRX_ONLY} (model.name: dbrx with DBRX's architecture keys, see yamls/pretrain/dbrx-tiny.yaml, "
         "or model.pretrained: a local HF DBRX folder)"
     )
-    t.model_refused = True
-    t.data["model"] = {}
 
 
 def is_dbrx_folder(path: str) -> bool:
@@ -425,6 +423,7 @@ def _tokenizer(t: Translation) -> None:
         tokenizer["name"] = "dbrx"
         t.renamed.append(f"tokenizer.name {name} -> dbrx (the offline DBRX tokenizer)")
     else:
+        tokenizer.pop("name")
         t.problems.append(
             f"config key 'tokenizer.name' is {name!r}: {DBRX_ONLY} with DBRX's tokenizer (tokenizer.name: dbrx, "
             "also databricks/dbrx-instruct or a local DBRX folder); data must be tokenized with it"

@@ -357,13 +357,15 @@ def load_yaml(path: str | Path, overrides: list[str] | None = None) -> dict[str,
 def parse_config(data: dict[str, Any]) -> TrainConfig:
     """Typed config from plain dicts; raises one ConfigError listing every problem found."""
     translation = translate(data, lambda key: has_key(TrainConfig, key))
+    if translation.refused:
+        raise ConfigError(translation.refused)
     problems = list(translation.problems)
     data = translation.data
     model = data.get("model")
     if isinstance(model, dict):
         data["model"] = _complete_model(model, data.get("max_seq_len"), problems)
     cfg = convert(TrainConfig, data, "", problems)
-    if cfg is not INVALID and not translation.model_refused:
+    if cfg is not INVALID:
         problems += cross_problems(cfg)
     if problems:
         raise ConfigError(problems)

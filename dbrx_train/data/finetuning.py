@@ -26,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from streaming import MDSWriter, StreamingDataLoader
+from torch.utils.data import default_collate
 from tqdm import tqdm
 
 from dbrx_train.data.chat import validate_messages
@@ -51,12 +52,82 @@ HOW_TO_MAKE_CHAT_DATA = (
 
 
 @dataclass
+class HFKwargsConfig:
+    """``dataset.hf_kwargs:`` which files of `hf_name` to read (the keys of `datasets.load_dataset` that
+    mean something without a download)."""
+
+    # Files (globs) relative to hf_name's folder (or data_dir): a list, or {split: files}; null: every
+    # .jsonl/.json/.parquet file, those named after `split` if any are (HF's convention: train-*.parquet).
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
+    data_dir: str | None = None  # a subfolder of hf_name (or, with hf_name json/parquet, the folder) to read
+
+
+@dataclass
+class FinetuningDatasetConfig(TextDatasetConfig):
+    """``dataset:`` of a fine-tuning loader: MDS folders (local/streams, as for `text`), or LLM Foundry's
+    `hf_name` pointing at local .jsonl/.parquet files, tokenized when the run starts."""
+
+    # A local .jsonl/.json/.parquet file or folder of them (or `json`/`parquet` with hf_kwargs), one
+    # conversation per row: prompt/response or messages. Tokenized once, by local rank 0, into a cache keyed
+    # by the files and these options (the other ranks wait). Exclusive with local/streams. A Hugging Face
+    # Hub id cannot be downloaded here.
+    hf_name: str | None = None
+    hf_kwargs: HFKwargsConfig = field(default_factory=HFKwargsConfig)  # which files of hf_name to read
+    # LLM Foundry's switch between decoder-only and encoder-decoder formatting; DBRX is decoder-only: true.
+    decoder_only_format: bool = True
+    # Trim each batch to its longest sample rather than padding every sample to max_seq_len (less compute
+    # on short conversations; the batch shape then varies).
+    allow_pad_trimming: bool = False
+    # hf_name only. null: one conversation per sample. auto: as many whole conversations per sample as fit
+    # in max_seq_len, in order, none dropped (the ratio reached and the padding left are reported). A number
+    # r: at most ceil(r) conversations per sample. Packed conversations attend to the earlier ones in their row.
+    packing_ratio: float | Literal["auto"] | None = None
+    # hf_name only. Which assistant turns are trained: all (ours: every answer of a multi-turn conversation
+    # is a target, as data_prep/convert_finetuning_dataset.py makes them) or last (LLM Foundry's default).
+    target_responses: Literal["all", "last"] = "all"
+    target_prompts: Literal["none"] = (
+        "none"  # hf_name only. Prompts are never trained (LLM Foundry's default)
+    )
+    # hf_name only. false: a bad row stops the run with its file:line; true: bad rows are skipped and counted.
+    skip_bad_rows: bool = False
+    cache_dir: str | None = None  # hf_name only. Where tokenized data is kept; null: ~/.cache/dbrx-train
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = []
+        if not self.decoder_only_format:
+            found.append(("decoder_only_format", "must be true: DBRX is a decoder-only model"))
+        if self.hf_name is not None and (self.local is not None or self.streams is not None):
+            found.append(
+                ("hf_name", "reads files; give either hf_name or local/streams (MDS folders), not both")
+            )
+        if isinstance(self.packing_ratio, float) and self.packing_ratio < 1:
+            found.append(
+                (
+                    "packing_ratio",
+                    f"must be >= 1 (conversations per sample) or auto; got {self.packing_ratio}",
+                )
+            )
+        if self.hf_name is None:
+            defaults = FinetuningDatasetConfig()
+            for key in ("packing_ratio", "target_responses", "skip_bad_rows", "cache_dir"):
+                if getattr(self, key) != getattr(defaults, key):
+                    found.append(
+                        (
+                            key,
+                            "applies to hf_name files, tokenized when the run starts; MDS data is "
+                            "packed and masked when converted (data_prep/convert_finetuning_dataset.py)",
+                        )
+                    )
+        return found
+
+
+@dataclass
 class FinetuningLoaderConfig:
-    """``train_loader: {name: finetuning, dataset: {...}}``: the same dataset keys as `text`."""
+    """``train_loader: {name: finetuning, dataset: {...}}``: MDS folders or LLM Foundry's hf_name files."""
 
     # Conversations (MDS `input_ids` + `labels`), padded to max_seq_len; loss on assistant turns only.
     name: Literal["finetuning"] = "finetuning"
-    dataset: TextDatasetConfig = field(default_factory=TextDatasetConfig)
+    dataset: FinetuningDatasetConfig = field(default_factory=FinetuningDatasetConfig)
     drop_last: bool = True  # drop an epoch's last incomplete device batch
     num_workers: int = 0  # DataLoader worker processes; 0: load in the training process
     pin_memory: bool = False  # put batches in page-locked memory (faster copies to the GPU)
@@ -100,11 +171,45 @@ def row_messages(record: Any) -> list[dict]:
     raise ValueError(f"expected 'messages' or 'prompt' and 'response'; got keys {sorted(record)}")
 
 
+CONVERSATION_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def iter_file_conversations(paths: Iterable[Path]) -> Iterator[tuple[str, list[dict] | BadRow]]:
+    """(where, conversation) per row of .jsonl/.json (JSON lines) or .parquet files, in file then row
+    order; a bad row yields its BadRow (`file:line`, `file:row N`) instead of raising, so the caller
+    decides between stopping and skipping."""
+    for path in paths:
+        if path.suffix == ".parquet":
+            yield from _parquet_conversations(path)
+        elif path.suffix in (".jsonl", ".json"):
+            yield from iter_jsonl_conversations([path])
+        else:
+            raise ValueError(f"{path}: fine-tuning data must be .jsonl, .json (JSON lines) or .parquet")
+
+
+def _parquet_conversations(path: Path) -> Iterator[tuple[str, list[dict] | BadRow]]:
+    import pyarrow.parquet as pq  # only for .parquet input
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        row = 0
+        for batch in batches:
+            for record in batch.to_pylist():
+                row += 1
+                where = f"{path}:row {row}"
+                try:
+                    yield where, row_messages(record)
+                except ValueError as error:
+                    yield where, BadRow(f"{where}: {error}")
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"{path}: not a readable parquet file ({error})") from None
+
+
 def iter_jsonl_conversations(paths: Iterable[Path]) -> Iterator[tuple[str, list[dict] | BadRow]]:
     """(where, conversation) per non-blank line, in file then line order; a bad line yields its
     BadRow instead of raising, so the caller decides between stopping and skipping."""
     for path in paths:
-        if path.suffix != ".jsonl":
+        if path.suffix not in (".jsonl", ".json"):
             raise ValueError(f"{path}: fine-tuning data must be .jsonl (one conversation per line)")
         with path.open("rb") as lines:
             for line_number, raw in enumerate(lines, start=1):
@@ -135,10 +240,20 @@ class Example:
         return int((self.labels != IGNORE_INDEX).sum())
 
 
-def tokenize_conversation(tokenizer: DbrxTokenizer, messages: list[dict], *, system_prompt: bool) -> Example:
+def tokenize_conversation(
+    tokenizer: DbrxTokenizer, messages: list[dict], *, system_prompt: bool, last_response_only: bool = False
+) -> Example:
+    """ChatML ids; labels on every assistant turn, or (`last_response_only`) on the last one."""
     ids, trainable = tokenizer.encode_chat(messages, default_system_prompt=system_prompt)
     input_ids = np.array(ids, np.int32)
-    labels = np.where(np.array(trainable, bool), input_ids, IGNORE_INDEX).astype(np.int32)
+    targets = np.array(trainable, bool)
+    if last_response_only and targets.any():
+        # The last assistant turn is the last run of targets: everything before it is context.
+        start = len(targets) - int(np.argmax(targets[::-1]))  # one past the last target
+        while start > 0 and targets[start - 1]:
+            start -= 1
+        targets[:start] = False
+    labels = np.where(targets, input_ids, IGNORE_INDEX).astype(np.int32)
     return Example(input_ids, labels)
 
 
@@ -158,12 +273,16 @@ def fit_length(example: Example, max_seq_len: int, truncation: str, where: str) 
     return cut
 
 
-def pack_examples(examples: Iterable[Example], max_seq_len: int) -> Iterator[Example]:
-    """Greedy, in order: append each example to the current row while it fits, else start a new one."""
+def pack_examples(
+    examples: Iterable[Example], max_seq_len: int, max_per_row: int | None = None
+) -> Iterator[Example]:
+    """Greedy, in order: append each example to the current row while it fits (and the row holds
+    fewer than `max_per_row`), else start a new one. Nothing is dropped."""
     row: list[Example] = []
     length = 0
     for example in examples:
-        if row and length + len(example.input_ids) > max_seq_len:
+        full = max_per_row is not None and len(row) >= max_per_row
+        if row and (full or length + len(example.input_ids) > max_seq_len):
             yield _join(row)
             row, length = [], 0
         row.append(example)
@@ -220,12 +339,25 @@ class ConvertSummary:
     skipped_bad: int = 0
     bad_examples: list[str] = field(default_factory=list)  # the first few skipped rows' messages
     seconds: float = 0.0
+    max_seq_len: int = 0
+
+    @property
+    def packing_ratio(self) -> float:
+        """Conversations per sample."""
+        return (self.rows - self.skipped_bad - self.skipped_too_long) / max(self.samples, 1)
+
+    @property
+    def padding(self) -> float:
+        """The share of (samples x max_seq_len) positions that will be padding."""
+        return 1 - self.tokens / max(self.samples * self.max_seq_len, 1)
 
     def describe(self) -> str:
         text = (
             f"{self.rows:,} conversations -> {self.samples:,} samples, {self.tokens:,} tokens "
             f"({self.trained_tokens:,} trained); {self.truncated} truncated, {self.skipped_too_long} "
-            f"skipped as too long, {self.skipped_bad} bad rows skipped, in {self.seconds:.1f} s"
+            f"skipped as too long, {self.skipped_bad} bad rows skipped, in {self.seconds:.1f} s; "
+            f"{self.packing_ratio:.2f} conversations per sample, {100 * self.padding:.0f}% padding at "
+            f"max_seq_len {self.max_seq_len}"
         )
         return "\n".join([text, *(f"  skipped: {m}" for m in self.bad_examples)])
 
@@ -238,6 +370,8 @@ def convert_conversations(
     truncation: str = "truncate",
     skip_bad: bool = False,
     pack: bool = False,
+    max_per_row: int | None = None,
+    last_response_only: bool = False,
     system_prompt: bool = False,
     overwrite: bool = False,
     compression: str | None = "zstd",
@@ -245,7 +379,9 @@ def convert_conversations(
     vocab_size: int = DBRX_VOCAB_SIZE,
 ) -> ConvertSummary:
     """Tokenize (where, messages) pairs into a fine-tuning MDS dataset in `out`, then re-read it.
-    `system_prompt`: insert DBRX's default system prompt where a conversation has none."""
+    `system_prompt`: insert DBRX's default system prompt where a conversation has none. `pack`: whole
+    conversations share samples (at most `max_per_row` each). `last_response_only`: train only each
+    conversation's last assistant turn."""
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
     if max_seq_len < 2:
@@ -253,7 +389,7 @@ def convert_conversations(
     out = Path(out)
     prepare_output_folder(out, overwrite)
     tokenizer = load_tokenizer()
-    summary = ConvertSummary()
+    summary = ConvertSummary(max_seq_len=max_seq_len)
     start = time.perf_counter()
 
     def examples() -> Iterator[Example]:
@@ -262,7 +398,9 @@ def convert_conversations(
             try:
                 if isinstance(messages, BadRow):
                     raise messages
-                example = tokenize_conversation(tokenizer, messages, system_prompt=system_prompt)
+                example = tokenize_conversation(
+                    tokenizer, messages, system_prompt=system_prompt, last_response_only=last_response_only
+                )
                 fitted = fit_length(example, max_seq_len, truncation, where)
             except BadRow as error:
                 if not skip_bad:
@@ -277,7 +415,7 @@ def convert_conversations(
             summary.truncated += fitted is not example
             yield fitted
 
-    rows = pack_examples(examples(), max_seq_len) if pack else examples()
+    rows = pack_examples(examples(), max_seq_len, max_per_row) if pack else examples()
     writer = MDSWriter(
         columns=COLUMNS, out=str(out), compression=compression, hashes=SHARD_HASHES, size_limit=size_limit
     )
@@ -308,11 +446,11 @@ def convert_conversations(
 
 
 def convert_finetuning_dataset(inputs: Sequence[str], out: str | Path, **options: Any) -> ConvertSummary:
-    """.jsonl files/globs/folders of conversations -> one fine-tuning MDS dataset in `out`."""
-    paths = [p for p in expand_inputs(inputs) if p.suffix == ".jsonl"]
+    """.jsonl/.parquet files/globs/folders of conversations -> one fine-tuning MDS dataset in `out`."""
+    paths = [p for p in expand_inputs(inputs) if p.suffix in (".jsonl", ".parquet")]
     if not paths:
-        raise FileNotFoundError(f"--input {list(inputs)} holds no .jsonl file")
-    return convert_conversations(iter_jsonl_conversations(paths), out, **options)
+        raise FileNotFoundError(f"--input {list(inputs)} holds no .jsonl or .parquet file")
+    return convert_conversations(iter_file_conversations(paths), out, **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,4 +554,15 @@ def build_finetuning_dataloader(
         seed=seed,
         config_key=config_key,
         choose=choose,
+        collate_fn=trim_padding if cfg.dataset.allow_pad_trimming else None,
     )
+
+
+def trim_padding(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The default batch, cut after the last column that is not padding in some sample (a
+    conversation ends with <|im_end|>, never with the pad id)."""
+    batch = default_collate(samples)
+    used = (batch["input_ids"] != PAD_TOKEN_ID).any(dim=0).nonzero()
+    keep = int(used.max()) + 1 if len(used) else 1
+    batch["input_ids"], batch["labels"] = batch["input_ids"][:, :keep], batch["labels"][:, :keep]
+    return batch

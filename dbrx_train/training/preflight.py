@@ -20,6 +20,8 @@ from dbrx_train.checkpoint.space import checkpoint_space, export_space, saves_to
 from dbrx_train.checkpoint.start import Start
 from dbrx_train.config.run import TrainConfig
 from dbrx_train.config.schema import ConfigError
+from dbrx_train.data.finetuning import FinetuningLoaderConfig
+from dbrx_train.data.finetuning_files import tokenize_once
 from dbrx_train.data.loaders import validate_loader_config
 from dbrx_train.data.streaming_shm import release_stale_shared_memory
 from dbrx_train.model.hf import check_hf_folder
@@ -52,9 +54,14 @@ def check_config(cfg: TrainConfig, device: str, world_size: int) -> None:
 
 
 def check_data(cfg: TrainConfig) -> None:
-    """Missing folders, wrong sequence length, out-of-vocab ids: found before any process group starts."""
+    """Missing folders, wrong sequence length, out-of-vocab ids: found before any process group starts.
+    hf_name files are tokenized here (once, local rank 0), so a bad row stops the run before it starts."""
     vocab = cfg.model.dbrx.vocab_size
     try:
+        for key in ("train_loader", "eval_loader"):
+            loader = getattr(cfg, key)
+            if isinstance(loader, FinetuningLoaderConfig):
+                tokenize_once(loader, cfg.max_seq_len, key)
         validate_loader_config(cfg.train_loader, cfg.max_seq_len, vocab)
         if cfg.eval_loader is not None:
             validate_loader_config(cfg.eval_loader, cfg.max_seq_len, vocab, config_key="eval_loader")
