@@ -369,6 +369,7 @@ def convert_conversations(
     max_seq_len: int,
     truncation: str = "truncate",
     skip_bad: bool = False,
+    skip_hint: str = "pass --skip-bad",
     pack: bool = False,
     max_per_row: int | None = None,
     last_response_only: bool = False,
@@ -404,7 +405,7 @@ def convert_conversations(
                 fitted = fit_length(example, max_seq_len, truncation, where)
             except BadRow as error:
                 if not skip_bad:
-                    raise BadRow(f"{error} (pass --skip-bad to skip and count such rows)") from None
+                    raise BadRow(f"{error} ({skip_hint} to skip and count such rows)") from None
                 summary.skipped_bad += 1
                 if len(summary.bad_examples) < 5:
                     summary.bad_examples.append(str(error))

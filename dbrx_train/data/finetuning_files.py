@@ -31,8 +31,6 @@ import socket
 import time
 from pathlib import Path
 
-from composer.utils import dist
-
 import dbrx_train.data.chat
 import dbrx_train.data.finetuning
 import dbrx_train.data.tokenizer
@@ -144,6 +142,7 @@ def conversion_options(dataset: FinetuningDatasetConfig, max_seq_len: int) -> di
         "max_seq_len": max_seq_len,
         "truncation": "truncate",
         "skip_bad": dataset.skip_bad_rows,
+        "skip_hint": "set dataset.skip_bad_rows: true",
         "pack": ratio is not None and ratio != 1,
         "max_per_row": None if ratio in (None, "auto") else int(-(-ratio // 1)),
         "last_response_only": dataset.target_responses == "last",
@@ -180,9 +179,10 @@ def as_mds(loader: FinetuningLoaderConfig, max_seq_len: int, key: str) -> Finetu
     return dataclasses.replace(loader, dataset=dataset)
 
 
-def tokenize_once(loader: FinetuningLoaderConfig, max_seq_len: int, key: str) -> Path | None:
+def tokenize_once(loader: FinetuningLoaderConfig, max_seq_len: int, key: str, local_rank: int) -> Path | None:
     """Make the tokenized cache of `loader`'s hf_name files if it is missing: local rank 0 converts,
-    the other local ranks wait. Returns the folder (None without hf_name); raises FileDataError."""
+    the other local ranks (of the same launcher) wait. Returns the folder (None without hf_name);
+    raises FileDataError."""
     if loader.dataset.hf_name is None:
         return None
     dataset = loader.dataset
@@ -192,7 +192,7 @@ def tokenize_once(loader: FinetuningLoaderConfig, max_seq_len: int, key: str) ->
     launch = f"{socket.gethostname()}-{os.getppid()}"  # the same for every rank this launcher started
     failed = folder.with_name(f"{folder.name}.failed-{launch}")
     building = folder.with_name(f"{folder.name}.building-{launch}")
-    if dist.get_local_rank() != 0:
+    if local_rank != 0:
         return _wait_for(folder, failed, building)
     folder.parent.mkdir(parents=True, exist_ok=True)
     building.write_text(str(os.getpid()))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from composer.core import State, Time, TimeUnit
 from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
@@ -49,7 +50,11 @@ class ConsoleLine(LoggerDestination):
         self.printed_mix: dict[str, float] | None = None
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        self.latest.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        for key, value in metrics.items():
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()  # eval metrics arrive as tensors
+            if isinstance(value, (int, float)):
+                self.latest[key] = float(value)
 
     def batch_end(self, state: State, logger: Logger) -> None:
         batch = int(state.timestamp.batch)
@@ -72,7 +77,7 @@ class ConsoleLine(LoggerDestination):
             self.write(f"[eval @ batch {int(state.timestamp.batch)}] eval loss {loss:.4f}")
 
     def train_line(self, state: State) -> str:
-        parts = [f"[batch {int(state.timestamp.batch)}{self._of_total(state)}]"]
+        parts = []
         m = self.latest
         if LOSS in m:
             parts.append(f"loss {m[LOSS]:.4f}")
@@ -85,7 +90,7 @@ class ConsoleLine(LoggerDestination):
             parts.append(f"MFU {100 * m[MFU]:.1f}%")
         if ETA_HOURS in m:
             parts.append(f"ETA {format_eta(m[ETA_HOURS])}")
-        return "  ".join(parts)
+        return f"[batch {int(state.timestamp.batch)}{self._of_total(state)}] " + "  ".join(parts)
 
     def _of_total(self, state: State) -> str:
         total = total_batches(state)

@@ -61,7 +61,7 @@ def check_data(cfg: TrainConfig) -> None:
         for key in ("train_loader", "eval_loader"):
             loader = getattr(cfg, key)
             if isinstance(loader, FinetuningLoaderConfig):
-                tokenize_once(loader, cfg.max_seq_len, key)
+                tokenize_once(loader, cfg.max_seq_len, key, dist.get_local_rank())
         validate_loader_config(cfg.train_loader, cfg.max_seq_len, vocab)
         if cfg.eval_loader is not None:
             validate_loader_config(cfg.eval_loader, cfg.max_seq_len, vocab, config_key="eval_loader")

@@ -118,7 +118,9 @@ def config_error_exit(error: ConfigError) -> NoReturn:
 
 
 def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Our own INFO lines (backend, checkpoints saved); Composer's and Streaming's only from WARNING up.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
     precision = resolve_precision(cfg, device)
     if cfg.fsdp is not None or layout.world_size > 1:
         dist.initialize_dist(device, cfg.dist_timeout)

@@ -18,7 +18,7 @@ import psutil
 import pytest
 from streaming import MDSWriter
 
-from dbrx_train.data.finetuning import FinetuningLoaderConfig
+from dbrx_train.data.finetuning import FinetuningDatasetConfig, FinetuningLoaderConfig
 from dbrx_train.data.loaders import build_dataloader, validate_loader_config
 from dbrx_train.data.streaming_shm import SHM_DIR, release_stale_shared_memory
 from dbrx_train.data.text import TextDatasetConfig, TextLoaderConfig
@@ -113,7 +113,7 @@ def test_damaged_finetuning_data(name, rows, tmp_path):
     case = cases.FINETUNING_CASES[name]
     folder = cases.write_good_finetuning(tmp_path / "chat", rows)
     case.damage(folder, rows)
-    cfg = FinetuningLoaderConfig(dataset=TextDatasetConfig(local=str(folder), shuffle=False))
+    cfg = FinetuningLoaderConfig(dataset=FinetuningDatasetConfig(local=str(folder), shuffle=False))
     if case.when == "preflight":
         # What check_data turns into the one-line config error (the fine-tuning YAML also needs a
         # pretrained checkpoint, which is checked first).

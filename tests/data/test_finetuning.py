@@ -16,13 +16,13 @@ from dbrx_train.data.finetuning import (
     IGNORE_INDEX,
     PAD_TOKEN_ID,
     BadRow,
+    FinetuningDatasetConfig,
     FinetuningLoaderConfig,
     build_finetuning_dataloader,
     check_finetuning_mds,
     convert_finetuning_dataset,
     validate_finetuning_dataset_config,
 )
-from dbrx_train.data.text import TextDatasetConfig
 from dbrx_train.data.token_mds import iter_samples, read_index
 from dbrx_train.data.tokenizer import load_tokenizer
 
@@ -166,7 +166,7 @@ def test_refuses_to_overwrite_unless_asked(tmp_path):
 
 
 def loader_cfg(folder: Path, **kwargs) -> FinetuningLoaderConfig:
-    return FinetuningLoaderConfig(dataset=TextDatasetConfig(local=str(folder), **kwargs))
+    return FinetuningLoaderConfig(dataset=FinetuningDatasetConfig(local=str(folder), **kwargs))
 
 
 def test_loader_pads_each_sample_and_masks_the_padding(tmp_path):
