@@ -174,13 +174,12 @@ def test_foundry_yaml_trains_on_two_ranks_from_parquet_files(tiny_dbrx, data_dir
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
-    (tmp_path / "output.txt").write_text(output)
     assert proc.returncode == 0, output[-6000:]
     assert output.count("tokenizing 1 file(s)") == 2, output[-6000:]  # train and test, by local rank 0 only
     assert output.count("LLM Foundry keys translated") == 1 and output.count("(ignored)") == 1
-    assert "[batch 2/2] loss " in output, output[-5000:]
+    assert "[batch 2/2] loss " in output and "[eval @ batch 2] eval loss " in output, output[-5000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["batch"] for r in rows] == [1, 2]
+    assert sorted({r["batch"] for r in rows}) == [1, 2]
     assert (tmp_path / "run" / "huggingface" / "ba2" / "config.json").is_file()
 
 
@@ -222,7 +221,10 @@ def test_renamed_and_unsupported_foundry_keys():
     assert cfg.callbacks.speed_monitor.peak_flops == 1.0e12 and cfg.tokenizer.name == "dbrx"
     renamed, ignored = cfg.foundry.notes()
     assert "model.ffn_config.moe_world_size -> fsdp_config.expert_parallel_degree" in renamed
-    assert ignored.endswith("(ignored): tokenizer.kwargs.model_max_length, fsdp_config.sync_module_states")
+    assert ignored == (
+        "warning: LLM Foundry keys with no effect here (ignored): tokenizer.kwargs.model_max_length, "
+        "fsdp_config.sync_module_states"
+    )
     data = yaml.safe_load(TINY.read_text())
     data["model"] = {
         "name": "hf_causal_lm",

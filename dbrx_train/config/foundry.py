@@ -259,7 +259,9 @@ class Translation:
         if self.renamed:
             lines.append("LLM Foundry keys translated: " + "; ".join(self.renamed))
         if self.ignored:
-            lines.append("LLM Foundry keys with no effect here (ignored): " + ", ".join(self.ignored))
+            lines.append(
+                "warning: LLM Foundry keys with no effect here (ignored): " + ", ".join(self.ignored)
+            )
         return lines
 
 
@@ -419,15 +421,28 @@ def _tokenizer(t: Translation) -> None:
     name = tokenizer.get("name", "dbrx")
     if name == "dbrx" or not isinstance(name, str):
         return
-    if is_dbrx_folder(name) or (not Path(name).exists() and name.lower().startswith("databricks/dbrx")):
+    problem = dbrx_tokenizer_problem(name, "config key 'tokenizer.name'")
+    if problem:
+        tokenizer.pop("name")
+        t.problems.append(problem)
+    else:
         tokenizer["name"] = "dbrx"
         t.renamed.append(f"tokenizer.name {name} -> dbrx (the offline DBRX tokenizer)")
-    else:
-        tokenizer.pop("name")
-        t.problems.append(
-            f"config key 'tokenizer.name' is {name!r}: {DBRX_ONLY} with DBRX's tokenizer (tokenizer.name: dbrx, "
-            "also databricks/dbrx-instruct or a local DBRX folder); data must be tokenized with it"
-        )
+
+
+def dbrx_tokenizer_problem(name: str, key: str) -> str | None:
+    """None when `name` means DBRX's tokenizer (dbrx, databricks/dbrx-*, a local DBRX folder), else
+    the message: data here is tokenized with DBRX's tokenizer only."""
+    if (
+        name == "dbrx"
+        or is_dbrx_folder(name)
+        or (not Path(name).exists() and name.lower().startswith("databricks/dbrx"))
+    ):
+        return None
+    return (
+        f"{key} is {name!r}: {DBRX_ONLY} with DBRX's tokenizer (cl100k_base and DBRX's chat tokens): give dbrx, "
+        "databricks/dbrx-instruct or a local DBRX folder; data must be tokenized with it"
+    )
 
 
 def _loader(t: Translation, key: str) -> None:

@@ -82,7 +82,7 @@ def find_files(dataset: FinetuningDatasetConfig, key: str) -> list[Path]:
     files = (
         _data_files(root, kwargs.data_files, split, key)
         if kwargs.data_files
-        else _split_files(root, split, key)
+        else split_files(root, split, key)
     )
     bad = [p for p in files if p.suffix not in CONVERSATION_SUFFIXES]
     if bad:
@@ -104,7 +104,7 @@ def _data_files(root: Path, data_files, split: str | None, key: str) -> list[Pat
     return [p for p in files if p.is_file()]
 
 
-def _split_files(root: Path, split: str | None, key: str) -> list[Path]:
+def split_files(root: Path, split: str | None, key: str) -> list[Path]:
     """HF's convention: files (or folders) named after a split hold it; without any, all files are `train`."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in CONVERSATION_SUFFIXES)
     if not files:

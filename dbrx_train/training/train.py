@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> Trainer:
         check_config(cfg, device, layout.world_size)
     except ConfigError as e:
         config_error_exit(e)
-    if dist.get_global_rank() == 0:
-        for note in [*(cfg.foundry.notes() if cfg.foundry else []), *layout.notes]:
-            print(f"dbrx-train: warning: {note}", file=sys.stderr, flush=True)
+    if dist.get_global_rank() == 0:  # once, not once per rank
+        for note in [*(cfg.foundry.notes() if cfg.foundry else []), *(f"warning: {n}" for n in layout.notes)]:
+            print(f"dbrx-train: {note}", file=sys.stderr, flush=True)
     try:
         return train(cfg, layout, device)
     except (ConfigError, CheckpointError) as e:

@@ -4,7 +4,9 @@
 
 1. Preparation: `convert_text_to_mds` (read, tokenize in worker processes, pack, write zstd MDS,
    re-read and check every sample) against plain tiktoken `encode_ordinary_batch` (read + encode,
-   nothing written) on the same .txt files with the same number of cores. Goal >= 0.7x.
+   nothing written) on the same .txt files with the same number of cores, in the same process (so
+   neither side pays interpreter or tokenizer start-up: tiktoken caches its encoding, and
+   `load_tokenizer` its tokenizer). Goal >= 0.9x.
 2. Loader headroom: samples/s of the Streaming train loader (batches of 16 x 128 from the default
    corpus' streams, per-sample checks included) against the samples/s one training step of the
    tiny model (yamls/pretrain/dbrx-tiny.yaml: forward, backward, AdamW) consumes. Goal >= 10x.
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'tiktoken encode_ordinary_batch (tokens/s)':<44} {prep['tiktoken_tok_s']:>14,.0f}")
     print(
         f"{'convert_text_to_mds end to end (tokens/s)':<44} {prep['ours_tok_s']:>14,.0f} "
-        f"{prep['ratio']:>7.2f}x {'>=0.7x':>7}"
+        f"{prep['ratio']:>7.2f}x {'>=0.9x':>7}"
     )
     print(f"{'tiny model training step (samples/s)':<44} {load['train_samples_s']:>14,.1f}")
     print(

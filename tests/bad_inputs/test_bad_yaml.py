@@ -66,7 +66,7 @@ def test_two_rank_launch_of_a_broken_yaml_prints_its_error_once_and_exits_2(tmp_
     path = CASES / "syntax-unclosed-bracket.yaml"
     cmd = [sys.executable, "-m", "composer.cli.launcher", "-n", "2", str(ROOT / "train.py"), str(path)]
     env = {**os.environ, "WANDB_MODE": "offline"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     # Rank 0 prints it and exits 2; the launcher stops rank 1 while it waits to print its copy.
     assert proc.returncode == 2
     output = proc.stdout + proc.stderr

@@ -11,14 +11,14 @@ import pytest
 import torch
 from streaming import MDSWriter
 
-from dbrx_train.data import (
+from dbrx_train.data.prepare import pack_to_mds, tokenize_documents
+from dbrx_train.data.text import (
     StreamConfig,
     TextDatasetConfig,
     TextLoaderConfig,
     build_text_dataloader,
     validate_text_dataset_config,
 )
-from dbrx_train.data.prepare import pack_to_mds, tokenize_documents
 from dbrx_train.data.token_mds import iter_token_samples, read_index, write_token_mds
 
 SEQ = 32
