@@ -29,7 +29,16 @@ string such as `100ba`, `1ep`, `1000000tok`, `500sp` or `0.5dur`.
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """Comment text for each field of dataclass ``cls``: trailing ``# ...`` or comment lines above."""
+    """Comment text for each field of dataclass ``cls`` (or of the base it inherits the field from):
+    trailing ``# ...`` or comment lines above."""
+    inherited = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            inherited.update(field_comments(base))
+    return {**inherited, **_own_field_comments(cls)}
+
+
+def _own_field_comments(cls: type) -> dict[str, str]:
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):

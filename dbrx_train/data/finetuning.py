@@ -85,9 +85,7 @@ class FinetuningDatasetConfig(TextDatasetConfig):
     # hf_name only. Which assistant turns are trained: all (ours: every answer of a multi-turn conversation
     # is a target, as data_prep/convert_finetuning_dataset.py makes them) or last (LLM Foundry's default).
     target_responses: Literal["all", "last"] = "all"
-    target_prompts: Literal["none"] = (
-        "none"  # hf_name only. Prompts are never trained (LLM Foundry's default)
-    )
+    target_prompts: Literal["none"] = "none"  # hf_name only. Prompts are never trained (Foundry's default)
     # hf_name only. false: a bad row stops the run with its file:line; true: bad rows are skipped and counted.
     skip_bad_rows: bool = False
     cache_dir: str | None = None  # hf_name only. Where tokenized data is kept; null: ~/.cache/dbrx-train

@@ -88,10 +88,7 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
 
 
 def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
-    try:
-        import pyarrow.parquet as pq  # only needed for parquet inputs
-    except ImportError:
-        raise ImportError(f"{path}: reading .parquet needs pyarrow: `pip install pyarrow`") from None
+    import pyarrow.parquet as pq  # only for .parquet inputs (a dependency; imported late: it is slow to load)
 
     parquet = pq.ParquetFile(path)
     if text_field not in parquet.schema_arrow.names:

@@ -128,3 +128,15 @@ def test_expert_parallel_misconfigurations_are_refused_before_the_run(overrides,
     check_expert_parallel(load_config(str(path), degree), world_size)  # the base config is accepted
     with pytest.raises(ConfigError, match=message):
         check_expert_parallel(load_config(str(path), degree + overrides), world_size)
+
+
+def test_the_readme_shows_what_a_typo_prints(capsys, monkeypatch):
+    """README's example config error is the code's own output, character for character."""
+    readme = (ROOT / "README.md").read_text()
+    command = "$ python train.py yamls/pretrain/dbrx-tiny.yaml optimizer.learning_rate=1\n"
+    assert command in readme
+    shown = readme.split(command, 1)[1].splitlines()[0]
+    monkeypatch.chdir(ROOT)
+    assert (
+        config_error(["yamls/pretrain/dbrx-tiny.yaml", "optimizer.learning_rate=1"], capsys).strip() == shown
+    )
