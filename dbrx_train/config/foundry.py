@@ -231,6 +231,7 @@ FOUNDRY_KEYS: tuple[FoundryKey, ...] = (
     K("loggers.tensorboard", "unsupported", "log to W&B (loggers.wandb) and metrics.jsonl"),
 )
 del K
+FOUNDRY_KEYS_BY = {entry.key: entry for entry in FOUNDRY_KEYS}
 
 HF_CHECKPOINTER_DTYPES = {
     "bfloat16": "bf16",
@@ -310,12 +311,12 @@ def _table_outcomes(t: Translation, known: Callable[[str], bool]) -> None:
             t.ignored.append(key)
         else:
             t.problems.append(f"config key '{key}' (LLM Foundry) is not supported here: {entry.note}")
-    for parallel in ("parallelism_config.fsdp.",):  # Foundry's newer spelling of fsdp_config
-        for key, entry in expanded_keys().items():
-            if key.startswith("fsdp_config.") and entry.outcome == "ignored":
-                present, _ = _pop(t.data, parallel + key.removeprefix("fsdp_config."))
-                if present:
-                    t.ignored.append(parallel + key.removeprefix("fsdp_config."))
+    # parallelism_config.fsdp is Foundry's newer spelling of fsdp_config: its knobs are ignored alike.
+    for key, entry in expanded_keys().items():
+        if key.startswith("fsdp_config.") and entry.outcome == "ignored":
+            newer = "parallelism_config.fsdp." + key.removeprefix("fsdp_config.")
+            if _pop(t.data, newer)[0]:
+                t.ignored.append(newer)
 
 
 def _refuse_model(t: Translation, why: str) -> None:
@@ -352,8 +353,7 @@ def _model(t: Translation) -> None:
         return _refuse_model(t, f"model.{mpt_keys[0]} is an MPT key")
     if "pretrained_model_name_or_path" in model:
         source = model.pop("pretrained_model_name_or_path")
-        pretrained = model.pop("pretrained", True)
-        if pretrained is not True:
+        if model.pop("pretrained", True) is not True:
             t.problems.append(
                 "config key 'model.pretrained' is false with pretrained_model_name_or_path (LLM Foundry: random "
                 "weights from that model's config), which is not supported here: write the architecture under "
@@ -362,6 +362,10 @@ def _model(t: Translation) -> None:
         elif not isinstance(source, str):
             t.problems.append(
                 f"config key 'model.pretrained_model_name_or_path' must be a folder; got {source!r}"
+            )
+        elif Path(source, "config.json").is_file() and not is_dbrx_folder(source):
+            return _refuse_model(
+                t, f"model.pretrained_model_name_or_path {source!r} is not a DBRX model folder"
             )
         elif not Path(source).exists() and HUB_ID.fullmatch(source):
             if "dbrx" not in source.lower():
@@ -372,15 +376,15 @@ def _model(t: Translation) -> None:
                 "--local-dir DIR`) and give the local DIR"
             )
         else:
-            model["pretrained"] = source
+            model["pretrained"] = source  # a missing folder is reported with the other pretrained checks
             t.renamed.append("model.pretrained_model_name_or_path -> model.pretrained")
+    elif name == "hf_causal_lm":
+        t.problems.append(
+            "config key 'model.name' is hf_causal_lm without pretrained_model_name_or_path: give the local "
+            "DBRX folder, or write name: dbrx with the architecture keys"
+        )
     if name == "hf_causal_lm":
         model["name"] = "dbrx"
-        if model.get("pretrained") is None and not any("pretrained" in p for p in t.problems):
-            t.problems.append(
-                "config key 'model.name' is hf_causal_lm without pretrained_model_name_or_path: give the local "
-                "DBRX folder, or write name: dbrx with the architecture keys"
-            )
     overrides = model.pop("config_overrides", None)
     if overrides:
         if not isinstance(overrides, dict):
@@ -575,9 +579,6 @@ def _curriculum(cl: Any, t: Translation) -> None:
 
 def _number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
-
-
-FOUNDRY_KEYS_BY = {entry.key: entry for entry in FOUNDRY_KEYS}
 
 
 def markdown_table() -> str:

@@ -108,11 +108,11 @@ def closest_key(key: str, valid: Iterable[str]) -> str | None:
     return None
 
 
-def unknown_key(path: str, key: str, valid: Iterable[str], hint: str | None = None) -> str:
+def unknown_key(path: str, key: str, valid: Iterable[str]) -> str:
     """The problem line for an unknown key: its dotted path, a hint, and the keys that are valid there."""
     valid = sorted(valid)
     where = f"{path}.{key}" if path else key
-    hint = hint or closest_key(key, valid)
+    hint = closest_key(key, valid)
     msg = f"unknown config key '{where}'"
     msg += f" (did you mean '{hint}'?)" if hint else ""
     return f"{msg}; valid keys{' under ' + repr(path) if path else ''}: {', '.join(valid)}"
