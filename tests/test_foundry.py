@@ -44,12 +44,8 @@ DBRX_INSTRUCT = {
     "torch_dtype": "bfloat16",
     "vocab_size": 100352,
 }
-# Keys of Foundry's table that other parts of the project define (LoRA, ICL evaluation).
-PENDING = {
-    "model.peft_config": "LoRA (model.peft_config)",
-    "icl_tasks": "ICL eval",
-    "eval_gauntlet": "ICL eval",
-}
+# Keys of Foundry's table that another part of the project defines (LoRA).
+PENDING = {"model.peft_config": "LoRA (model.peft_config)"}
 
 
 def model_stats():
@@ -107,9 +103,9 @@ def test_foundry_dbrx_full_ft_yaml_validates_and_sizes_the_132b_model(dbrx_132b,
         "fsdp_config.limit_all_gathers",
         "expandable_segments",
         "model.use_flash_attention_2",
-        "icl_seq_len",
     ):
         assert key in ignored
+    assert cfg.icl_seq_len == 1024 and "icl_seq_len" not in ignored  # ICL evaluation's key: honoured
     assert batch_layout(cfg, 64, "gpu").device_train_batch_size == 1
     stats = model_stats().stats(str(FULL), paths(dbrx_132b, data_dir, tmp_path), 64)
     assert (

@@ -6,7 +6,7 @@ are dropped by `to_hf_dict()`: `ffn_config.uniform_expert_assignment` (LLM Found
 benchmarking switch) and `ffn_config.moe_backend` (which MoE implementation runs the experts).
 
 Plain dataclasses and their value checks (`problems()`), nothing else: dicts (a YAML's `model:`, an
-HF config.json) become these through the one converter, `dbrx_train.config.schema.build`, which
+HF config.json) become these through the one converter (`DbrxConfig.from_dict`, `dbrx_train.config.schema.build`), which
 names unknown keys and wrong types and then reports `problems()` with the full dotted key.
 """
 
@@ -74,8 +74,16 @@ class DbrxConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DbrxConfig:
+        """From plain nested dicts (an HF config.json, a YAML's model keys) through the one converter;
+        raises ConfigError (a ValueError) listing every unknown key, wrong type and bad value."""
+        from dbrx_train.config.schema import build  # plain Python, no Composer: the model stays free of it
+
+        return build(cls, d)
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dicts, JSON-serialisable; `config.schema.build(DbrxConfig, to_dict())` round-trips."""
+        """Plain nested dicts, JSON-serialisable; `from_dict(to_dict())` round-trips."""
         return dataclasses.asdict(self)
 
     def to_hf_dict(self) -> dict[str, Any]:
