@@ -56,6 +56,7 @@ def test_cli_overrides_apply_and_are_typed():
         ("optimizer.learning_rate=1", r"unknown config key 'optimizer.learning_rate'"),
         ("max_durration=3ba", r"did you mean 'max_duration'"),
         ("model.ffn_config.moe_topk=2", r"moe_top_k"),
+        ("model.d_modle=64", r"did you mean 'd_model'"),  # two letters swapped
         ("global_train_batch_size=abc", r"'global_train_batch_size' must be an integer"),
         ("optimizer.name=adam", r"'optimizer.name' must be one of .*decoupled_adamw"),
         ("max_duration=ten", r"'max_duration' must be a Composer time string"),

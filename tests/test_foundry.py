@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from dbrx_train.config.foundry import FOUNDRY_KEYS, expanded_keys
+from dbrx_train.config.foundry import FOUNDRY_KEYS, PENDING, expanded_keys
 from dbrx_train.config.run import TrainConfig, batch_layout, load_config, parse_config
 from dbrx_train.config.schema import ConfigError, has_key
 from dbrx_train.model import DbrxForCausalLM
@@ -44,8 +44,6 @@ DBRX_INSTRUCT = {
     "torch_dtype": "bfloat16",
     "vocab_size": 100352,
 }
-# Keys of Foundry's table that another part of the project defines (LoRA).
-PENDING = {"model.peft_config": "LoRA (model.peft_config)"}
 
 
 def model_stats():
@@ -114,7 +112,12 @@ def test_foundry_dbrx_full_ft_yaml_validates_and_sizes_the_132b_model(dbrx_132b,
 
 
 def test_foundry_dbrx_lora_ft_yaml_validates(dbrx_132b, data_dir, tmp_path):
-    if not has_key(TrainConfig, "model.peft_config"):
+    if not has_key(TrainConfig, "model.peft_config"):  # LoRA lands with its own branch
+        # Refused with what it would become, never dropped into a full fine-tune at LoRA's lr.
+        with pytest.raises(
+            ConfigError, match=r"'model.peft_config' \(LLM Foundry: LoRA adapters\): this build"
+        ):
+            load_config(LORA, paths(dbrx_132b, data_dir, tmp_path))
         pytest.skip(
             "model.peft_config (LoRA) is not a config key in this build yet; it lands with the LoRA work"
         )

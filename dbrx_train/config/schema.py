@@ -64,14 +64,18 @@ SYNONYMS = {
 
 
 def _edits(a: str, b: str) -> int:
-    """Levenshtein distance (insertions, deletions, substitutions)."""
-    previous = list(range(len(b) + 1))
+    """Edit distance: insertions, deletions, substitutions and swaps of two neighbouring letters
+    (`d_modle`), the commonest slips (optimal string alignment)."""
+    rows = [list(range(len(b) + 1))]
     for i, ca in enumerate(a, 1):
         current = [i]
         for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1]
+            best = min(rows[-1][j] + 1, current[j - 1] + 1, rows[-1][j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                best = min(best, rows[-2][j - 2] + 1)
+            current.append(best)
+        rows.append(current)
+    return rows[-1][-1]
 
 
 def is_misspelling(typed: str, candidate: str) -> bool:

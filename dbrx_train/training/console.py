@@ -2,6 +2,7 @@
 
     [batch 40/120] loss 6.8214  lr 2.96e-03  28,120 tok/s  MFU 1.9%  ETA 0:01:43
     [eval @ batch 40] eval loss 6.9120
+    [ICL @ batch 40] pydoc_topic/0-shot 0.312, stdlib_line_end/0-shot 0.180; gauntlet default_average +0.041 (3s)
     [batch 50/120] data mix: code 35%, prose 65%
 
 Everything else a run logs (per-expert load, every loss term, perplexity, samples/s, ...) goes to
@@ -19,6 +20,10 @@ from composer.core import State, Time, TimeUnit
 from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 from tqdm import tqdm
+
+from dbrx_train.eval.gauntlet import GAUNTLET_PREFIX
+from dbrx_train.eval.icl_suite import ICL_PREFIX
+from dbrx_train.training.icl_eval import SECONDS_KEY
 
 LOSS = "loss/train/total"
 EVAL_LOSS = "metrics/eval/LanguageCrossEntropy"
@@ -48,6 +53,7 @@ class ConsoleLine(LoggerDestination):
         self.interval = console_interval(interval)
         self.latest: dict[str, float] = {}  # the newest value of each metric
         self.printed_mix: dict[str, float] | None = None
+        self.batch = 0  # the latest batch seen (loggers run before callbacks such as the ICL evaluation)
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         for key, value in metrics.items():
@@ -55,9 +61,11 @@ class ConsoleLine(LoggerDestination):
                 value = value.item()  # eval metrics arrive as tensors
             if isinstance(value, (int, float)):
                 self.latest[key] = float(value)
+        if SECONDS_KEY in metrics:  # one ICL evaluation's scores arrive together
+            self.write(icl_line(self.batch, metrics))
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        batch = int(state.timestamp.batch)
+        batch = self.batch = int(state.timestamp.batch)
         mix = {k.removeprefix(MIX_PREFIX): v for k, v in self.latest.items() if k.startswith(MIX_PREFIX)}
         if mix and mix != self.printed_mix:
             shares = ", ".join(f"{name} {100 * share:.0f}%" for name, share in sorted(mix.items()))
@@ -104,6 +112,21 @@ class ConsoleLine(LoggerDestination):
     def write(line: str) -> None:
         if dist.get_global_rank() == 0:
             tqdm.write(line)
+
+
+def icl_line(batch: int, metrics: dict[str, Any]) -> str:
+    """Each task's accuracy and the gauntlet's scores of one ICL evaluation, in one line."""
+    tasks, gauntlet = [], []
+    for key, value in metrics.items():
+        if key.startswith(GAUNTLET_PREFIX):
+            gauntlet.append(f"{key.removeprefix(GAUNTLET_PREFIX)} {float(value):+.3f}")
+        elif key.startswith(ICL_PREFIX) and key != SECONDS_KEY:
+            task = key.removeprefix(ICL_PREFIX).rsplit("/", 1)[0]  # <label>/<n>-shot
+            tasks.append(f"{task} {float(value):.3f}")
+    line = f"[ICL @ batch {batch}] " + ", ".join(tasks)
+    if gauntlet:
+        line += "; gauntlet " + ", ".join(gauntlet)
+    return line + f" ({float(metrics[SECONDS_KEY]):.0f}s)"
 
 
 def total_batches(state: State) -> int | None:

@@ -39,7 +39,7 @@ def rows(default_corpus) -> list:
 def good_root(default_corpus, rows, tmp_path_factory) -> Path:
     """A data root for dbrx-tiny.yaml (prose/code x train/val) whose prose/train is ~13 zstd shards."""
     root = tmp_path_factory.mktemp("good") / "root"
-    for stream in ("prose", "code"):
+    for stream in ("prose", "code", "icl"):  # icl: the YAML's ICL task files
         shutil.copytree(default_corpus / stream, root / stream)
     shutil.rmtree(root / "prose" / "train")
     cases.write_good(root / "prose" / "train", rows)

@@ -197,8 +197,8 @@ def test_readme_two_rank_command_trains_with_a_calm_console(default_corpus, tmp_
     """README: `composer -n 2 train.py yamls/pretrain/dbrx-tiny.yaml`, with only the data folder, the run
     folder, the corpus' 64-token samples and a shorter run changed. Its microbatch of 16 is more than the
     8 samples each rank gets: one warning, then microbatches of 8, as Composer and LLM Foundry do. The
-    console shows one line per console_log_interval (10ba) and the data mix when the curriculum moves
-    it; per-expert and other detailed metrics only go to metrics.jsonl."""
+    console shows one line per console_log_interval (10ba), the data mix when the curriculum moves
+    it and one line of ICL scores per ICL evaluation (here at the end); per-expert and other detailed metrics only go to metrics.jsonl."""
     run_dir = tmp_path / "readme"
     cmd = [
         sys.executable,
@@ -226,6 +226,9 @@ def test_readme_two_rank_command_trains_with_a_calm_console(default_corpus, tmp_
     for part in (" loss ", " lr ", " tok/s", " MFU ", " ETA "):
         assert part in train_lines[-1], train_lines
     assert any("data mix: code " in line for line in lines), lines
+    icl = [line for line in proc.stdout.splitlines() if line.startswith("[ICL @ batch ")]
+    assert len(icl) == 1 and icl[0].startswith("[ICL @ batch 20] pydoc_topic/0-shot 0."), icl  # at the end
+    assert "; gauntlet default_average " in icl[0], icl
     assert "moe/layer_" not in output and "load/expert_" not in output  # only in metrics.jsonl
     rows = read_metrics(run_dir)
     assert [r["batch"] for r in rows] == list(range(1, 21)) and "moe/layer_0/load/expert_0" in rows[9]
