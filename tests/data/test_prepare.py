@@ -41,7 +41,12 @@ def corpus(tmp_path: Path) -> tuple[Path, list[str]]:
     root.mkdir()
     by_file = {
         "a_topics.txt": [topics["if"]],
-        "b_topics.jsonl": [topics["while"], "naïve café 🙂 <|endoftext|> stays text", topics["for"]],
+        "b_topics.jsonl": [
+            topics["while"],
+            "naïve café 🙂 <|endoftext|> stays text",
+            "a lone \ud800 surrogate (JSON allows it) is repaired as tiktoken does",
+            topics["for"],
+        ],
         "c_more.txt": [topics["try"]],
         "d_table.parquet": [topics["with"], topics["assert"]],
     }
