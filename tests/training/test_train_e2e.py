@@ -231,4 +231,6 @@ def test_readme_two_rank_command_trains_with_a_calm_console(default_corpus, tmp_
     assert "; gauntlet language_understanding " in icl[0] and "default_average " in icl[0], icl
     assert "moe/layer_" not in output and "load/expert_" not in output  # only in metrics.jsonl
     rows = read_metrics(run_dir)
-    assert [r["batch"] for r in rows] == list(range(1, 21)) and "moe/layer_0/load/expert_0" in rows[9]
+    train_rows = [r for r in rows if "loss/train/total" in r]
+    assert [r["batch"] for r in train_rows] == list(range(1, 21)) and "moe/layer_0/load/expert_0" in rows[9]
+    assert "icl/metrics/eval_gauntlet/default_average" in rows[-1]  # the end's ICL scores: their own row
