@@ -8,7 +8,7 @@ SEQ_LEN := 128
 # pip extras of the editable install; CI adds `eval` (lm-eval-harness, for its parity test).
 EXTRAS ?= dev
 
-.PHONY: setup data pretrain finetune sample train test test-fast bench docs lint format clean
+.PHONY: setup data pretrain finetune sample train test test-fast test-fault-launches bench docs lint format clean
 
 setup: $(STAMP)
 
@@ -28,22 +28,27 @@ $(DATA)/manifest.json: data_prep/build_default_corpus.py
 # prose -> code curriculum (~5 min) -> fine-tune it on the chat set (~1-2 min) -> ask it a question.
 train: pretrain finetune sample
 
+# dbrx_train.launch is Composer's launcher with Ctrl-C answered cleanly (a checkpoint, exit 130).
 pretrain: data
-	$(VENV)/bin/composer -n 1 train.py yamls/pretrain/dbrx-tiny.yaml
+	$(PY) -m dbrx_train.launch -n 1 train.py yamls/pretrain/dbrx-tiny.yaml
 
 finetune: data
-	$(VENV)/bin/composer -n 1 train.py yamls/finetune.yaml
+	$(PY) -m dbrx_train.launch -n 1 train.py yamls/finetune.yaml
 
 # Greedy answer of the fine-tuned model (runs/dbrx-tiny-chat) to one chat prompt.
 sample: setup
 	$(PY) scripts/generate.py --model runs/dbrx-tiny-chat --chat --no-system-prompt \
 		--max-new-tokens 24 --prompt 'Explain the "for" statement in Python.'
 
+# The fault suite's real launches (~4-5 min) stay out of `make test` to fit CI's 20 minutes.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not fault_launches"
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+test-fault-launches: setup
+	$(PY) -m pytest -q tests/faults -m fault_launches
 
 # CPU benchmarks against peers measured in the same run + the 132B cluster estimate (docs/performance.md).
 bench: setup

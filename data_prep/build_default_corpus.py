@@ -38,8 +38,9 @@ from pathlib import Path
 import numpy as np
 from default_icl_suite import without_held_out, write_suite
 
+from dbrx_train.atomic import FolderKind, replacing
 from dbrx_train.data.finetuning import convert_conversations
-from dbrx_train.data.prepare import pack_to_mds, prepare_output_folder, tokenize_documents
+from dbrx_train.data.prepare import pack_to_mds, tokenize_documents
 from dbrx_train.data.tokenizer import DbrxTokenizer, load_tokenizer
 
 VAL_FRACTION = 0.05
@@ -238,13 +239,22 @@ def build_chat_set(out: Path, *, max_seq_len: int) -> dict:
     return entry
 
 
+# What --overwrite may replace: a folder this script built (it writes manifest.json last).
+DEFAULT_CORPUS = FolderKind(
+    "a default corpus (it has no manifest.json)", lambda folder: (folder / "manifest.json").is_file()
+)
+
+
 def build_default_corpus(
     out: Path, *, max_seq_len: int, max_code_tokens: int, num_workers: int, overwrite: bool
 ) -> dict:
-    """Write every stream's train/val MDS folders under `out`; return the manifest."""
-    folders = [out / stream / split for stream in [*STREAMS, "chat"] for split in ("train", "val")]
-    for folder in folders:  # refuse (or clear) all of them before spending time tokenizing
-        prepare_output_folder(folder, overwrite)
+    """Write every stream's train/val MDS folders; return the manifest. The corpus is built beside `out`
+    and replaces it only when complete, so a failed rebuild leaves the old corpus as it was."""
+    with replacing(out, overwrite=overwrite, kind=DEFAULT_CORPUS) as tmp:
+        return _build(tmp, max_seq_len=max_seq_len, max_code_tokens=max_code_tokens, num_workers=num_workers)
+
+
+def _build(out: Path, *, max_seq_len: int, max_code_tokens: int, num_workers: int) -> dict:
     caps = {"code": max_code_tokens}
     trained: dict[str, set[str]] = {}
     manifest = {
@@ -287,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         "--max-code-tokens", type=int, default=3_000_000, help="cap on the code stream (default: 3000000)"
     )
     parser.add_argument("--num-workers", type=int, default=os.cpu_count() or 1, help="tokenizer threads")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing MDS folders under --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace a default corpus already in --out")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()

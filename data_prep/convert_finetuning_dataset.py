@@ -11,7 +11,9 @@ DBRX's ChatML format (dbrx_train/data/chat.py) and written as `input_ids` and `l
 Longer than --max-seq-len: --truncation truncate (cut the end; default), skip, or error.
 A bad row (invalid JSON, missing or empty fields, wrong types) stops the conversion with its
 file and line, unless --skip-bad skips and counts it. --pack joins several conversations into
-one sample (they then attend to earlier conversations in the row; see docs/data.md).
+one sample, with a sequence_id column that keeps each conversation to itself (see docs/data.md).
+Special-token strings typed inside a message (`<|im_end|>`, ...) are encoded as plain text, as in
+pretraining, and counted; --allow-special-tokens encodes them as control tokens instead.
 
 LLM Foundry's flags work too: --dataset (a local folder or file) with --splits and --out_root
 (one dataset per split in OUT_ROOT/<split>, the files of each split found by their names as
@@ -75,6 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="'default': insert DBRX's default system prompt where a conversation has none (~400 tokens)",
     )
     parser.add_argument("--tokenizer", default="dbrx", help="DBRX's tokenizer only (dbrx, databricks/dbrx-*)")
+    parser.add_argument(
+        "--allow-special-tokens",
+        action="store_true",
+        help="special-token strings in message content (<|im_end|>, ...) become control tokens; by default they "
+        "are plain text, so a message cannot forge a turn (their count is reported either way)",
+    )
     parser.add_argument("--compression", default="zstd", help="shard compression, or 'none' (default: zstd)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing MDS dataset in --out")
     for flag in ("--num_workers", "--tokenizer_kwargs"):
@@ -136,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
                 pack=args.pack,
                 last_response_only=args.target_responses == "last",
                 system_prompt=args.system_prompt == "default",
+                allow_special_tokens=args.allow_special_tokens,
                 compression=None if args.compression == "none" else args.compression,
                 overwrite=args.overwrite,
             )

@@ -49,7 +49,8 @@ def train(args: list[str]) -> None:
     if not args or args[0] in ("-h", "--help"):
         print("usage: dbrx-train train [-n NPROC] <yaml> [key=value ...]")
         raise SystemExit(0 if args else 2)
-    launcher = [sys.executable, "-m", "composer.cli.launcher", "-n", nproc, str(REPO / "train.py"), *args]
+    # Composer's launcher (dbrx_train/launch.py: with Ctrl-C answered without a traceback).
+    launcher = [sys.executable, "-m", "dbrx_train.launch", "-n", nproc, str(REPO / "train.py"), *args]
     os.execv(sys.executable, launcher)  # the launcher owns the rank processes and their exit code
 
 

@@ -7,7 +7,8 @@
 Several --prompt flags decode as one left-padded batch. --chat wraps each prompt as a user turn in
 DBRX's ChatML (with its default system prompt unless --no-system-prompt) and adds the assistant
 header. A Composer checkpoint (sharded folder `ep0-baN/` or `ep0-baN/rank0.pt`) takes its model
-config from the run folder's config.yaml, or from --config.
+config from the run folder's config.yaml, or from --config, and is first checked against its
+manifest (sizes and sha256; --no-verify skips that).
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dbrx_train.checkpoint.composer_weights import load_model
-from dbrx_train.data.chat import render_chat
+from dbrx_train.checkpoint.composer_weights import load_model, verify_checkpoint
 from dbrx_train.data.tokenizer import load_tokenizer
 from dbrx_train.model.generate import SamplingConfig, generate
 
@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip checking a Composer checkpoint against its manifest"
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -53,21 +56,25 @@ def main(argv: list[str] | None = None) -> None:
             top_p=args.top_p,
             use_cache=not args.no_cache,
         )
+        if not args.no_verify and not (Path(args.model) / "config.json").is_file():
+            warning = verify_checkpoint(args.model)
+            if warning is not None:
+                print(f"generate: warning: {warning}", file=sys.stderr)
         model = load_model(args.model, args.config)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
         print(f"generate: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     tokenizer = load_tokenizer()
     if args.chat:
-        texts = [
-            render_chat(
+        # A prompt is a message: special-token strings in it are text, not ChatML control tokens.
+        prompts = [
+            tokenizer.encode_chat(
                 [{"role": "user", "content": p}],
                 add_generation_prompt=True,
                 default_system_prompt=not args.no_system_prompt,
-            )
+            )[0]
             for p in args.prompt
         ]
-        prompts = [tokenizer.encode_with_special(t) for t in texts]
     else:
         prompts = [tokenizer.encode(p) for p in args.prompt]
     try:

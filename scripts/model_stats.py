@@ -75,13 +75,24 @@ def stats(yaml_path: str, overrides: list[str], world_size: int | None) -> dict:
     }
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (a world of 0 GPUs would divide by zero)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1; got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("yaml")
     parser.add_argument("overrides", nargs="*", help="key=value, as for train.py")
-    parser.add_argument("--world-size", type=int, default=None, help="number of GPUs (default 8)")
+    parser.add_argument("--world-size", type=positive_int, default=None, help="number of GPUs (default 8)")
     parser.add_argument("--json", action="store_true", help="one JSON object")
     args = parser.parse_args(argv)
     try:

@@ -1,19 +1,29 @@
-"""Shared fixtures: the embedded default corpus, built once per session from Python's own text; small disks."""
+"""Shared fixtures: the embedded default corpus, built once per session from Python's own text (at DBRX's
+vocabulary, and folded to a small one for the tests of training mechanics); small disks."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.small_vocab import fold_corpus
+
 ROOT = Path(__file__).resolve().parents[1]
+
+# torch.compile in this process and in every run the tests start: compile in the process itself. On
+# 2 cores a pool of compile workers (each importing torch) costs more than it saves: a 2-rank compiled
+# run took 59 s of CPU instead of 87 s.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
-def default_corpus(tmp_path_factory) -> Path:
-    """`data/default`'s layout (prose/code x train/val MDS) at 64 tokens per sample, code capped."""
+def real_vocab_corpus(tmp_path_factory) -> Path:
+    """`data/default` as `make data` builds it (DBRX's tokenizer), at 64 tokens per sample, code capped.
+    For tests that fine-tune, tokenize or generate text; they also set DBRX's `model.vocab_size`."""
     out = tmp_path_factory.mktemp("corpus") / "default"
     cmd = [
         sys.executable,
@@ -27,6 +37,14 @@ def default_corpus(tmp_path_factory) -> Path:
     ]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
     return out
+
+
+@pytest.fixture(scope="session")
+def default_corpus(real_vocab_corpus, tmp_path_factory) -> Path:
+    """`real_vocab_corpus` with its pretraining token ids folded below SMALL_VOCAB, which
+    test_train_e2e.SMALL sets as `model.vocab_size`: runs and checkpoints ~20x smaller
+    (tests/small_vocab.py says how, and what must keep the real vocabulary)."""
+    return fold_corpus(real_vocab_corpus, tmp_path_factory.mktemp("corpus") / "small_vocab")
 
 
 @pytest.fixture

@@ -128,3 +128,46 @@ def test_resume_guard_names_refused_keys_and_passes_harmless_ones():
     assert (
         len(check_resume_config(saved, harmful, ["seed", "optimizer.lr", "train_loader.dataset"], "x")) == 3
     )
+
+
+def test_leftovers_are_rotated_with_the_checkpoints(tmp_path):
+    for batch in (10, 20):
+        make_checkpoint(tmp_path, f"ep0-ba{batch}", batch)
+    make_checkpoint(tmp_path, "ep0-ba20", 20, b"again")  # the old ep0-ba20 is set aside as .replaced-*
+    store.quarantine(store.list_checkpoints(tmp_path)[0], "does not match the sha256")  # ep0-ba10.corrupt
+    (tmp_path / "ep0-ba30").mkdir()  # no manifest: not ours to delete
+    (tmp_path / "ep0-ba30.replaced-0000beef").mkdir()
+    assert {r[0]: r[2] for r in store.rejected_checkpoints(tmp_path)} == {
+        "ep0-ba10.corrupt": "does not match the sha256",
+        "ep0-ba30": f"{tmp_path / 'ep0-ba30'} has no manifest.json: it is not a complete dbrx-train checkpoint",
+    }
+    make_checkpoint(tmp_path, "ep0-ba40", 40)
+    removed = store.rotate(tmp_path, 1, just_saved="ep0-ba40")
+    # ep0-ba20 rotated out, its superseded copy and the .corrupt older than every kept checkpoint too
+    assert sorted(removed) == ["ep0-ba10.corrupt", "ep0-ba20", *[p for p in removed if ".replaced-" in p]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ep0-ba30",
+        "ep0-ba30.replaced-0000beef",
+        "ep0-ba40",
+    ]
+
+
+def test_keeping_every_checkpoint_still_drops_superseded_copies(tmp_path):
+    make_checkpoint(tmp_path, "ep0-ba10", 10, b"old")
+    make_checkpoint(tmp_path, "ep0-ba10", 10, b"new")
+    assert [p for p in store.rotate(tmp_path, -1) if ".replaced-" in p]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ep0-ba10"]
+
+
+@pytest.mark.parametrize(
+    ("max_duration", "position", "finished"),
+    [
+        ("8ba", {"batch": 8}, True),
+        ("8ba", {"batch": 6}, False),
+        ("2ep", {"epoch": 2}, True),
+        ("1000tok", {"token": 999}, False),
+    ],
+)
+def test_a_checkpoint_knows_whether_its_run_finished(tmp_path, max_duration, position, finished):
+    manifest = {"format": store.FORMAT, "batch": 0, **position, "config": {"max_duration": max_duration}}
+    assert store.reached_max_duration(store.Checkpoint(tmp_path, manifest)) is finished

@@ -62,11 +62,61 @@ def test_cli_overrides_apply_and_are_typed():
         ("max_duration=ten", r"'max_duration' must be a Composer time string"),
         ("model.n_heads=5", r"'model.d_model' must be divisible by n_heads \(5\)"),
         ("fsdp_config.sharding_strategy=FULL", r"FULL_SHARD"),
+        (
+            "model.ffn_config.moe_loss_scope=step",
+            r"'model.ffn_config.moe_loss_scope' must be one of 'microbatch'",
+        ),
+        ("model.ffn_config.moe_balance_tokens=all", r"'model.ffn_config.moe_balance_tokens' must be one of"),
+        ("model.ffn_config.moe_z_loss_weight=-1", r"'model.ffn_config.moe_z_loss_weight' must be >= 0"),
+        (
+            "model.ffn_config.moe_bias_update_rate=-0.1",
+            r"'model.ffn_config.moe_bias_update_rate' must be >= 0",
+        ),
+        (
+            "model.attn_config.attn_uses_sequence_id=maybe",
+            r"'model.attn_config.attn_uses_sequence_id' must be true",
+        ),
+        (
+            "callbacks.expert_load.imbalance_rise=x",
+            r"'callbacks.expert_load.imbalance_rise' must be a number",
+        ),
+        ("precision=bf16", r"'precision' must be one of .*'amp_bf16'"),
     ],
 )
 def test_bad_values_are_named(override, expected):
     with pytest.raises(ConfigError, match=expected):
         load_config(TINY, [override])
+
+
+def test_main_keys_pass_the_converter_and_the_foundry_table():
+    """Router balancing, document masking, bf16, run safety and HF export keys are ours: typed, and
+    not taken for Foundry's (attn_uses_sequence_id is no MPT key here, eos_token_id is not dropped)."""
+    cfg = load_config(
+        TINY,
+        [
+            "model.ffn_config.moe_loss_scope=global",
+            "model.ffn_config.moe_balance_tokens=targets",
+            "model.ffn_config.moe_z_loss_weight=0",
+            "model.ffn_config.moe_bias_update_rate=0.001",
+            "model.attn_config.attn_uses_sequence_id=false",
+            "train_loader.dataset.eos_token_id=100257",
+            "callbacks.expert_load.imbalance_window=50",
+            "callbacks.hf_export={drop_expert_bias: true}",
+            "precision=amp_bf16",
+            "save_overwrite=runs/old",
+        ],
+    )
+    ffn = cfg.model.dbrx.ffn_config
+    assert (ffn.moe_loss_scope, ffn.moe_balance_tokens, ffn.moe_bias_update_rate) == (
+        "global",
+        "targets",
+        0.001,
+    )
+    assert ffn.moe_z_loss_weight == 0.0 and isinstance(ffn.moe_z_loss_weight, float)
+    assert cfg.model.dbrx.attn_config.attn_uses_sequence_id is False
+    assert cfg.train_loader.dataset.eos_token_id == 100257
+    assert cfg.callbacks.expert_load.imbalance_window == 50 and cfg.callbacks.hf_export.drop_expert_bias
+    assert (cfg.precision, cfg.save_overwrite) == ("amp_bf16", "runs/old")
 
 
 def test_errors_name_the_file_and_missing_keys(tmp_path):
@@ -139,7 +189,7 @@ def test_every_problem_of_a_config_is_listed_in_one_error():
         "unknown config key 'optimizer.learning_rate' (did you mean 'lr'?)",
         "config key 'model.ffn_config.moe_top_k' must be in [1, moe_num_experts=16]; got 99",
         "unknown config key 'model.attn_config.kv_heads' (did you mean 'kv_n_heads'?); valid keys under "
-        "'model.attn_config': attn_pdrop, clip_qkv, kv_n_heads, rope_theta",
+        "'model.attn_config': attn_pdrop, attn_uses_sequence_id, clip_qkv, kv_n_heads, rope_theta",
         "config key 'train_loader.dataset.shuffle' must be true or false; got 'maybe'",
         "config key 'save_weights_only' (LLM Foundry) is not supported here: checkpoints always hold the whole",
         "unknown config key 'peft_config'; valid keys:",  # not 'ffn_config' or anything else
@@ -170,3 +220,11 @@ def test_resolved_dict_round_trips():
     cfg = load_config(TINY)
     again = parse_config(resolved_dict(cfg))
     assert again == cfg
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "yamls").rglob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_yamls_continue_when_run_again_and_never_overwrite(path):
+    """The same command after an interruption continues the run; no shipped default deletes one."""
+    raw = yaml.safe_load(path.read_text())
+    assert raw.get("autoresume") is True and raw.get("run_name"), path
+    assert raw.get("save_overwrite", False) is False, path

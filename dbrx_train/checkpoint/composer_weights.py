@@ -30,7 +30,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from dbrx_train.checkpoint.safe_load import SafeFileSystemReader, stub_pickle_module
-from dbrx_train.checkpoint.store import list_checkpoints
+from dbrx_train.checkpoint.store import MANIFEST, Checkpoint, list_checkpoints, read_manifest, verify_files
 from dbrx_train.model.config import DbrxConfig
 from dbrx_train.model.dbrx import DbrxForCausalLM
 from dbrx_train.model.hf import CONFIG_FILE, expected_shapes, load_pretrained
@@ -94,6 +94,20 @@ def newest_in_run_folder(path: Path) -> Path:
     return path
 
 
+def verify_checkpoint(path: str | Path) -> str | None:
+    """Check a checkpoint's files against its manifest (sizes and sha256) before reading them; raises
+    CheckpointError naming the first bad file. Returns a warning when there is no manifest to check
+    against (a checkpoint Composer wrote itself), None when it verified."""
+    path = newest_in_run_folder(Path(path))
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    folder = path if path.is_dir() else path.parent
+    if not (folder / MANIFEST).is_file():
+        return f"{folder} has no {MANIFEST}: its files are read without checksum verification"
+    verify_files(Checkpoint(folder, read_manifest(folder)))
+    return None
+
+
 def read_composer_checkpoint(path: str | Path) -> CheckpointWeights:
     path = newest_in_run_folder(Path(path))
     if path.is_dir():
@@ -122,7 +136,8 @@ def read_model_config(config_yaml: str | Path) -> DbrxConfig:
 
 
 def load_model(path: str | Path, config_yaml: str | Path | None = None) -> DbrxForCausalLM:
-    """An fp32 DbrxForCausalLM from an HF folder or a Composer checkpoint (any world size)."""
+    """An fp32 DbrxForCausalLM from an HF folder or a Composer checkpoint (any world size; see
+    `verify_checkpoint` to check it against its manifest first)."""
     path = Path(path)
     if path.is_dir() and (path / CONFIG_FILE).is_file():
         return load_pretrained(path)

@@ -21,12 +21,15 @@ from pathlib import Path
 import torch
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
+from composer.utils import dist
 from composer.utils.misc import create_interval_scheduler
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from dbrx_train.atomic import swap_in
 from dbrx_train.checkpoint.rank_zero import RankError, on_rank0
-from dbrx_train.checkpoint.store import TMP_PREFIX, fsync_path, temp_folder
-from dbrx_train.model.hf import EXPORT_DTYPES, save_hf_folder
+from dbrx_train.checkpoint.store import TMP_PREFIX, temp_folder
+from dbrx_train.model.dbrx import describe_topk_change, topk_change_without_expert_bias
+from dbrx_train.model.hf import EXPORT_DTYPES, ExpertBiasError, save_hf_folder
 
 
 class HFExportError(RuntimeError):
@@ -41,13 +44,21 @@ class HFExport(Callback):
         dtype: str = "bf16",
         max_shard_bytes: int = 5 * 1024**3,
         tokenizer: bool = True,
+        drop_expert_bias: bool = False,
     ):
         self.folder = Path(folder)
+        self.drop_expert_bias = drop_expert_bias
+        self._heldout: dict | None = None  # the first eval batch, for the top-k change of dropping biases
         self.dtype = EXPORT_DTYPES[dtype]
         self.max_shard_bytes = max_shard_bytes
         self.tokenizer = tokenizer
         self.should_export = create_interval_scheduler(save_interval)
         self.last_exported_batch = -1
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if self.drop_expert_bias and state.evaluators:
+            batch = next(iter(state.evaluators[0].dataloader.dataloader))
+            self._heldout = {k: v for k, v in batch.items() if k in ("input_ids", "sequence_id")}
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
         if self.should_export(state, Event.BATCH_CHECKPOINT):
@@ -68,12 +79,19 @@ class HFExport(Callback):
         if batch == self.last_exported_batch:
             return None
         self.last_exported_batch = batch
+        biased = self.drop_expert_bias and any(
+            b.any() for name, b in state.model.named_buffers() if name.endswith("expert_bias")
+        )
+        if biased and self._heldout is not None:
+            self._report_topk_change(state, batch)
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state_dict = get_model_state_dict(state.model, options=options)  # collective: all ranks
         out = self.export_folder(batch)
         try:
             on_rank0(lambda: self._write(out, state.model.model.config, state_dict))
         except RankError as e:
+            if e.detail.startswith(ExpertBiasError.__name__):
+                raise HFExportError(f"HF export {out}: {e.detail}") from e
             raise HFExportError(
                 f"HF export {out} could not be written ({e.detail}). Training checkpoints are written before "
                 f"exports and are unaffected; free space or fix callbacks.hf_export.folder, then rerun the "
@@ -98,14 +116,26 @@ class HFExport(Callback):
                 self.dtype,
                 self.max_shard_bytes,
                 self.tokenizer,
+                self.drop_expert_bias,
             )
-            for path in tmp.rglob("*"):
-                if path.is_file():
-                    fsync_path(path)
-            if out.exists():  # the same batch exported again: a run resumed at its last batch
-                shutil.rmtree(out)
-            tmp.rename(out)
-            fsync_path(self.folder)
+            swap_in(tmp, out)  # fsynced; replaces the same batch exported again (a run resumed at its end)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def _report_topk_change(self, state: State, batch: int) -> None:
+        """Every rank routes its held-out batch with and without the biases; rank 0 prints the total."""
+        composer_model = state.model
+        device_batch = state.device.batch_to_device(dict(self._heldout))
+        was_training = composer_model.training
+        composer_model.eval()
+        try:
+            with composer_model.router_only():
+                changed = topk_change_without_expert_bias(
+                    composer_model, lambda: composer_model(device_batch)
+                )
+        finally:
+            composer_model.train(was_training)
+        dist.all_reduce(changed, reduce_operation="SUM")
+        if dist.get_global_rank() == 0:
+            print(f"dbrx-train: HF export ba{batch}: {describe_topk_change(changed)}", flush=True)

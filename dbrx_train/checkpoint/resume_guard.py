@@ -83,10 +83,9 @@ def check_resume_config(
     """Raise ValueError naming every refused change; return the accepted ones (for the log)."""
     refused, accepted = refused_changes(saved, current, allowed)
     if refused:
-        lines = "\n  ".join(refused)
         raise ValueError(
-            f"resuming from {checkpoint_name} with a changed config that would make the run wrong:\n  {lines}\n"
-            "Undo these changes to continue the run; or start a new run from its weights "
+            f"resuming from {checkpoint_name} with a changed config that would make the run wrong "
+            f"({'; '.join(refused)}). Undo these changes to continue the run; or start a new run from its weights "
             "(load_path + load_weights_only: true, another save_folder); or, if you know the change is "
             "safe, list the keys in allow_config_changes. (A changed optimizer section would be ignored: "
             "a resumed optimizer keeps the checkpoint's hyperparameters.)"

@@ -48,7 +48,7 @@ def _hash_share(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     return merged
 
 
-def _describe(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
     """One line per failing rank (DCP wraps each rank's exception with its traceback)."""
     if isinstance(error, CheckpointException):
         parts = []
@@ -104,7 +104,7 @@ class CheckpointManager(Callback):
         on_disk = store.list_checkpoints(self.run_folder)
         previous = on_disk[-1].name if on_disk else "none yet"
         return CheckpointSaveError(
-            f"checkpoint {name} could not be written to {self.run_folder} ({_describe(error)}; a full disk "
+            f"checkpoint {name} could not be written to {self.run_folder} ({describe_error(error)}; a full disk "
             f"or a file size limit shows up like this). "
             f"Earlier checkpoints are intact (latest: {previous}); free disk space or fix the folder, "
             f"then rerun the same command with autoresume: true to continue from the latest one."
@@ -167,6 +167,6 @@ class CheckpointManager(Callback):
             except Exception as e:
                 raise CheckpointSaveError(
                     f"checkpoint {name} is committed in {self.run_folder} but its upload to {self.remote.uri} "
-                    f"failed ({_describe(e)}); rerun with autoresume: true to continue from the local copy"
+                    f"failed ({describe_error(e)}); rerun with autoresume: true to continue from the local copy"
                 ) from e
         return checkpoint

@@ -5,7 +5,8 @@ name (`.tmp-ep<E>-ba<B>-<id>/`), its files are fsynced, a `manifest.json` with e
 sha256 is written last, and only then is the folder renamed to its final name (atomic on POSIX).
 So a crash or a full disk during a save leaves at most a `.tmp-*` folder, never a damaged checkpoint,
 and the previous checkpoints are untouched. On resume the newest checkpoint whose files match its
-manifest is used; a damaged one is renamed `<name>.corrupt` and reported.
+manifest is used; a damaged one is renamed `<name>.corrupt` (with the reason in `rejected.txt`)
+and reported. Leftovers (`.replaced-*`, `.corrupt`) are rotated out with the checkpoints.
 
 No Composer import: the file layout is Composer's (DCP folder, or `rank0.pt` when not sharded), the
 rules are ours. What a checkpoint may contain when loaded is checked in safe_load.py.
@@ -28,6 +29,8 @@ MANIFEST = "manifest.json"
 FORMAT = "dbrx-train-checkpoint/1"
 TMP_PREFIX = ".tmp-"
 CORRUPT_SUFFIX = ".corrupt"
+REPLACED_INFIX = ".replaced-"
+REJECTED_NOTE = "rejected.txt"  # inside a `.corrupt` folder: why it was moved aside
 MONOLITH_FILE = "rank0.pt"  # an unsharded (no FSDP) checkpoint inside its folder
 NAME_RE = re.compile(r"^ep(\d+)-ba(\d+)$")
 _CHUNK = 8 << 20
@@ -106,7 +109,7 @@ def commit(tmp: Path, final: Path, manifest: dict[str, Any]) -> Checkpoint:
     write_json_atomic(tmp / MANIFEST, manifest)
     if final.exists():
         # Same name again (a resume that fell back past it): keep the old one aside, never delete it here.
-        final.rename(final.with_name(f"{final.name}.replaced-{uuid.uuid4().hex[:8]}"))
+        final.rename(final.with_name(f"{final.name}{REPLACED_INFIX}{uuid.uuid4().hex[:8]}"))
     os.rename(tmp, final)
     fsync_path(final.parent)
     return Checkpoint(final, manifest)
@@ -161,13 +164,58 @@ def verify_files(checkpoint: Checkpoint, names: Iterable[str] | None = None, *, 
             raise CheckpointError(f"{path} does not match the sha256 in its manifest (corrupted)")
 
 
-def quarantine(checkpoint: Checkpoint) -> Path:
-    """Move a damaged checkpoint out of the way (kept for inspection, never loaded again)."""
+def quarantine(checkpoint: Checkpoint, reason: str = "") -> Path:
+    """Move a damaged checkpoint out of the way (kept for inspection, never loaded again), noting why."""
     target = checkpoint.path.with_name(checkpoint.name + CORRUPT_SUFFIX)
     if target.exists():
         target = target.with_name(f"{target.name}-{uuid.uuid4().hex[:8]}")
     checkpoint.path.rename(target)
+    if reason:
+        try:
+            (target / REJECTED_NOTE).write_text(reason + "\n")
+        except OSError:
+            pass  # the note is a convenience; the rename is what matters
     return target
+
+
+def rejected_checkpoints(run_folder: Path) -> list[tuple[str, int, str]]:
+    """(name, batch, why) of every checkpoint-like folder that cannot be resumed from: damaged ones
+    moved aside as `.corrupt`, and `ep*-ba*` folders whose manifest is missing or unreadable."""
+    found = []
+    if not run_folder.is_dir():
+        return found
+    for path in run_folder.iterdir():
+        name, corrupt, _ = path.name.partition(CORRUPT_SUFFIX)
+        match = NAME_RE.match(name)
+        if not path.is_dir() or not match:
+            continue
+        if corrupt:
+            note = path / REJECTED_NOTE
+            why = note.read_text().strip() if note.is_file() else "damaged"
+            found.append((path.name, int(match.group(2)), why))
+        else:
+            try:
+                read_manifest(path)
+            except CheckpointError as e:
+                found.append((path.name, int(match.group(2)), str(e)))
+    return sorted(found, key=lambda item: (item[1], item[0]))
+
+
+def _has_manifest(folder: Path) -> bool:
+    try:
+        read_manifest(folder)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _leftover_batch(path: Path) -> int | None:
+    """The batch of a `<name>.replaced-*` or `<name>.corrupt*` folder, else None."""
+    for marker in (REPLACED_INFIX, CORRUPT_SUFFIX):
+        name, found, _ = path.name.partition(marker)
+        if found and (match := NAME_RE.match(name)):
+            return int(match.group(2))
+    return None
 
 
 def remove_stale_temporaries(run_folder: Path) -> list[str]:
@@ -184,11 +232,40 @@ def rotate(run_folder: Path, keep: int, just_saved: str | None = None) -> list[s
     """Keep the newest `keep` committed checkpoints (counted on disk, so across resumes); -1 keeps all.
 
     Called right after a save committed; at least one checkpoint, and always `just_saved`, is kept.
+    Leftovers go with them: a `.replaced-*` folder (an older copy of a name committed again, with its
+    manifest) once a checkpoint at or past its batch is committed; a `.corrupt` one (kept for
+    inspection) once rotation has passed its batch.
     """
-    if keep < 0:
-        return []
     checkpoints = list_checkpoints(run_folder)
-    doomed = [c for c in checkpoints[: max(0, len(checkpoints) - max(keep, 1))] if c.name != just_saved]
+    doomed = []
+    if keep >= 0:
+        doomed = [c for c in checkpoints[: max(0, len(checkpoints) - max(keep, 1))] if c.name != just_saved]
     for checkpoint in doomed:
         shutil.rmtree(checkpoint.path)
-    return [c.name for c in doomed]
+    kept = [c.batch for c in checkpoints if c not in doomed]
+    newest, oldest = max(kept, default=None), min(kept, default=None)
+    removed = [c.name for c in doomed]
+    for path in sorted(run_folder.iterdir()) if run_folder.is_dir() else []:
+        batch = _leftover_batch(path)
+        if batch is None or newest is None:
+            continue
+        if REPLACED_INFIX in path.name:
+            # A superseded copy of a committed checkpoint; a folder that never had a manifest is not ours.
+            superseded = batch <= newest and _has_manifest(path)
+        else:  # .corrupt: kept for inspection while rotation still keeps checkpoints as old as it
+            superseded = keep >= 0 and batch < oldest
+        if superseded:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
+
+
+def reached_max_duration(checkpoint: Checkpoint) -> bool:
+    """Whether the checkpoint is the end of its run: its position reached the max_duration its manifest's
+    config asked for (so a rerun would have nothing to train)."""
+    config = checkpoint.manifest.get("config") or {}
+    match = re.fullmatch(r"\s*(\d+)(ba|ep|sp|tok)\s*", str(config.get("max_duration", "")))
+    if match is None:
+        return False
+    field = {"ba": "batch", "ep": "epoch", "sp": "sample", "tok": "token"}[match.group(2)]
+    return int(checkpoint.manifest.get(field, -1)) >= int(match.group(1))

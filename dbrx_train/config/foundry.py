@@ -162,7 +162,11 @@ FOUNDRY_KEYS: tuple[FoundryKey, ...] = (
     K("model.expansion_ratio", "unsupported", "an MPT key: this framework trains DBRX"),
     K("model.ffn_config.ffn_type", "unsupported", "an MPT key: this framework trains DBRX"),
     K("model.attn_config.attn_impl", "unsupported", "an MPT key: this framework trains DBRX"),
-    K("model.attn_config.attn_uses_sequence_id", "unsupported", "an MPT key: this framework trains DBRX"),
+    K(
+        "model.attn_config.attn_uses_sequence_id",
+        "same",
+        "packed documents attend only within themselves (our default true; Foundry's false)",
+    ),
     # --- the tokenizer ---
     K(
         "tokenizer.name",
@@ -182,8 +186,9 @@ FOUNDRY_KEYS: tuple[FoundryKey, ...] = (
     K("<loader>.dataset.max_seq_len", "same", "must equal the run's max_seq_len (one length per run)"),
     K(
         "<loader>.dataset.eos_token_id",
-        "ignored",
-        "samples end with the tokenizer's own <|endoftext|>/<|im_end|>",
+        "same",
+        "text loader: marks document ends for document masking (sequence_id); a fine-tuning loader ignores "
+        "it (as Foundry's collator does: conversations end with <|im_end|>)",
     ),
     K("<loader>.dataset.hf_name", "same", "a local .jsonl/.parquet file or folder (no downloads)"),
     K("<loader>.dataset.hf_kwargs", "same", "data_files and data_dir"),
@@ -358,11 +363,7 @@ def _model(t: Translation) -> None:
     name = model.get("name", "dbrx")
     mpt_keys = [k for k in ("expansion_ratio", "no_bias", "learned_pos_emb") if k in model]
     mpt_keys += [f"ffn_config.{k}" for k in ("ffn_type",) if k in (model.get("ffn_config") or {})]
-    mpt_keys += [
-        f"attn_config.{k}"
-        for k in ("attn_impl", "attn_uses_sequence_id")
-        if k in (model.get("attn_config") or {})
-    ]
+    mpt_keys += [f"attn_config.{k}" for k in ("attn_impl",) if k in (model.get("attn_config") or {})]
     if name not in ("dbrx", "hf_causal_lm"):
         return _refuse_model(t, f"model.name is {name!r}")
     if mpt_keys:
@@ -475,7 +476,14 @@ def _loader(t: Translation, key: str) -> None:
         t.data.pop(key)
         return
     dataset = loader.get("dataset") if isinstance(loader, dict) else None
-    if not isinstance(dataset, dict) or "max_seq_len" not in dataset:
+    if not isinstance(dataset, dict):
+        return
+    if loader.get("name") == "finetuning" and "eos_token_id" in dataset:
+        # Foundry's fine-tuning collator ends turns with the tokenizer's own EOS, not this value; here
+        # a fine-tuning loader has no use for it either (conversations end with <|im_end|>).
+        dataset.pop("eos_token_id")
+        t.ignored.append(f"{key}.dataset.eos_token_id")
+    if "max_seq_len" not in dataset:
         return
     length, run_length = dataset.pop("max_seq_len"), t.data.get("max_seq_len")
     if run_length is None:

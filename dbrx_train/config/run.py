@@ -212,6 +212,10 @@ class ExpertLoadConfig:
     # An expert below this fraction of its fair share (1/E) for collapse_window batches counts as collapsed.
     collapse_fraction: float = 0.1
     collapse_window: int = 100  # batches an expert must stay below collapse_fraction to count as collapsed
+    # Warn when, over this many batches, a layer's load-balancing loss fell while its busiest expert's load
+    # over the mean load (max_over_mean) rose by more than imbalance_rise; at least 2 x log_interval.
+    imbalance_window: int = 100
+    imbalance_rise: float = 0.1  # relative rise of max_over_mean over imbalance_window that warns
 
 
 @dataclass
@@ -223,6 +227,10 @@ class HFExportConfig:
     dtype: Literal["bf16", "fp32", "fp16"] = "bf16"  # dtype of the exported weights
     max_shard_size: int = 5 * 1024**3  # bytes per safetensors shard (transformers' default 5GB)
     tokenizer: bool = True  # also write tokenizer.json, tokenizer_config.json (chat template), ...
+    # Bias balancing (model.ffn_config.moe_bias_update_rate > 0) trains expert biases that HF DBRX has no place
+    # for. true: export without them and print how much the top-k choices change on the first eval batch (needs
+    # an eval_loader); false: such a run is refused before it starts.
+    drop_expert_bias: bool = False
 
     def problems(self) -> list[tuple[str, str]]:
         return (
@@ -286,7 +294,8 @@ class TrainConfig:
     device_train_microbatch_size: int | Literal["auto"] | None = None
     device_eval_batch_size: int | None = None  # eval samples per device batch; null: the device train batch
     device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: gpu when CUDA is available, else cpu
-    precision: Literal["auto", "fp32", "amp_bf16", "amp_fp16"] = "auto"  # auto: amp_bf16 on GPU, fp32 on CPU
+    # auto: amp_bf16 on GPU, fp32 on CPU; amp_bf16 also runs on CPU (fastest with AVX512-BF16/AMX)
+    precision: Literal["auto", "fp32", "amp_bf16", "amp_fp16"] = "auto"
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     algorithms: AlgorithmsConfig = field(default_factory=AlgorithmsConfig)
@@ -305,11 +314,14 @@ class TrainConfig:
     save_interval: Time = "1000ba"
     # Checkpoints kept in save_folder, counted on disk (also across resumes), oldest deleted first; -1: all.
     save_num_checkpoints_to_keep: int = -1
-    # Replace checkpoints in save_folder that lie past this run's starting batch (another run's, or a
-    # rewound run's); false: such checkpoints stop the run before it starts.
-    save_overwrite: bool = False
+    # A previous run in save_folder past this run's start: true replaces it if it finished; one that did not
+    # finish (or has only damaged checkpoints) is replaced only when this names its folder
+    # (save_overwrite: runs/x). false: either stops the run before it starts. A replaced run is moved to
+    # .<folder>.replaced-<time>/ beside it and deleted when the new run finishes.
+    save_overwrite: bool | str = False
     # Resume from the newest intact checkpoint in save_folder if there is one (then load_path is ignored);
-    # damaged ones are reported, renamed <name>.corrupt, and the previous one is used. Needs a fixed run_name.
+    # damaged ones are reported, renamed <name>.corrupt, and the previous one is used; when none is intact the
+    # run stops (start over with save_overwrite: <save_folder>). Needs a fixed run_name.
     autoresume: bool = False
     # Checkpoint to start from: a checkpoint folder, a run folder (its newest intact checkpoint), a Composer
     # .pt file, or an object-store URI; null: start fresh.
@@ -347,8 +359,8 @@ def load_yaml(path: str | Path, overrides: list[str] | None = None) -> dict[str,
         raise ConfigError(f"config file '{path}' does not exist")
     try:
         cfg = OmegaConf.load(path)
-    except Exception as e:  # yaml.YAMLError carries the line and column in its message
-        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
+    except Exception as e:  # yaml.YAMLError carries the line and column in its message (on several lines)
+        raise ConfigError(f"config file '{path}' is not valid YAML: {' '.join(str(e).split())}") from e
     if not OmegaConf.is_dict(cfg):
         raise ConfigError(f"config file '{path}' must hold a mapping of keys at top level")
     bad = [item for item in overrides or [] if "=" not in item]

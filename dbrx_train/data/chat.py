@@ -40,6 +40,9 @@ ROLES = ("system", "user", "assistant")
 class ChatSegment(NamedTuple):
     text: str
     trainable: bool  # True for an assistant turn's content and its closing <|im_end|>
+    # (start, end) of each message's content within `text`: what the user wrote, encoded as plain text
+    # (a "<|im_end|>" typed in a message must not end the turn); the rest is the template.
+    content: tuple[tuple[int, int], ...] = ()
 
 
 def validate_messages(messages: list[dict]) -> None:
@@ -79,19 +82,31 @@ def chat_segments(
     else:
         system, turns = (DEFAULT_SYSTEM_PROMPT if default_system_prompt else None), messages
     segments: list[ChatSegment] = []
-    prefix = "" if system is None else f"<|im_start|>system\n{system.strip()}<|im_end|>\n"
+    prefix, spans = "", []  # the pending non-trainable text and its content spans
+
+    def add_content(text: str) -> None:
+        nonlocal prefix
+        spans.append((len(prefix), len(prefix) + len(text)))
+        prefix += text
+
+    if system is not None:
+        prefix = "<|im_start|>system\n"
+        add_content(system.strip())
+        prefix += "<|im_end|>\n"
     for i, message in enumerate(turns):
-        header = f"{'' if i == 0 else chr(10)}<|im_start|>{message['role']}\n"
-        body = message["content"] + "<|im_end|>"
+        prefix += f"{'' if i == 0 else chr(10)}<|im_start|>{message['role']}\n"
         if message["role"] == "assistant":
-            segments += [ChatSegment(prefix + header, False), ChatSegment(body, True)]
-            prefix = ""
+            segments.append(ChatSegment(prefix, False, tuple(spans)))
+            content = message["content"]
+            segments.append(ChatSegment(content + "<|im_end|>", True, ((0, len(content)),)))
+            prefix, spans = "", []
         else:
-            prefix += header + body
+            add_content(message["content"])
+            prefix += "<|im_end|>"
     if add_generation_prompt:
         prefix += "\n<|im_start|>assistant\n"
     if prefix:
-        segments.append(ChatSegment(prefix, False))
+        segments.append(ChatSegment(prefix, False, tuple(spans)))
     return segments
 
 

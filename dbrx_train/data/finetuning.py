@@ -5,18 +5,20 @@
       -> ChatML ids (`dbrx_train.data.chat`, the one definition of the format) and a per-token mask
       -> MDS samples `input_ids` / `labels` (both `ndarray:int32`, same length <= max_seq_len;
          labels = input_ids where trained, -100 elsewhere)
-      -> the loader pads each sample to max_seq_len (pad id, labels -100): `(B, T)` batches.
+      -> the loader pads each sample to max_seq_len (pad id, labels -100): `(B, T)` batches, with
+         `sequence_id` (B, T): 0, 1, ... for the conversations of a row, -1 on padding.
 
 Padding needs no attention mask: the model is causal, so pad tokens *after* a sample are never
-seen by it, and their labels are -100. With packing (`pack=True` when converting), several
-conversations share a row; each still trains only on its own assistant turns, but attends to
-the conversations before it in the row (the model has no block-diagonal mask).
+seen by it, their labels are -100, and `sequence_id` -1 keeps them out of the router statistics.
+With packing (`pack=True` when converting), several conversations share a row and the samples get a
+`sequence_id` column (`ndarray:int32`, the conversation of each token); the model then keeps each
+conversation to itself (attention, RoPE positions, targets: model.attn_config.attn_uses_sequence_id,
+on by default), so a packed conversation trains exactly as it would alone.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,9 +31,10 @@ from streaming import MDSWriter, StreamingDataLoader
 from torch.utils.data import default_collate
 from tqdm import tqdm
 
+from dbrx_train.atomic import replacing
 from dbrx_train.data.chat import validate_messages
-from dbrx_train.data.integrity import at_most_size, check_shard_files
-from dbrx_train.data.prepare import expand_inputs, prepare_output_folder
+from dbrx_train.data.integrity import ShardReadError, at_most_size, check_shard_files
+from dbrx_train.data.prepare import MDS_DATASET, expand_inputs
 from dbrx_train.data.text import (
     ModelSampleDataset,
     TextDatasetConfig,
@@ -39,11 +42,12 @@ from dbrx_train.data.text import (
     check_local_streams,
 )
 from dbrx_train.data.token_mds import SHARD_HASHES, iter_samples, read_index
-from dbrx_train.data.tokenizer import DBRX_ADDED_TOKENS, DBRX_VOCAB_SIZE, DbrxTokenizer, load_tokenizer
+from dbrx_train.data.tokenizer import DbrxTokenizer, load_tokenizer
+from dbrx_train.vocab import DBRX_VOCAB_SIZE, IGNORE_INDEX, PAD_TOKEN_ID
 
-IGNORE_INDEX = -100  # the label of a position that is not trained (HF / PyTorch convention)
-PAD_TOKEN_ID = DBRX_ADDED_TOKENS["<|pad|>"]
 COLUMNS = {"input_ids": "ndarray:int32", "labels": "ndarray:int32"}
+SEQUENCE_ID = "sequence_id"  # packed samples only: the conversation (0, 1, ...) of each token
+PACKED_COLUMNS = {**COLUMNS, SEQUENCE_ID: "ndarray:int32"}
 TRUNCATION_POLICIES = ("truncate", "skip", "error")
 HOW_TO_MAKE_CHAT_DATA = (
     "Create it with `python data_prep/convert_finetuning_dataset.py --input FILE.jsonl --out DIR "
@@ -80,7 +84,8 @@ class FinetuningDatasetConfig(TextDatasetConfig):
     allow_pad_trimming: bool = False
     # hf_name only. null: one conversation per sample. auto: as many whole conversations per sample as fit
     # in max_seq_len, in order, none dropped (the ratio reached and the padding left are reported). A number
-    # r: at most ceil(r) conversations per sample. Packed conversations attend to the earlier ones in their row.
+    # r: at most ceil(r) conversations per sample. Packed rows carry sequence_id: with
+    # model.attn_config.attn_uses_sequence_id (the default) each conversation attends only to itself.
     packing_ratio: float | Literal["auto"] | None = None
     # hf_name only. Which assistant turns are trained: all (ours: every answer of a multi-turn conversation
     # is a target, as data_prep/convert_finetuning_dataset.py makes them) or last (LLM Foundry's default).
@@ -232,6 +237,8 @@ def iter_jsonl_conversations(paths: Iterable[Path]) -> Iterator[tuple[str, list[
 class Example:
     input_ids: np.ndarray  # (T,) int32
     labels: np.ndarray  # (T,) int32, IGNORE_INDEX where not trained
+    special_strings: int = 0  # special-token strings found in the messages' content
+    sequence_id: np.ndarray | None = None  # (T,) int32 packed rows: the conversation of each token
 
     @property
     def trained_tokens(self) -> int:
@@ -239,10 +246,19 @@ class Example:
 
 
 def tokenize_conversation(
-    tokenizer: DbrxTokenizer, messages: list[dict], *, system_prompt: bool, last_response_only: bool = False
+    tokenizer: DbrxTokenizer,
+    messages: list[dict],
+    *,
+    system_prompt: bool,
+    allow_special_tokens: bool = False,
+    last_response_only: bool = False,
 ) -> Example:
-    """ChatML ids; labels on every assistant turn, or (`last_response_only`) on the last one."""
-    ids, trainable = tokenizer.encode_chat(messages, default_system_prompt=system_prompt)
+    """ChatML ids; labels on every assistant turn, or (`last_response_only`) on the last one.
+    Special-token strings in a message's content (`<|im_end|>`, ...) are text unless
+    `allow_special_tokens`; either way the example counts them (`special_strings`)."""
+    ids, trainable = tokenizer.encode_chat(
+        messages, default_system_prompt=system_prompt, allow_special_in_content=allow_special_tokens
+    )
     input_ids = np.array(ids, np.int32)
     targets = np.array(trainable, bool)
     if last_response_only and targets.any():
@@ -252,7 +268,8 @@ def tokenize_conversation(
             start -= 1
         targets[:start] = False
     labels = np.where(targets, input_ids, IGNORE_INDEX).astype(np.int32)
-    return Example(input_ids, labels)
+    special = sum(tokenizer.count_special(m["content"]) for m in messages)
+    return Example(input_ids, labels, special)
 
 
 def fit_length(example: Example, max_seq_len: int, truncation: str, where: str) -> Example | None:
@@ -291,14 +308,22 @@ def pack_examples(
 
 def _join(examples: list[Example]) -> Example:
     return Example(
-        np.concatenate([e.input_ids for e in examples]), np.concatenate([e.labels for e in examples])
+        np.concatenate([e.input_ids for e in examples]),
+        np.concatenate([e.labels for e in examples]),
+        special_strings=sum(e.special_strings for e in examples),
+        sequence_id=np.concatenate([np.full(len(e.input_ids), i, np.int32) for i, e in enumerate(examples)]),
     )
 
 
 def find_sample_problem(
-    input_ids: np.ndarray, labels: np.ndarray, max_seq_len: int, vocab_size: int
+    input_ids: np.ndarray,
+    labels: np.ndarray,
+    max_seq_len: int,
+    vocab_size: int,
+    sequence_id: np.ndarray | None = None,
 ) -> str | None:
-    """Why this (input_ids, labels) pair cannot train a model with this max_seq_len and vocab."""
+    """Why this (input_ids, labels[, sequence_id]) sample cannot train a model with this max_seq_len
+    and vocab."""
     if input_ids.ndim != 1 or labels.shape != input_ids.shape:
         return (
             f"has input_ids of shape {input_ids.shape} but labels of shape {labels.shape}; both must be (T,)"
@@ -323,6 +348,13 @@ def find_sample_problem(
         return "has labels that are neither -100 nor the token at the same position"
     if not trained[1:].any():
         return "has no trained position (every label is -100)"
+    if sequence_id is not None:
+        steps = np.diff(sequence_id.astype(np.int64))
+        if sequence_id.shape != input_ids.shape or sequence_id[0] != 0 or not np.isin(steps, (0, 1)).all():
+            return (
+                f"has a {SEQUENCE_ID} column that does not number its conversations 0, 1, ... in order, one id "
+                f"per token ({len(sequence_id)} ids for {len(input_ids)} tokens)"
+            )
     return None
 
 
@@ -338,6 +370,8 @@ class ConvertSummary:
     bad_examples: list[str] = field(default_factory=list)  # the first few skipped rows' messages
     seconds: float = 0.0
     max_seq_len: int = 0
+    special_strings: int = 0  # special-token strings in message content (`<|im_end|>`, ...)
+    special_allowed: bool = False  # they were encoded as control tokens (--allow-special-tokens)
 
     @property
     def packing_ratio(self) -> float:
@@ -357,7 +391,17 @@ class ConvertSummary:
             f"{self.packing_ratio:.2f} conversations per sample, {100 * self.padding:.0f}% padding at "
             f"max_seq_len {self.max_seq_len}"
         )
-        return "\n".join([text, *(f"  skipped: {m}" for m in self.bad_examples)])
+        lines = [text, *(f"  skipped: {m}" for m in self.bad_examples)]
+        if self.special_strings:
+            how = (
+                "encoded as control tokens (--allow-special-tokens)"
+                if self.special_allowed
+                else "encoded as plain text (--allow-special-tokens would make them control tokens)"
+            )
+            lines.append(
+                f"  {self.special_strings:,} special-token strings (<|im_end|>, ...) in message content, {how}"
+            )
+        return "\n".join(lines)
 
 
 def convert_conversations(
@@ -372,23 +416,71 @@ def convert_conversations(
     max_per_row: int | None = None,
     last_response_only: bool = False,
     system_prompt: bool = False,
+    allow_special_tokens: bool = False,
     overwrite: bool = False,
     compression: str | None = "zstd",
     size_limit: int | str = 1 << 26,
     vocab_size: int = DBRX_VOCAB_SIZE,
+    inputs: Sequence[Path] = (),
 ) -> ConvertSummary:
-    """Tokenize (where, messages) pairs into a fine-tuning MDS dataset in `out`, then re-read it.
+    """Tokenize (where, messages) pairs into a fine-tuning MDS dataset, re-read it, and only then put it
+    in `out` (replacing an old one with `overwrite`; on any error `out` is left as it was). `inputs`: the
+    files the conversations come from, which must not lie in `out`.
     `system_prompt`: insert DBRX's default system prompt where a conversation has none. `pack`: whole
     conversations share samples (at most `max_per_row` each). `last_response_only`: train only each
-    conversation's last assistant turn."""
+    conversation's last assistant turn.
+    `allow_special_tokens`: special-token strings in message content become control tokens (else text)."""
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
     out = Path(out)
-    prepare_output_folder(out, overwrite)
+    summary = ConvertSummary(max_seq_len=max_seq_len, special_allowed=allow_special_tokens)
+    options = dict(
+        max_seq_len=max_seq_len,
+        truncation=truncation,
+        skip_bad=skip_bad,
+        skip_hint=skip_hint,
+        pack=pack,
+        max_per_row=max_per_row,
+        last_response_only=last_response_only,
+    )
+    with replacing(out, overwrite=overwrite, kind=MDS_DATASET, inputs=inputs) as tmp:
+        _write_conversations(
+            conversations,
+            tmp,
+            out,
+            summary,
+            system_prompt=system_prompt,
+            compression=compression,
+            size_limit=size_limit,
+            vocab_size=vocab_size,
+            **options,
+        )
+    return summary
+
+
+def _write_conversations(
+    conversations: Iterable[tuple[str, list[dict] | BadRow]],
+    tmp: Path,
+    out: Path,
+    summary: ConvertSummary,
+    *,
+    max_seq_len: int,
+    truncation: str,
+    skip_bad: bool,
+    skip_hint: str,
+    pack: bool,
+    max_per_row: int | None,
+    last_response_only: bool,
+    system_prompt: bool,
+    compression: str | None,
+    size_limit: int | str,
+    vocab_size: int,
+) -> None:
+    """Into `tmp` (swapped into `out` by the caller), counting into `summary`."""
     tokenizer = load_tokenizer()
-    summary = ConvertSummary(max_seq_len=max_seq_len)
+    allow_special_tokens = summary.special_allowed
     start = time.perf_counter()
 
     def examples() -> Iterator[Example]:
@@ -398,8 +490,13 @@ def convert_conversations(
                 if isinstance(messages, BadRow):
                     raise messages
                 example = tokenize_conversation(
-                    tokenizer, messages, system_prompt=system_prompt, last_response_only=last_response_only
+                    tokenizer,
+                    messages,
+                    system_prompt=system_prompt,
+                    allow_special_tokens=allow_special_tokens,
+                    last_response_only=last_response_only,
                 )
+                summary.special_strings += example.special_strings
                 fitted = fit_length(example, max_seq_len, truncation, where)
             except BadRow as error:
                 if not skip_bad:
@@ -416,32 +513,36 @@ def convert_conversations(
 
     rows = pack_examples(examples(), max_seq_len, max_per_row) if pack else examples()
     writer = MDSWriter(
-        columns=COLUMNS, out=str(out), compression=compression, hashes=SHARD_HASHES, size_limit=size_limit
+        columns=PACKED_COLUMNS if pack else COLUMNS,
+        out=str(tmp),
+        compression=compression,
+        hashes=SHARD_HASHES,
+        size_limit=size_limit,
     )
     try:
         for example in tqdm(rows, desc="fine-tuning samples", unit=" samples", disable=None):
-            writer.write({"input_ids": example.input_ids, "labels": example.labels})
+            sample = {"input_ids": example.input_ids, "labels": example.labels}
+            if pack:
+                sample[SEQUENCE_ID] = example.sequence_id
+            writer.write(sample)
             summary.samples += 1
             summary.tokens += len(example.input_ids)
             summary.trained_tokens += example.trained_tokens
     except BaseException:
         # Not `with MDSWriter(...)`: its __exit__ would write an index for a partial dataset.
         writer.cancel_future_jobs()
-        shutil.rmtree(out, ignore_errors=True)
         raise
     writer.finish()
     summary.seconds = time.perf_counter() - start
     if summary.samples == 0:
-        shutil.rmtree(out, ignore_errors=True)
         raise ValueError(f"no usable conversation among {summary.rows} rows; nothing was written to {out}")
     written = check_finetuning_mds(
-        out, max_seq_len=max_seq_len, vocab_size=vocab_size, name="output", all_samples=True
+        tmp, max_seq_len=max_seq_len, vocab_size=vocab_size, name="output", all_samples=True
     )
     if written.num_samples != summary.samples:
         raise RuntimeError(
             f"{out}: wrote {summary.samples} samples but its index lists {written.num_samples}"
         )
-    return summary
 
 
 def convert_finetuning_dataset(inputs: Sequence[str], out: str | Path, **options: Any) -> ConvertSummary:
@@ -449,7 +550,7 @@ def convert_finetuning_dataset(inputs: Sequence[str], out: str | Path, **options
     paths = [p for p in expand_inputs(inputs) if p.suffix in (".jsonl", ".parquet")]
     if not paths:
         raise FileNotFoundError(f"--input {list(inputs)} holds no .jsonl or .parquet file")
-    return convert_conversations(iter_file_conversations(paths), out, **options)
+    return convert_conversations(iter_file_conversations(paths), out, inputs=paths, **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,7 +582,8 @@ def check_finetuning_mds(
     limit = None if all_samples or verify_shards == "full" else 1
     for location, sample in iter_samples(folder, index["shards"], name, limit_per_shard=limit):
         input_ids, labels = np.asarray(sample["input_ids"]), np.asarray(sample["labels"])
-        problem = find_sample_problem(input_ids, labels, max_seq_len, vocab_size)
+        sequence_id = np.asarray(sample[SEQUENCE_ID]) if SEQUENCE_ID in sample else None
+        problem = find_sample_problem(input_ids, labels, max_seq_len, vocab_size, sequence_id)
         if problem:
             raise ValueError(f"{name}: {location} in {folder} {problem}.")
         max_length = max(max_length, len(input_ids))
@@ -499,30 +601,40 @@ def validate_finetuning_dataset_config(
     """Like `validate_text_dataset_config`, for fine-tuning MDS folders."""
     if cfg.name != "finetuning":
         raise ValueError(f"{config_key}.name is {cfg.name!r}; the fine-tuning loader is 'finetuning'")
+    if cfg.dataset.eos_token_id is not None:
+        raise ValueError(
+            f"{config_key}.dataset.eos_token_id splits pretraining rows into documents; fine-tuning samples "
+            "carry their conversations' sequence ids (packed with --pack). Remove it"
+        )
     return check_local_streams(cfg, check_finetuning_mds, max_seq_len, vocab_size, config_key, verify_shards)
 
 
 class FinetuningDataset(ModelSampleDataset):
-    """Samples padded to max_seq_len: `input_ids` (pad id after the sample) and `labels` (-100 there)."""
+    """Samples padded to max_seq_len: `input_ids` (pad id after the sample), `labels` (-100 there) and
+    `sequence_id` (the sample's own column when packed, else 0; -1 on padding)."""
 
     def get_item(self, idx: int, retry: int = 7) -> dict[str, torch.Tensor]:
         sample = super().get_item(idx, retry)
         if "input_ids" not in sample or "labels" not in sample:
-            raise ValueError(
+            raise ShardReadError(
                 f"{self.describe_sample(idx)} has columns {sorted(sample)}, but fine-tuning "
                 f"data needs {list(COLUMNS)}. {HOW_TO_MAKE_CHAT_DATA}"
             )
         input_ids, labels = np.asarray(sample["input_ids"]), np.asarray(sample["labels"])
-        problem = find_sample_problem(input_ids, labels, self.max_seq_len, self.vocab_size)
+        sequence_id = np.asarray(sample[SEQUENCE_ID]) if SEQUENCE_ID in sample else None
+        problem = find_sample_problem(input_ids, labels, self.max_seq_len, self.vocab_size, sequence_id)
         if problem:
-            raise ValueError(f"{self.describe_sample(idx)} {problem}.")
+            raise ShardReadError(f"{self.describe_sample(idx)} {problem}.")
         padded_ids = np.full(self.max_seq_len, PAD_TOKEN_ID, np.int64)
         padded_labels = np.full(self.max_seq_len, IGNORE_INDEX, np.int64)
+        padded_sequence_id = np.full(self.max_seq_len, -1, np.int64)
         padded_ids[: len(input_ids)] = input_ids
         padded_labels[: len(labels)] = labels
+        padded_sequence_id[: len(input_ids)] = 0 if sequence_id is None else sequence_id
         return {
             "input_ids": torch.from_numpy(padded_ids),
             "labels": torch.from_numpy(padded_labels),
+            SEQUENCE_ID: torch.from_numpy(padded_sequence_id),
             **self.provenance(idx),
         }
 
@@ -537,7 +649,7 @@ def build_finetuning_dataloader(
     config_key: str = "train_loader",
     choose: dict[str, int] | None = None,
 ) -> StreamingDataLoader:
-    """Batches of `input_ids`/`labels` (B, max_seq_len) int64 and `stream_id` (B,)."""
+    """Batches of `input_ids`/`labels`/`sequence_id` (B, max_seq_len) int64 and `stream_id` (B,)."""
     validate_finetuning_dataset_config(
         cfg,
         max_seq_len,
@@ -563,5 +675,6 @@ def trim_padding(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
     batch = default_collate(samples)
     used = (batch["input_ids"] != PAD_TOKEN_ID).any(dim=0).nonzero()
     keep = int(used.max()) + 1 if len(used) else 1
-    batch["input_ids"], batch["labels"] = batch["input_ids"][:, :keep], batch["labels"][:, :keep]
+    for name in ("input_ids", "labels", SEQUENCE_ID):
+        batch[name] = batch[name][:, :keep]
     return batch

@@ -7,8 +7,12 @@ Before any process group starts (`verify_shards`, per local folder; see docs/dat
     hash  size, and each file against a hash index.json records (xxh3 if there, else sha1, ...)
     full  size, hashes where recorded, and every sample of every shard decompressed and checked
 
-While training, a shard Streaming cannot prepare (decompress, download, check a hash) or a sample
-it cannot decode raises `ShardReadError`, naming the stream, shard and folder. Left to itself,
+While training (unless `none`), each shard file is checked against its hash in index.json the first
+time a process reads a sample from it (`GuardedStreamingDataset(verify_on_read=True)`; about 2 ms
+per MB with xxh3_64, once per shard and process: docs/data.md has the measurements), so a bit flip
+that leaves the size alone is never trained on. A shard Streaming cannot prepare (decompress,
+download, check a hash) or a sample it cannot decode raises `ShardReadError`, naming the stream,
+shard and folder. Left to itself,
 Streaming 0.13 does worse: when its background thread fails to decompress a shard it logs the
 error, ends the epoch early without raising (a silently short epoch), and leaves the shard marked
 PREPARING in shared memory, where this rank's main thread and every other rank on the node wait for
@@ -82,11 +86,17 @@ def check_shard_files(
                 _check_hash(path, info, name, required=level == "hash")
 
 
-def _check_hash(path: Path, info: dict[str, Any], name: str, *, required: bool) -> None:
-    recorded = info.get("hashes") or {}
+def preferred_hash(recorded: dict[str, str]) -> str | None:
+    """The fastest hash algorithm index.json records for a file that we can compute, or None."""
     known = [algo for algo in HASH_PREFERENCE if algo in recorded]
     known += sorted(algo for algo in recorded if algo in get_hashes() and algo not in known)
-    if not known:
+    return known[0] if known else None
+
+
+def _check_hash(path: Path, info: dict[str, Any], name: str, *, required: bool) -> None:
+    recorded = info.get("hashes") or {}
+    algo = preferred_hash(recorded)
+    if algo is None:
         if required:
             raise ValueError(
                 f"{name}: {INDEX_FILE} records no hash for {path.name}, so `verify_shards: hash` cannot check "
@@ -94,7 +104,6 @@ def _check_hash(path: Path, info: dict[str, Any], name: str, *, required: bool) 
                 f"with data_prep/ (its writers record sha1 and xxh3_64)"
             )
         return
-    algo = known[0]
     if get_hash(algo, path.read_bytes()) != recorded[algo]:
         raise ValueError(
             f"{name}: shard file {path} does not match its {algo} hash in {INDEX_FILE}: it is corrupt. "
@@ -121,6 +130,18 @@ class CheckedStream(Stream):
         super().__init__(**stream_kwargs)
         self.key = key
 
+    def get_shards(self, world: Any, allow_unsafe_types: bool) -> list[Any]:
+        try:
+            return super().get_shards(world, allow_unsafe_types)
+        except Exception as error:
+            where = self.remote or self.local
+            source = ("remote " if self.remote else "") + (f"{where}/{self.split}" if self.split else where)
+            raise ShardReadError(
+                f"{self.key}: could not read {INDEX_FILE} from {source} ({error_text(error)}). Check the path, "
+                f"and for an object store its credentials (s3://: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                f"AWS_PROFILE or an instance role) and the network"
+            ) from error
+
     def prepare_shard(self, shard: Any) -> int:
         try:
             return super().prepare_shard(shard)
@@ -134,17 +155,54 @@ class CheckedStream(Stream):
             ) from error
 
 
+# Shard files whose hash matched in this process, by (path, size, mtime): each is hashed once per
+# process, however many datasets (one per curriculum segment) read it.
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
 class GuardedStreamingDataset(StreamingDataset):
     """A StreamingDataset (of `CheckedStream`s) whose read failures surface as one `ShardReadError`
-    in the process that reads, never as a short epoch or a wait without end."""
+    in the process that reads, never as a short epoch or a wait without end; with `verify_on_read`,
+    no sample of a shard whose file does not match its recorded hash is returned."""
 
     _read_error: ShardReadError | None = None
 
-    def __init__(self, *, stream_keys: list[str] | None = None, **streaming_kwargs: Any):
+    def __init__(
+        self, *, stream_keys: list[str] | None = None, verify_on_read: bool = True, **streaming_kwargs: Any
+    ):
         with exclusive_shm_prefix():  # no race with datasets that other processes start meanwhile
             super().__init__(**streaming_kwargs)
         # Config keys such as "train_loader.dataset.streams.code", for error messages.
         self.stream_keys = stream_keys or [f"stream {i}" for i in range(self.num_streams)]
+        self.verify_on_read = verify_on_read
+        self._verified_shards: set[int] = set()
+
+    def verify_shard(self, shard_id: int) -> None:
+        """The shard's files present on disk against the hashes index.json records (once per process)."""
+        if shard_id in self._verified_shards:
+            return
+        shard = self.shards[shard_id]
+        folder = Path(shard.dirname, shard.split or "")
+        for raw, zipped in shard.file_pairs:
+            # The decompressed file is what samples are read from; the compressed one only if it is alone.
+            info = raw if (folder / raw.basename).is_file() or zipped is None else zipped
+            path = folder / info.basename
+            if not path.is_file() or (algo := preferred_hash(info.hashes or {})) is None:
+                continue
+            stat = path.stat()
+            key = (str(path), stat.st_size, stat.st_mtime_ns)
+            if key in _VERIFIED:
+                continue
+            if get_hash(algo, path.read_bytes()) != info.hashes[algo]:
+                stream = self.stream_keys[int(self.stream_per_shard[shard_id])]
+                error = ShardReadError(
+                    f"{stream}: shard file {path} does not match its {algo} hash in {INDEX_FILE}: it is "
+                    f"corrupt (its samples are not used). {CORRUPT_FIX}"
+                )
+                self._fail(error)
+                raise error
+            _VERIFIED.add(key)
+        self._verified_shards.add(shard_id)
 
     def describe_sample(self, idx: int) -> str:
         """'<stream key>: sample i (shard f) in <folder>' for error messages about sample `idx`."""
@@ -193,7 +251,10 @@ class GuardedStreamingDataset(StreamingDataset):
 
     def get_item(self, idx: int, retry: int = 7) -> dict[str, Any]:
         try:
-            return super().get_item(idx, retry)
+            sample = super().get_item(idx, retry)
+            if self.verify_on_read:
+                self.verify_shard(self.spanner[idx][0])
+            return sample
         except ShardReadError as error:
             self._fail(error)
             raise

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import glob
 import json
-import shutil
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,8 +23,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from dbrx_train.atomic import FolderKind, replacing
 from dbrx_train.data.token_mds import INDEX_FILE, check_token_mds, write_token_mds
-from dbrx_train.data.tokenizer import DBRX_VOCAB_SIZE, DbrxTokenizer, load_tokenizer
+from dbrx_train.data.tokenizer import DbrxTokenizer, load_tokenizer
+from dbrx_train.vocab import DBRX_VOCAB_SIZE
 
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
 DOCUMENTS_PER_TASK = 64  # documents sent to a worker at a time: big enough to amortise pickling
@@ -214,21 +215,10 @@ class PackSummary:
         )
 
 
-def prepare_output_folder(out: Path, overwrite: bool) -> None:
-    """Make `out` ready for a new dataset. Refuses to replace anything but an MDS dataset, so a
-    mistyped --out with --overwrite cannot wipe an unrelated folder."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
-    if not out.exists() or not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
-    if not (out / INDEX_FILE).is_file():
-        raise FileExistsError(
-            f"{out} is not empty and has no {INDEX_FILE}, so it is not an MDS dataset; refusing to "
-            f"delete it even with --overwrite. Remove it yourself or choose another --out"
-        )
-    shutil.rmtree(out)
+# What `--overwrite` may replace: a folder that holds an MDS dataset, never an unrelated one.
+MDS_DATASET = FolderKind(
+    f"an MDS dataset (it has no {INDEX_FILE})", lambda folder: (folder / INDEX_FILE).is_file()
+)
 
 
 def pack_to_mds(
@@ -242,11 +232,29 @@ def pack_to_mds(
     progress: bool = True,
     vocab_size: int = DBRX_VOCAB_SIZE,
     wrap: bool = True,
+    inputs: Sequence[Path] = (),
 ) -> PackSummary:
-    """Pack per-document token arrays into rows of max_seq_len, write them as MDS in `out`,
-    then re-read every sample to check count, length and vocabulary."""
+    """Pack per-document token arrays into rows of max_seq_len, write them as MDS, re-read every sample
+    to check count, length and vocabulary, and only then put the dataset in `out` (replacing an old one
+    with `overwrite`; on any error `out` is left as it was). `inputs`: files that must not lie in `out`."""
     out = Path(out)
-    prepare_output_folder(out, overwrite)
+    with replacing(out, overwrite=overwrite, kind=MDS_DATASET, inputs=inputs) as tmp:
+        return _pack_to_mds(
+            token_arrays, tmp, out, max_seq_len, compression, size_limit, progress, vocab_size, wrap
+        )
+
+
+def _pack_to_mds(
+    token_arrays: Iterable[np.ndarray],
+    tmp: Path,
+    out: Path,
+    max_seq_len: int,
+    compression: str | None,
+    size_limit: int | str,
+    progress: bool,
+    vocab_size: int,
+    wrap: bool,
+) -> PackSummary:
     packer = TokenPacker(max_seq_len, wrap)
     counts = {"documents": 0, "tokens": 0}
     start = time.perf_counter()
@@ -268,21 +276,16 @@ def pack_to_mds(
             yield from packer.push(tokens)
         show_token_rate()
 
-    try:
-        with bar:
-            samples = write_token_mds(rows(), out, compression=compression, size_limit=size_limit)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # `out` was empty or absent before: leave no partial dataset
-        raise
+    with bar:
+        samples = write_token_mds(rows(), tmp, compression=compression, size_limit=size_limit)
     seconds = time.perf_counter() - start
     if samples == 0:
-        shutil.rmtree(out, ignore_errors=True)
         raise ValueError(
             f"the input holds {counts['tokens']} tokens, fewer than one sample of max_seq_len={max_seq_len}; "
             f"nothing was written to {out}. Add more text or lower --max-seq-len"
         )
     written = check_token_mds(
-        out, max_seq_len=max_seq_len, vocab_size=vocab_size, name="output", all_samples=True
+        tmp, max_seq_len=max_seq_len, vocab_size=vocab_size, name="output", all_samples=True
     )
     if written.num_samples != samples:
         raise RuntimeError(f"{out}: wrote {samples} samples but its index lists {written.num_samples}")
@@ -318,4 +321,5 @@ def convert_text_to_mds(
         overwrite=overwrite,
         progress=progress,
         wrap=wrap,
+        inputs=paths,
     )

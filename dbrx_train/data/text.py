@@ -17,7 +17,10 @@ YAML (keys follow LLM Foundry's `train_loader`):
 
 Each sample is `{"input_ids": LongTensor (max_seq_len,), "stream_id": LongTensor (), "sample_idx":
 LongTensor ()}` (the index of its stream in `streams`, for per-stream counts; its global index in
-the dataset, for provenance); the default collate makes `(B, T)`, `(B,)` and `(B,)`.
+the dataset, for provenance); the default collate makes `(B, T)`, `(B,)` and `(B,)`. With
+`dataset.eos_token_id` (LLM Foundry's key) it also has `sequence_id` (max_seq_len,): a new document
+after each such token, so the model can keep the documents of a row apart (DBRX's own pretraining
+convention is plain concatenation, the default).
 Problems with the data (missing folder, missing or damaged shard files, wrong sequence length, ids
 outside the vocabulary) are reported before training starts by `validate_text_dataset_config`,
 and again per shard and sample as they are read (data/integrity.py), naming the stream, shard and
@@ -35,7 +38,13 @@ import torch
 from streaming import StreamingDataLoader, StreamingDataset
 from streaming.base.shuffle import algos as shuffle_algos
 
-from dbrx_train.data.integrity import CheckedStream, GuardedStreamingDataset, VerifyShards, at_most_size
+from dbrx_train.data.integrity import (
+    CheckedStream,
+    GuardedStreamingDataset,
+    ShardReadError,
+    VerifyShards,
+    at_most_size,
+)
 from dbrx_train.data.token_mds import (
     LEGACY_BYTES_COLUMN,
     TOKENS_COLUMN,
@@ -82,8 +91,15 @@ class TextDatasetConfig:
     # Checks of each local (or local `remote`) folder's shard files before training, on every rank:
     # size: each file index.json lists is there with its recorded size (stat only). hash: also each
     # file's hash in index.json (reads every byte). full: also every sample decompressed, decoded and
-    # checked (reads and decodes everything). none: only index.json and the first sample.
+    # checked (reads and decodes everything). All but none also check each shard file against its
+    # hash in index.json when a process first reads from it (no sample of a corrupt shard is trained
+    # on). none: only index.json and the first sample, and no check while training.
     verify_shards: VerifyShards = "size"
+    # Pretraining rows concatenate documents, each ending with this token (100257, <|endoftext|>, as
+    # data_prep/ writes them): batches then carry `sequence_id`, a new document after each one, and the model
+    # keeps the documents apart (model.attn_config.attn_uses_sequence_id). null: plain concatenation, every
+    # token attends to the whole row before it (DBRX's pretraining convention).
+    eos_token_id: int | None = None
 
 
 @dataclass
@@ -174,6 +190,8 @@ class LoaderConfig(Protocol):
 
 def validate_loader_options(cfg: LoaderConfig, config_key: str) -> None:
     dataset = cfg.dataset
+    if dataset.eos_token_id is not None and dataset.eos_token_id < 0:
+        raise ValueError(f"{config_key}.dataset.eos_token_id must be a token id (>= 0) or null")
     if dataset.shuffle_algo not in shuffle_algos:
         raise ValueError(
             f"{config_key}.dataset.shuffle_algo {dataset.shuffle_algo!r} is not one of {sorted(shuffle_algos)}"
@@ -264,14 +282,23 @@ class ModelSampleDataset(GuardedStreamingDataset):
         max_seq_len: int,
         vocab_size: int,
         stream_keys: list[str] | None = None,
+        eos_token_id: int | None = None,
         **streaming_kwargs: Any,
     ):
         self.max_seq_len = max_seq_len
         self.vocab_size = vocab_size
+        self.eos_token_id = eos_token_id
         super().__init__(stream_keys=stream_keys, **streaming_kwargs)
 
     def provenance(self, idx: int) -> dict[str, torch.Tensor]:
         return {"stream_id": stream_id_of(self, idx), "sample_idx": torch.tensor(idx)}
+
+
+def documents_after(input_ids_T: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """Sequence ids of a concatenated row: 0 up to and including the first EOS, then 1, ... (as LLM
+    Foundry's ConcatenatedSequenceCollatorWrapper in EOS mode)."""
+    ends_T = (input_ids_T == eos_token_id).long()
+    return ends_T.cumsum(0) - ends_T
 
 
 class TokenSequenceDataset(ModelSampleDataset):
@@ -286,8 +313,15 @@ class TokenSequenceDataset(ModelSampleDataset):
         except ValueError as error:
             problem = str(error)
         if problem:
-            raise ValueError(f"{self.describe_sample(idx)} {problem}.")
-        return {"input_ids": torch.from_numpy(ids.astype("int64")), **self.provenance(idx)}
+            raise ShardReadError(f"{self.describe_sample(idx)} {problem}.")
+        input_ids = torch.from_numpy(ids.astype("int64"))
+        if self.eos_token_id is None:
+            return {"input_ids": input_ids, **self.provenance(idx)}
+        return {
+            "input_ids": input_ids,
+            "sequence_id": documents_after(input_ids, self.eos_token_id),
+            **self.provenance(idx),
+        }
 
 
 def build_text_dataloader(
@@ -314,7 +348,7 @@ def build_text_dataloader(
     return build_streaming_loader(
         cfg,
         TokenSequenceDataset,
-        {"max_seq_len": max_seq_len, "vocab_size": vocab_size},
+        {"max_seq_len": max_seq_len, "vocab_size": vocab_size, "eos_token_id": cfg.dataset.eos_token_id},
         device_batch_size=device_batch_size,
         seed=seed,
         config_key=config_key,
@@ -350,6 +384,7 @@ def build_streaming_loader(
     dataset = dataset_class(
         **dataset_kwargs,
         stream_keys=[s.key for s in resolved],
+        verify_on_read=dataset_cfg.verify_shards != "none",
         streams=[
             CheckedStream(key=s.key, local=s.local, remote=s.remote, split=s.split, **weight)
             for s, weight in zip(resolved, weights, strict=True)

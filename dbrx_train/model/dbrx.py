@@ -11,20 +11,33 @@ Shape legend (suffixes on names, e.g. x_BTD):
 Building: `DbrxForCausalLM(config)` on a real device is initialised and ready. Under
 `with torch.device("meta")` nothing is allocated; then `model.to_empty(device=...)` followed by
 `model.init_weights()` fills parameters and the RoPE buffers on that device.
+
+Packed rows: a batch may carry `sequence_id` (B, T), LLM Foundry's convention: the documents of a
+row numbered 0, 1, ... and -1 on padding. With `attn_config.attn_uses_sequence_id` each document
+then attends only to itself (block-diagonal causal), its RoPE positions start at 0 and no position
+is scored against the next document's first token, so each document's logits equal its logits
+alone. Padding never counts in the router statistics.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from dbrx_train import compat
 from dbrx_train.model.config import DbrxConfig
-from dbrx_train.model.moe import DbrxFFN, ExpertGLU
+from dbrx_train.model.moe import DbrxFFN, DbrxRouter, ExpertGLU, RouterStats, StepTotals
+from dbrx_train.vocab import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,12 +111,13 @@ class DbrxAttention(nn.Module):
         x_BTD: torch.Tensor,
         cos_TR: torch.Tensor,
         sin_TR: torch.Tensor,
-        mask_BTS: torch.Tensor | None = None,
+        mask_BTS: AttentionMask = None,
         cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
-        """Causal when `mask_BTS` is None (training); else query t may read key s iff mask[b, t, s].
-        With `cache`, k and v are written at positions [start, start + T) and all S = start + T
-        cached keys are attended to."""
+        """Causal when `mask_BTS` is None (training); else query t may read key s iff mask[b, t, s]
+        (a bool tensor for sdpa, or FlexAttention's BlockMask of packed documents, see
+        `document_layout`). With `cache`, k and v are written at positions [start, start + T) and all
+        S = start + T cached keys are attended to."""
         B, T, D = x_BTD.shape
         H, K, Dh = self.n_heads, self.kv_n_heads, self.head_dim
         qkv = self.Wqkv(x_BTD)
@@ -116,6 +130,11 @@ class DbrxAttention(nn.Module):
         v_BTKDh = v.view(B, T, K, Dh)
 
         q_BHTDh, k_BKTDh, v_BKTDh = (t.transpose(1, 2) for t in (q_BTHDh, k_BTKDh, v_BTKDh))
+        if isinstance(mask_BTS, BlockMask):  # packed documents on CUDA: block-sparse, GQA native
+            o_BHTDh = flex_attention_kernel(q_BHTDh.device)(
+                q_BHTDh, k_BKTDh, v_BKTDh, block_mask=mask_BTS, enable_gqa=K != H
+            )
+            return self.out_proj(o_BHTDh.transpose(1, 2).reshape(B, T, D))
         if cache is not None:
             k_BKTDh, v_BKTDh = cache.update(k_BKTDh, v_BKTDh)  # now T = S, every cached position
         if K != H:
@@ -205,6 +224,73 @@ def attention_layout(
     return position_ids_BT, mask_BTS
 
 
+AttentionMask = torch.Tensor | BlockMask | None  # None: plain causal
+
+
+def document_positions(sequence_id_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position_ids_BT, starts_BT): each token's position within its document (restarting at 0)
+    and where a document starts (a change of id; position 0 of a row included)."""
+    T = sequence_id_BT.shape[1]
+    starts_BT = torch.ones_like(sequence_id_BT, dtype=torch.bool)
+    starts_BT[:, 1:] = sequence_id_BT[:, 1:] != sequence_id_BT[:, :-1]
+    t_T = torch.arange(T, device=sequence_id_BT.device)
+    first_BT = torch.where(starts_BT, t_T, 0).cummax(dim=1).values
+    return t_T - first_BT, starts_BT
+
+
+def document_layout(sequence_id_BT: torch.Tensor, kernel: str) -> tuple[torch.Tensor | None, AttentionMask]:
+    """(position_ids_BT, mask) for rows of packed documents; (None, None) (plain causal: the same
+    result, the fastest kernel) when no row holds more than one document before its padding.
+
+    kernel "sdpa": a (B, T, T) bool mask, query t reads key s iff s <= t in the same document (a
+    padding run counts as one, so no softmax row is empty); "flex": the same as FlexAttention's
+    BlockMask, whose kernel skips the blocks outside every document.
+    """
+    if bool((sequence_id_BT.diff(dim=1) <= 0).all()):  # ids only fall: one document, then padding
+        return None, None
+    position_ids_BT, _ = document_positions(sequence_id_BT)
+    B, T = sequence_id_BT.shape
+    if kernel == "flex":
+        compat.check("flex_block_mask_compile")
+
+        def same_document_causal(b, h, q, kv):
+            return (sequence_id_BT[b, q] == sequence_id_BT[b, kv]) & (kv <= q)
+
+        mask = create_block_mask(
+            same_document_causal, B, None, T, T, device=sequence_id_BT.device, _compile=sequence_id_BT.is_cuda
+        )
+        return position_ids_BT, mask
+    causal_TT = torch.ones(T, T, dtype=torch.bool, device=sequence_id_BT.device).tril()
+    return position_ids_BT, (sequence_id_BT[:, :, None] == sequence_id_BT[:, None, :]) & causal_TT
+
+
+def flex_attention_kernel(device: torch.device) -> Callable:
+    """FlexAttention compiled once per process on CUDA (its fast kernel); elsewhere the eager
+    reference, which only tests use (CPU document masking runs sdpa)."""
+    return _compiled_flex_attention() if device.type == "cuda" else flex_attention
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable:
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.cache
+def document_kernel(device_type: str, attn_dropout: bool) -> str:
+    """The attention kernel for packed documents on this device, chosen once and logged: FlexAttention
+    on CUDA (block-sparse: the cost falls with the documents' lengths), sdpa with a bool mask on CPU
+    and wherever attention dropout is on (FlexAttention has none)."""
+    kernel = "flex" if device_type == "cuda" and not attn_dropout else "sdpa"
+    log.info(
+        "document masking: %s on %s",
+        "FlexAttention (block-sparse, compiled)"
+        if kernel == "flex"
+        else "scaled_dot_product_attention with a bool mask",
+        device_type,
+    )
+    return kernel
+
+
 class NormAttnNormOutput(NamedTuple):
     resid_BTD: torch.Tensor  # x + attention(x): the residual stream entering the FFN
     normed_BTD: torch.Tensor  # norm_2 of it: the FFN's input
@@ -225,7 +311,7 @@ class DbrxNormAttentionNorm(nn.Module):
         x_BTD: torch.Tensor,
         cos_TR: torch.Tensor,
         sin_TR: torch.Tensor,
-        mask_BTS: torch.Tensor | None = None,
+        mask_BTS: AttentionMask = None,
         cache: LayerKVCache | None = None,
     ) -> NormAttnNormOutput:
         a_BTD = self.attn(self.norm_1(x_BTD), cos_TR, sin_TR, mask_BTS, cache)
@@ -240,6 +326,8 @@ class BlockOutput(NamedTuple):
     h_BTD: torch.Tensor
     aux_loss: torch.Tensor  # this layer's load-balancing loss, unweighted
     router_logits_NE: torch.Tensor
+    z_loss: torch.Tensor  # this layer's router z-loss, unweighted
+    router_stats: RouterStats
 
 
 class DbrxBlock(nn.Module):
@@ -254,15 +342,17 @@ class DbrxBlock(nn.Module):
         x_BTD: torch.Tensor,
         cos_TR: torch.Tensor,
         sin_TR: torch.Tensor,
-        mask_BTS: torch.Tensor | None = None,
+        mask_BTS: AttentionMask = None,
         cache: LayerKVCache | None = None,
+        token_mask_N: torch.Tensor | None = None,
+        totals: StepTotals | None = None,
     ) -> BlockOutput:
         B, T, D = x_BTD.shape
         resid_BTD, normed_BTD = self.norm_attn_norm(x_BTD, cos_TR, sin_TR, mask_BTS, cache)
-        moe = self.ffn(normed_BTD.reshape(B * T, D))
+        moe = self.ffn(normed_BTD.reshape(B * T, D), token_mask_N, totals)
         ffn_BTD = moe.out_ND.view(B, T, D)
         h_BTD = resid_BTD + F.dropout(ffn_BTD, p=self.resid_pdrop, training=self.training)
-        return BlockOutput(h_BTD, moe.aux_loss, moe.router_logits_NE)
+        return BlockOutput(h_BTD, moe.aux_loss, moe.router_logits_NE, moe.z_loss, moe.stats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,12 +362,27 @@ class ModelOutput(NamedTuple):
     hidden_BTD: torch.Tensor  # after norm_f
     aux_loss: torch.Tensor  # load-balancing loss averaged over layers, unweighted
     router_logits: tuple[torch.Tensor, ...] | None  # one (N, E) per layer, if requested
+    z_loss: torch.Tensor  # router z-loss averaged over layers, unweighted
+    router_stats: tuple[RouterStats, ...]  # one per layer
+
+
+class RouterTotals(NamedTuple):
+    """The optimizer step's routing, summed by training/ over every microbatch and rank before the
+    step's first forward (moe_loss_scope: global); the model only reads it."""
+
+    counts_LE: torch.Tensor  # int64 assignments per layer and expert, counted tokens only
+    tokens: torch.Tensor  # int64 0-dim: counted tokens in the step
+    samples: int  # samples in the step (the global batch)
+
+    def layer(self, i: int, batch_size: int) -> StepTotals:
+        return StepTotals(self.counts_LE[i], self.tokens, self.samples / batch_size)
 
 
 class DbrxModel(nn.Module):
     def __init__(self, config: DbrxConfig):
         super().__init__()
         self.emb_pdrop = config.emb_pdrop
+        self.attn_pdrop = config.attn_config.attn_pdrop
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(DbrxBlock(config) for _ in range(config.n_layers))
         self.norm_f = nn.LayerNorm(config.d_model, bias=False)
@@ -290,21 +395,43 @@ class DbrxModel(nn.Module):
         attention_mask_BT: torch.Tensor | None = None,
         position_ids_BT: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        sequence_id_BT: torch.Tensor | None = None,
+        token_mask_BT: torch.Tensor | None = None,
+        router_totals: RouterTotals | None = None,
     ) -> ModelOutput:
-        mask_BTS = None
-        if attention_mask_BT is None and position_ids_BT is None and cache is None:
-            cos_TR, sin_TR = self.rotary(input_ids_BT.shape[1])  # training: plain causal
+        """`sequence_id_BT`: packed documents, each attending only to itself (see `document_layout`);
+        `token_mask_BT`: the tokens that count in the router statistics (None: all);
+        `router_totals`: the step's routing, for step-wide router losses."""
+        mask_BTS: AttentionMask = None
+        B, T = input_ids_BT.shape
+        if sequence_id_BT is not None:
+            if attention_mask_BT is not None or position_ids_BT is not None or cache is not None:
+                raise ValueError(
+                    "sequence_id (packed training rows) cannot be combined with attention_mask, "
+                    "position_ids or a KV cache"
+                )
+            kernel = document_kernel(input_ids_BT.device.type, self.attn_pdrop > 0)
+            position_ids_BT, mask_BTS = document_layout(sequence_id_BT, kernel)
+        if position_ids_BT is None and attention_mask_BT is None and cache is None:
+            cos_TR, sin_TR = self.rotary(T)  # training: plain causal
+        elif sequence_id_BT is not None:
+            cos_TR, sin_TR = self.rotary.at(position_ids_BT)
         else:
             position_ids_BT, mask_BTS = attention_layout(
                 attention_mask_BT, position_ids_BT, cache, input_ids_BT
             )
             cos_TR, sin_TR = self.rotary.at(position_ids_BT)
+        token_mask_N = None if token_mask_BT is None else token_mask_BT.reshape(B * T)
         h_BTD = F.dropout(self.wte(input_ids_BT), p=self.emb_pdrop, training=self.training)
         aux_loss = h_BTD.new_zeros((), dtype=torch.float32)
-        router_logits = []
+        z_loss = h_BTD.new_zeros((), dtype=torch.float32)
+        router_logits, router_stats = [], []
         for i, block in enumerate(self.blocks):
-            out = block(h_BTD, cos_TR, sin_TR, mask_BTS, None if cache is None else cache.layer(i))
-            h_BTD, aux_loss = out.h_BTD, aux_loss + out.aux_loss
+            totals = None if router_totals is None else router_totals.layer(i, B)
+            layer_cache = None if cache is None else cache.layer(i)
+            out = block(h_BTD, cos_TR, sin_TR, mask_BTS, layer_cache, token_mask_N, totals)
+            h_BTD, aux_loss, z_loss = out.h_BTD, aux_loss + out.aux_loss, z_loss + out.z_loss
+            router_stats.append(out.router_stats)
             if output_router_logits:
                 router_logits.append(out.router_logits_NE)
         if cache is not None:
@@ -313,6 +440,8 @@ class DbrxModel(nn.Module):
             self.norm_f(h_BTD),
             aux_loss / len(self.blocks),
             tuple(router_logits) if output_router_logits else None,
+            z_loss / len(self.blocks),
+            tuple(router_stats),
         )
 
 
@@ -320,15 +449,23 @@ class DbrxModel(nn.Module):
 # Causal language model
 # ---------------------------------------------------------------------------------------------
 class CausalLMOutput(NamedTuple):
-    logits: torch.Tensor  # (B, T, V)
-    loss: torch.Tensor | None  # lm_loss + aux_loss, when labels are given
+    logits: torch.Tensor | None  # (B, T, V); None for `router_only`
+    loss: torch.Tensor | None  # lm_loss + aux_loss + z_loss, when labels are given
     lm_loss: torch.Tensor | None  # token-mean next-token cross-entropy, when labels are given
     aux_loss: torch.Tensor  # moe_loss_weight * load-balancing loss averaged over layers; 0-dim
     router_logits: tuple[torch.Tensor, ...] | None  # per layer (N, E), when output_router_logits
     past_key_values: KVCache | None = None  # the (updated) cache, when one was used
+    z_loss: torch.Tensor | None = None  # moe_z_loss_weight * router z-loss averaged over layers; 0-dim
+    router_stats: tuple[RouterStats, ...] | None = None  # per layer: routing of the counted tokens
 
 
-IGNORE_INDEX = -100
+def document_labels(labels_BT: torch.Tensor, sequence_id_BT: torch.Tensor | None) -> torch.Tensor:
+    """`labels` with each document's first token ignored (IGNORE_INDEX), so the last position of a
+    document is never scored against the next one's first token (labels are shifted by the loss)."""
+    if sequence_id_BT is None:
+        return labels_BT
+    _, starts_BT = document_positions(sequence_id_BT)
+    return labels_BT.masked_fill(starts_BT, IGNORE_INDEX)
 
 
 def shift_labels(labels_BT: torch.Tensor) -> torch.Tensor:
@@ -373,9 +510,15 @@ class DbrxForCausalLM(nn.Module):
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         position_ids: torch.Tensor | None = None,
+        sequence_id: torch.Tensor | None = None,
+        router_totals: RouterTotals | None = None,
+        router_only: bool = False,
         logits_positions: torch.Tensor | None = None,
     ) -> CausalLMOutput:
-        """Training: `forward(input_ids, labels)`. Inference may add a left-padding
+        """Training: `forward(input_ids, labels)`, with `sequence_id` (B, T) for packed rows (-1 on
+        padding, which never counts in the router statistics) and, for step-wide router losses, the
+        step's `router_totals`. `router_only` stops after the last block: only the router statistics
+        (and losses) are returned, no logits and no LM loss. Inference may add a left-padding
         `attention_mask` (B, T_past + T) and a `past_key_values` KVCache (`use_cache=True` creates
         one sized max_seq_len), which is filled in place and returned in the output.
         `logits_positions` (B, C): return logits (B, C, V) at these positions only; the LM head never
@@ -393,13 +536,29 @@ class DbrxForCausalLM(nn.Module):
             past_key_values = KVCache(self.config, B, self.config.max_seq_len, input_ids.device, dtype)
         if attention_mask is not None and past_key_values is not None:
             attention_mask = attention_mask[:, past_key_values.length :]  # HF passes past + new
+        ffn = self.config.ffn_config
+        token_mask_BT = None if sequence_id is None else sequence_id >= 0
+        if ffn.moe_balance_tokens == "targets" and labels is not None:
+            trained_BT = labels != IGNORE_INDEX
+            token_mask_BT = trained_BT if token_mask_BT is None else token_mask_BT & trained_BT
+        if not self.config.attn_config.attn_uses_sequence_id:
+            sequence_id = None  # packed documents see each other (LLM Foundry's default)
         out = self.transformer(
             input_ids,
             output_router_logits=self.config.output_router_logits,
             attention_mask_BT=attention_mask,
             position_ids_BT=position_ids,
             cache=past_key_values,
+            sequence_id_BT=sequence_id,
+            token_mask_BT=token_mask_BT,
+            router_totals=router_totals,
         )
+        aux_loss = ffn.moe_loss_weight * out.aux_loss
+        z_loss = ffn.moe_z_loss_weight * out.z_loss
+        if router_only:
+            return CausalLMOutput(
+                None, None, None, aux_loss, out.router_logits, None, z_loss, out.router_stats
+            )
         hidden_BTD = out.hidden_BTD
         if logits_positions is not None:
             if labels is not None:
@@ -407,12 +566,22 @@ class DbrxForCausalLM(nn.Module):
             index_BCD = logits_positions[..., None].expand(-1, -1, hidden_BTD.shape[-1])
             hidden_BTD = hidden_BTD.gather(1, index_BCD)
         logits_BTV = self.lm_head(hidden_BTD)
-        aux_loss = self.config.ffn_config.moe_loss_weight * out.aux_loss
         lm_loss = loss = None
         if labels is not None:
-            lm_loss = self.loss_fn(logits_BTV, labels)
-            loss = lm_loss + aux_loss
-        return CausalLMOutput(logits_BTV, loss, lm_loss, aux_loss, out.router_logits, past_key_values)
+            lm_loss = self.loss_fn(logits_BTV, document_labels(labels, sequence_id))
+            loss = lm_loss + aux_loss + z_loss
+        return CausalLMOutput(
+            logits_BTV, loss, lm_loss, aux_loss, out.router_logits, past_key_values, z_loss, out.router_stats
+        )
+
+    @torch.no_grad()
+    def init_non_hf_state(self) -> None:
+        """Fill what no HF folder holds, after `to_empty()`: the RoPE tables and (bias balancing) the
+        routers' expert biases, which start at zero."""
+        self.transformer.rotary.init_weights()
+        for module in self.modules():
+            if isinstance(module, DbrxRouter) and module.expert_bias is not None:
+                module.expert_bias.zero_()
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
@@ -446,6 +615,8 @@ class DbrxForCausalLM(nn.Module):
         resid_std = std / math.sqrt(2 * cfg.n_layers)
         if isinstance(module, RotaryEmbedding):
             module.init_weights()
+        elif isinstance(module, DbrxRouter) and module.expert_bias is not None:
+            module.expert_bias.zero_()  # its Linear child is filled below, as its own module
         elif isinstance(module, nn.LayerNorm):
             module.weight.fill_(1.0)
         elif isinstance(module, nn.Embedding):
@@ -461,3 +632,39 @@ class DbrxForCausalLM(nn.Module):
             module.w1.normal_(0.0, std, generator=generator)
             module.v1.normal_(0.0, std, generator=generator)
             module.w2.normal_(0.0, resid_std, generator=generator)
+
+
+@torch.no_grad()
+def topk_change_without_expert_bias(model: nn.Module, forward: Callable[[], Any]) -> torch.Tensor:
+    """What dropping the expert biases (bias balancing) does to routing: runs `forward()` (a forward
+    of `model`, or of a wrapper around it, e.g. a held-out batch) and returns, per layer, (tokens
+    whose set of top-k experts differs without the bias, tokens) as an int64 (L, 2) tensor. Each
+    layer is judged on the hidden states of the model with its biases."""
+    routers = [m for m in model.modules() if isinstance(m, DbrxRouter) and m.expert_bias is not None]
+    changed: list[torch.Tensor] = []
+
+    def compare(_router: nn.Module, _inputs: Any, routing: Any) -> None:
+        unbiased_Nk = torch.topk(routing.probs_NE, routing.experts_Nk.shape[-1], dim=-1).indices
+        differs_N = (unbiased_Nk.sort(-1).values != routing.experts_Nk.sort(-1).values).any(-1)
+        changed.append(
+            torch.stack([differs_N.sum(), torch.tensor(differs_N.numel(), device=differs_N.device)])
+        )
+
+    handles = [router.register_forward_hook(compare) for router in routers]
+    try:
+        forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(changed) if changed else torch.zeros(0, 2, dtype=torch.int64)
+
+
+def describe_topk_change(changed_L2: torch.Tensor) -> str:
+    """One line for an export log: overall and worst-layer share of tokens whose top-k changes."""
+    changed, tokens = changed_L2[:, 0].double(), changed_L2[:, 1].double().clamp_min(1)
+    per_layer = changed / tokens
+    return (
+        f"without the expert biases the top-k experts of {changed.sum() / tokens.sum():.2%} of the held-out "
+        f"tokens' routing decisions change ({int(tokens[0])} tokens x {len(per_layer)} layers; worst layer "
+        f"{int(per_layer.argmax())}: {per_layer.max():.2%})"
+    )

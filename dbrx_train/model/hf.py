@@ -30,18 +30,15 @@ from tqdm import tqdm
 from dbrx_train.config.schema import build
 from dbrx_train.model.config import DbrxAttentionConfig, DbrxConfig, DbrxFFNConfig
 from dbrx_train.model.dbrx import DbrxForCausalLM
+from dbrx_train.model.moe import EXPERT_BIAS
+from dbrx_train.vocab import EOS_TOKEN_IDS, PAD_TOKEN_ID
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-GENERATION_CONFIG_FILE = "generation_config.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size="5GB"
 # The dtypes an export may be written in, by the names configs and scripts use.
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-
-# Generation stops at either end of text or end of a chat turn (as databricks/dbrx-instruct).
-EOS_TOKEN_IDS = (100257, 100279)  # <|endoftext|>, <|im_end|>
-PAD_TOKEN_ID = 100277  # <|pad|>
 
 _SAFETENSORS_DTYPES = {
     torch.float32: "F32",
@@ -112,11 +109,39 @@ def weight_files(folder: str | Path) -> dict[str, Path]:
     raise FileNotFoundError(f"HF model folder '{folder}' has neither {SINGLE_FILE} nor {INDEX_FILE}")
 
 
+def is_expert_bias(name: str) -> bool:
+    """A router's bias-balancing buffer: model state that HF DBRX has no tensor for."""
+    return name.endswith(f".router.{EXPERT_BIAS}")
+
+
 def expected_shapes(config: DbrxConfig) -> dict[str, torch.Size]:
-    """Parameter name -> shape of our (= HF's) DbrxForCausalLM, computed on `meta`."""
+    """Tensor name -> shape of an HF DBRX folder for `config` (= our DbrxForCausalLM's state without
+    the expert biases of bias balancing), computed on `meta`."""
     with torch.device("meta"):
         model = DbrxForCausalLM(config)
-    return {name: t.shape for name, t in model.state_dict().items()}
+    return {name: t.shape for name, t in model.state_dict().items() if not is_expert_bias(name)}
+
+
+class ExpertBiasError(ValueError):
+    """An HF export of a model whose routing depends on its expert biases, which HF DBRX cannot hold."""
+
+
+def without_expert_bias(
+    shapes: dict[str, torch.Size], get_tensor: Callable[[str], torch.Tensor], drop: bool
+) -> dict[str, torch.Size]:
+    """`shapes` without the expert biases. A non-zero one is refused unless `drop`: HF DBRX would
+    route without it (a different model); the caller then reports how much the choices change."""
+    biases = [name for name in shapes if is_expert_bias(name)]
+    if not drop:
+        nonzero = [name for name in biases if bool(get_tensor(name).any())]
+        if nonzero:
+            raise ExpertBiasError(
+                f"the model routes with non-zero expert biases (bias balancing, {nonzero[0]} ...), which HF "
+                "DBRX has no place for, so the export would route differently; pass --drop-expert-bias "
+                "(callbacks.hf_export.drop_expert_bias: true) to export without them and have the change in "
+                "top-k choices measured on a held-out batch"
+            )
+    return {name: shape for name, shape in shapes.items() if name not in biases}
 
 
 def check_hf_folder(folder: str | Path, config: DbrxConfig | None = None) -> DbrxConfig:
@@ -158,7 +183,7 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> D
     with torch.device("meta"):
         model = DbrxForCausalLM(config)
     model.to_empty(device=device)
-    model.transformer.rotary.init_weights()  # the only non-checkpoint state
+    model.init_non_hf_state()
     load_hf_weights(model, folder)
     return model
 
@@ -330,8 +355,11 @@ def save_hf_folder(
     dtype: torch.dtype = torch.bfloat16,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     tokenizer: bool = True,
+    drop_expert_bias: bool = False,
 ) -> None:
-    """A complete HF folder: config, generation config, weights and (optionally) tokenizer files."""
+    """A complete HF folder: config, generation config, weights and (optionally) tokenizer files.
+    Expert biases (bias balancing) are refused when non-zero unless `drop_expert_bias`."""
+    shapes = without_expert_bias(shapes, get_tensor, drop_expert_bias)
     expected = expected_shapes(config)
     if {k: tuple(v) for k, v in shapes.items()} != {k: tuple(v) for k, v in expected.items()}:
         missing = sorted(set(expected) - set(shapes))
@@ -353,6 +381,7 @@ def save_pretrained(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     tokenizer: bool = True,
+    drop_expert_bias: bool = False,
 ) -> None:
     """Export an in-memory model; `dtype` defaults to the parameters' own."""
     state = model.state_dict()
@@ -365,4 +394,5 @@ def save_pretrained(
         dtype,
         max_shard_bytes,
         tokenizer,
+        drop_expert_bias,
     )

@@ -1,4 +1,4 @@
-"""Mixture-of-experts FFN: router + dropless experts + load-balancing loss.
+"""Mixture-of-experts FFN: router + dropless experts + router losses (load balancing, z-loss).
 
 Shapes (suffixes on names): N tokens (= B*T), D d_model, E experts, F ffn_hidden_size, k top_k,
 M = N*k token-to-expert assignments.
@@ -18,8 +18,15 @@ its docstring); the steps themselves stay the readable reference it is tested ag
 
 The experts' backend ("torch" on any device; "megablocks" on CUDA) is chosen once in `build_experts`;
 every backend keeps its parameters in the same `ExpertGLU` (`mlp.w1`, `mlp.v1`, `mlp.w2`, each
-(E*F, D) as in HF DBRX) so checkpoints move between backends. The load-balancing loss is returned
-with the FFN output, so it flows through autograd and module outputs, never through a global list.
+(E*F, D) as in HF DBRX) so checkpoints move between backends. Routing (`DbrxRouter`, `route`) and the
+router losses are shared by every backend. The losses are returned with the FFN output, so they flow
+through autograd and module outputs, never through a global list.
+
+Router statistics count only the tokens `token_mask_N` marks (padding, and optionally prompts, are
+left out; see `DbrxForCausalLM`). Over which tokens the balancing loss is taken is the caller's
+choice: this forward's own (`totals=None`), or the whole optimizer step's, whose per-expert counts
+training/ sums over microbatches and ranks and hands in as `StepTotals` (moe_loss_scope: global).
+The model itself never communicates.
 """
 
 from __future__ import annotations
@@ -61,8 +68,10 @@ def route(
     normalize_p: float | None = None,
     jitter_eps: float | None = None,
     uniform_assignment: bool = False,
+    expert_bias_E: torch.Tensor | None = None,
 ) -> Routing:
-    """Pick top_k experts per token. Pass `jitter_eps` only while training."""
+    """Pick top_k experts per token. Pass `jitter_eps` only while training. `expert_bias_E` (bias
+    balancing, DeepSeek-V3) shifts which experts are chosen, never the weights they are mixed with."""
     if jitter_eps is not None:
         # Multiplicative noise on the router's input only (as MegaBlocks); the experts see clean x.
         noise_ND = torch.empty_like(x_ND).uniform_(1.0 - jitter_eps, 1.0 + jitter_eps)
@@ -70,7 +79,11 @@ def route(
     logits_NE = F.linear(x_ND, router_ED)
     # fp32 softmax: bf16 probabilities are too coarse to rank 16 experts reliably.
     probs_NE = logits_NE.softmax(dim=-1, dtype=torch.float32)
-    weights_Nk, experts_Nk = torch.topk(probs_NE, top_k, dim=-1)
+    if expert_bias_E is None:
+        weights_Nk, experts_Nk = torch.topk(probs_NE, top_k, dim=-1)
+    else:
+        experts_Nk = torch.topk(probs_NE + expert_bias_E, top_k, dim=-1).indices
+        weights_Nk = probs_NE.gather(-1, experts_Nk)
     if normalize_p is not None:
         weights_Nk = weights_Nk / torch.linalg.vector_norm(weights_Nk, ord=normalize_p, dim=-1, keepdim=True)
     if uniform_assignment:
@@ -270,25 +283,115 @@ def fused_experts(
 
 
 # ---------------------------------------------------------------------------------------------
-# Load-balancing loss
+# Router statistics and losses (over the counted tokens)
 # ---------------------------------------------------------------------------------------------
-def load_balancing_loss(probs_NE: torch.Tensor, experts_Nk: torch.Tensor) -> torch.Tensor:
+class StepTotals(NamedTuple):
+    """One layer's routing over the whole optimizer step (moe_loss_scope: global): every microbatch
+    on every rank, summed by training/ before the step's first forward."""
+
+    counts_E: torch.Tensor  # int64 assignments per expert, counted tokens only
+    tokens: torch.Tensor  # int64 0-dim: counted tokens in the step
+    # 1 / (this forward's share of the step's samples). Trainers average the microbatch losses by
+    # sample share (and data-parallel ranks by their mean), so a microbatch's part of a step-wide sum
+    # is handed over divided by its share: the step's gradient is then that of the step-wide loss.
+    weight: float
+
+
+class RouterStats(NamedTuple):
+    """One layer's routing of the counted tokens in one forward, for monitoring and for the step
+    totals; no gradient."""
+
+    counts_E: torch.Tensor  # int64 assignments per expert
+    probs_E: torch.Tensor  # fp32 sum of the router probabilities per expert
+    entropy: torch.Tensor  # fp32 0-dim sum of per-token router entropies (nats)
+    tokens: torch.Tensor  # int64 0-dim counted tokens
+
+
+def counted_assignments(
+    experts_Nk: torch.Tensor, token_mask_N: torch.Tensor | None, num_experts: int
+) -> torch.Tensor:
+    """int64 (E,) top-k assignments per expert of the tokens `token_mask_N` marks (all if None)."""
+    experts_M = experts_Nk.reshape(-1)
+    if token_mask_N is None:
+        return torch.bincount(experts_M, minlength=num_experts)
+    # Uncounted assignments go to a spare bin E: no boolean indexing, so no host sync.
+    mask_M = token_mask_N.repeat_interleave(experts_Nk.shape[-1])
+    return torch.bincount(experts_M.where(mask_M, num_experts), minlength=num_experts + 1)[:num_experts]
+
+
+def _masked_sum(values_N: torch.Tensor, token_mask_N: torch.Tensor | None) -> torch.Tensor:
+    """Sum over dim 0 of the counted rows (values_N: (N,) or (N, E))."""
+    if token_mask_N is None:
+        return values_N.sum(0)
+    mask = token_mask_N.to(values_N.dtype)
+    return (values_N * (mask if values_N.dim() == 1 else mask[:, None])).sum(0)
+
+
+def _token_count(token_mask_N: torch.Tensor | None, num_tokens: int, device: torch.device) -> torch.Tensor:
+    if token_mask_N is None:
+        return torch.tensor(num_tokens, device=device)
+    return token_mask_N.sum()
+
+
+def load_balancing_loss(
+    probs_NE: torch.Tensor,
+    experts_Nk: torch.Tensor,
+    token_mask_N: torch.Tensor | None = None,
+    totals: StepTotals | None = None,
+) -> torch.Tensor:
     """Switch Transformer / MegaBlocks loss of one layer: E * sum_e f_e * P_e.
 
-    f_e: fraction of the N*k assignments routed to e (no gradient); P_e: mean router probability of
-    e over tokens. Equals 1 when routing is uniform. Note transformers' DBRX loss differs: it pools all
-    layers before the product and its f_e is a fraction of N (not N*k), so it is k times larger.
+    f_e: fraction of the top-k assignments routed to e (no gradient); P_e: mean router probability of
+    e over tokens. Equals 1 when routing is uniform. Both are taken over the tokens `token_mask_N`
+    marks (padding never counts), of this forward, or with `totals` of the whole step: f from the
+    step's counts, P as this forward's part of the step's mean (see StepTotals.weight). Note
+    transformers' DBRX loss differs: it pools all layers before the product and its f_e is a fraction
+    of N (not N*k), so it is k times larger.
     """
-    num_experts = probs_NE.shape[-1]
-    counts_E = torch.bincount(experts_Nk.reshape(-1), minlength=num_experts)
-    f_E = counts_E.to(torch.float32) / experts_Nk.numel()
-    P_E = probs_NE.float().mean(dim=0)
-    return num_experts * torch.dot(f_E, P_E)
+    num_experts, top_k = probs_NE.shape[-1], experts_Nk.shape[-1]
+    if totals is None:
+        counts_E = counted_assignments(experts_Nk, token_mask_N, num_experts)
+        tokens, weight = _token_count(token_mask_N, probs_NE.shape[0], probs_NE.device), 1.0
+    else:
+        counts_E, tokens, weight = totals
+    # clamp: a forward (or step) without a counted token has no loss rather than a NaN.
+    tokens = tokens.clamp_min(1).to(torch.float32)
+    f_E = counts_E.to(torch.float32) / (tokens * top_k)
+    P_E = _masked_sum(probs_NE.float(), token_mask_N) / tokens
+    return num_experts * weight * torch.dot(f_E, P_E)
+
+
+def router_z_loss(
+    logits_NE: torch.Tensor, token_mask_N: torch.Tensor | None = None, totals: StepTotals | None = None
+) -> torch.Tensor:
+    """ST-MoE's router z-loss: mean over the counted tokens of logsumexp(logits)^2, in fp32. It keeps
+    router logits small (large ones make the softmax brittle in low precision)."""
+    z_N = torch.logsumexp(logits_NE.float(), dim=-1).square()
+    if totals is None:
+        tokens, weight = _token_count(token_mask_N, logits_NE.shape[0], logits_NE.device), 1.0
+    else:
+        tokens, weight = totals.tokens, totals.weight
+    return weight * _masked_sum(z_N, token_mask_N) / tokens.clamp_min(1).to(torch.float32)
+
+
+@torch.no_grad()
+def router_stats(routing: Routing, token_mask_N: torch.Tensor | None = None) -> RouterStats:
+    probs_NE = routing.probs_NE
+    entropy_N = -(probs_NE * probs_NE.clamp_min(1e-30).log()).sum(-1)
+    return RouterStats(
+        counts_E=counted_assignments(routing.experts_Nk, token_mask_N, probs_NE.shape[-1]),
+        probs_E=_masked_sum(probs_NE, token_mask_N),
+        entropy=_masked_sum(entropy_N, token_mask_N),
+        tokens=_token_count(token_mask_N, probs_NE.shape[0], probs_NE.device),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------------------------
+EXPERT_BIAS = "expert_bias"  # the router buffer of bias balancing; no HF DBRX tensor holds it
+
+
 class DbrxRouter(nn.Module):
     def __init__(self, d_model: int, ffn_config: DbrxFFNConfig):
         super().__init__()
@@ -297,6 +400,11 @@ class DbrxRouter(nn.Module):
         self.jitter_eps = ffn_config.moe_jitter_eps
         self.uniform_assignment = ffn_config.uniform_expert_assignment
         self.layer = nn.Linear(d_model, ffn_config.moe_num_experts, bias=False)
+        # Bias balancing: state, not a parameter (no gradient; training/ moves it after each step and
+        # keeps it equal on every rank). Only with moe_bias_update_rate > 0, so other models' state
+        # dicts hold exactly HF DBRX's tensors.
+        bias = torch.zeros(ffn_config.moe_num_experts) if ffn_config.moe_bias_update_rate > 0 else None
+        self.register_buffer(EXPERT_BIAS, bias)
 
     def forward(self, x_ND: torch.Tensor) -> Routing:
         return route(
@@ -306,6 +414,7 @@ class DbrxRouter(nn.Module):
             normalize_p=self.normalize_p,
             jitter_eps=self.jitter_eps if self.training else None,
             uniform_assignment=self.uniform_assignment,
+            expert_bias_E=self.expert_bias,
         )
 
 
@@ -486,16 +595,28 @@ class MoEOutput(NamedTuple):
     out_ND: torch.Tensor
     aux_loss: torch.Tensor  # 0-dim fp32 load-balancing loss of this layer, unweighted
     router_logits_NE: torch.Tensor
+    z_loss: torch.Tensor  # 0-dim fp32 router z-loss of this layer, unweighted (0 when its weight is 0)
+    stats: RouterStats  # the routing of the counted tokens, for monitoring and step totals
 
 
 class DbrxFFN(nn.Module):
     def __init__(self, d_model: int, ffn_config: DbrxFFNConfig):
         super().__init__()
+        self.with_z_loss = ffn_config.moe_z_loss_weight > 0
         self.router = DbrxRouter(d_model, ffn_config)
         self.experts = build_experts(d_model, ffn_config)
 
-    def forward(self, x_ND: torch.Tensor) -> MoEOutput:
+    def forward(
+        self, x_ND: torch.Tensor, token_mask_N: torch.Tensor | None = None, totals: StepTotals | None = None
+    ) -> MoEOutput:
+        """Every token goes through the experts (dropless); only those `token_mask_N` marks (None:
+        all) count in the router losses and statistics, over this forward or, with `totals`, the step."""
         routing = self.router(x_ND)
         out_ND = self.experts(x_ND, routing)
-        aux_loss = load_balancing_loss(routing.probs_NE, routing.experts_Nk)
-        return MoEOutput(out_ND, aux_loss, routing.logits_NE)
+        aux_loss = load_balancing_loss(routing.probs_NE, routing.experts_Nk, token_mask_N, totals)
+        if self.with_z_loss:
+            z_loss = router_z_loss(routing.logits_NE, token_mask_N, totals)
+        else:
+            z_loss = aux_loss.new_zeros(())
+        stats = router_stats(routing, token_mask_N)
+        return MoEOutput(out_ND, aux_loss, routing.logits_NE, z_loss, stats)

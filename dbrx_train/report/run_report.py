@@ -20,6 +20,7 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 LOAD_KEY = re.compile(r"moe/layer_(\d+)/load/expert_(\d+)")
+RATIO_KEY = re.compile(r"moe/layer_(\d+)/max_over_mean")
 # icl/<label>/<n>-shot/<metric> (training/icl_eval.py) and the gauntlet's icl/metrics/eval_gauntlet/<name>
 ICL_KEY = re.compile(r"icl/(?!metrics/)([^/]+/\d+-shot)/\w+")
 GAUNTLET_KEY = re.compile(r"icl/metrics/eval_gauntlet/(.+)")
@@ -193,6 +194,38 @@ def plot_expert_load(m: RunMetrics):
     return fig
 
 
+def plot_expert_overload(m: RunMetrics):
+    """Per layer: the busiest expert's load over the mean (global batch) and the share of assignments a
+    token-dropping MoE would drop; red lines where the imbalance alarm was on (balancing loss falling
+    while overload rose)."""
+    layers = sorted(
+        int(RATIO_KEY.fullmatch(k).group(1)) for k in m.keys("moe/layer_") if RATIO_KEY.fullmatch(k)
+    )
+    if not layers:
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for layer in layers:
+        (line,) = ax1.plot(*m.series(f"moe/layer_{layer}/max_over_mean"), label=f"layer {layer}")
+        ax2.plot(*m.series(f"moe/layer_{layer}/over_capacity_1.25"), color=line.get_color())
+        ax2.plot(*m.series(f"moe/layer_{layer}/over_capacity_1.0"), color=line.get_color(), linestyle=":")
+    alarms = [b for b, v in zip(*m.series("moe/imbalance_alarms"), strict=True) if v > 0]
+    for ax in (ax1, ax2):
+        for batch in alarms:
+            ax.axvline(batch, color="tab:red", alpha=0.3)
+        ax.grid(alpha=0.3)
+    ax1.set(title="Busiest expert / mean load (1 = balanced)", xlabel="batch", ylabel="max / mean load")
+    ax2.set(
+        title="Assignments over capacity (solid 1.25, dotted 1.0)", xlabel="batch", ylabel="share dropped"
+    )
+    if len(layers) <= 8:
+        ax1.legend(fontsize="small")
+    if alarms:
+        fig.suptitle(
+            f"imbalance alarm (red) at {len(alarms)} log(s): balancing loss fell while overload rose"
+        )
+    return fig
+
+
 def plot_icl(m: RunMetrics):
     """ICL accuracy of every task (and the gauntlet's scores) against tokens seen."""
     tasks = [k for k in m.keys("icl/") if ICL_KEY.fullmatch(k)]
@@ -227,6 +260,7 @@ PLOTS = (
     ("throughput", plot_throughput),
     ("data_mix", plot_data_mix),
     ("expert_load", plot_expert_load),
+    ("expert_overload", plot_expert_overload),
 )
 
 
@@ -234,11 +268,15 @@ def summarize(m: RunMetrics) -> dict[str, float | int | None]:
     last = m.rows[-1]
     evals = m.series("metrics/eval/LanguageCrossEntropy")[1]
     train = m.series("loss/train/total")[1]
+    overload = m.series("moe/max_over_mean")[1]
+    alarms = m.series("moe/imbalance_alarms")[1]
     summary = {
         "batches": last.get("batch"),
         "tokens": last.get("tokens"),
         "final_train_loss": train[-1] if train else None,
         "best_eval_loss": min(evals) if evals else None,
+        "final_max_over_mean_load": overload[-1] if overload else None,
+        "imbalance_alarm_logs": sum(v > 0 for v in alarms) if alarms else None,
     }
     for key in m.keys("icl/"):  # the latest score of every ICL task and gauntlet category
         match = ICL_KEY.fullmatch(key) or GAUNTLET_KEY.fullmatch(key)

@@ -30,6 +30,7 @@ from dbrx_train.training.nonfinite import NonFiniteLossGuard
 from dbrx_train.training.parallelize import expert_parallel_degree
 from dbrx_train.training.peak_flops import device_peak_flops
 from dbrx_train.training.progress import TrainingProgressBar
+from dbrx_train.training.router_balance import RouterBalance
 from dbrx_train.training.sample_log import SampleLog
 
 
@@ -102,7 +103,10 @@ def build_loggers(cfg: TrainConfig, run_folder: str) -> list[LoggerDestination]:
     return loggers
 
 
-def build_callbacks(cfg: TrainConfig, save_folder: str | None = None) -> list[Callback]:
+def build_callbacks(
+    cfg: TrainConfig, save_folder: str | None = None, precision: str = "fp32"
+) -> list[Callback]:
+    """`precision`: the resolved one (preflight.resolve_precision), for the MFU's peak on CPU."""
     nonfinite = cfg.nonfinite_loss
     callbacks: list[Callback] = [
         TrainPerplexity(),
@@ -112,11 +116,25 @@ def build_callbacks(cfg: TrainConfig, save_folder: str | None = None) -> list[Ca
     if cb.speed_monitor is not None:
         peak = cb.speed_monitor.peak_flops
         if peak == "auto":
-            peak = device_peak_flops()
+            peak = device_peak_flops(precision)
         callbacks.append(SpeedMonitor(window_size=cb.speed_monitor.window_size, gpu_flops_available=peak))
+    ffn = cfg.model.dbrx.ffn_config
+    if ffn.moe_loss_scope == "global" or ffn.moe_bias_update_rate > 0:
+        log_interval = cb.expert_load.log_interval if cb.expert_load is not None else 10
+        callbacks.append(
+            RouterBalance(ffn.moe_loss_scope == "global", ffn.moe_bias_update_rate, log_interval)
+        )
     if cb.expert_load is not None:
         el = cb.expert_load
-        callbacks.append(ExpertLoadMonitor(el.log_interval, el.collapse_fraction, el.collapse_window))
+        callbacks.append(
+            ExpertLoadMonitor(
+                el.log_interval,
+                el.collapse_fraction,
+                el.collapse_window,
+                el.imbalance_window,
+                el.imbalance_rise,
+            )
+        )
     if cb.lr_monitor is not None:
         callbacks.append(LRMonitor())
     if cb.memory_monitor is not None and torch.cuda.is_available():
@@ -135,7 +153,12 @@ def build_hf_export(cfg: TrainConfig, save_folder: str | None = None) -> HFExpor
     if hf is None:
         return None
     return HFExport(
-        hf_export_folder(cfg, save_folder), hf.save_interval, hf.dtype, hf.max_shard_size, hf.tokenizer
+        hf_export_folder(cfg, save_folder),
+        hf.save_interval,
+        hf.dtype,
+        hf.max_shard_size,
+        hf.tokenizer,
+        hf.drop_expert_bias,
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -9,14 +11,16 @@ from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 
 from dbrx_train.model import DbrxForCausalLM
-from dbrx_train.model.dbrx import IGNORE_INDEX, shift_labels
+from dbrx_train.model.dbrx import RouterTotals, document_labels, shift_labels
 from dbrx_train.model.stats import flops_per_token
+from dbrx_train.vocab import IGNORE_INDEX
 
 
 class DbrxComposerModel(ComposerModel):
     """Composer owns the loop; this only maps a batch to the model's loss terms and metrics.
 
-    Batches are dicts with ``input_ids`` (B, T) and optionally ``labels`` (B, T, -100 = no loss).
+    Batches are dicts with ``input_ids`` (B, T), optionally ``labels`` (B, T, -100 = no loss) and
+    ``sequence_id`` (B, T: packed documents, -1 on padding).
     """
 
     def __init__(self, model: DbrxForCausalLM):
@@ -26,23 +30,45 @@ class DbrxComposerModel(ComposerModel):
             "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
             "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
         }
+        # moe_loss_scope global: the step's routing, set by training/router_balance.py before the
+        # step's first forward and cleared after its last.
+        self.router_totals: RouterTotals | None = None
+        self._router_only = False
+
+    @contextlib.contextmanager
+    def router_only(self) -> Iterator[None]:
+        """Forwards inside return only the router statistics (no lm_head, no LM loss). Called through
+        the (FSDP-wrapped) ComposerModel, so every shard is gathered as in a training forward."""
+        self._router_only = True
+        try:
+            yield
+        finally:
+            self._router_only = False
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
-        labels = batch.get("labels", batch["input_ids"])
-        return self.model(batch["input_ids"], labels=labels)
+        return self.model(
+            batch["input_ids"],
+            labels=batch.get("labels", batch["input_ids"]),
+            sequence_id=batch.get("sequence_id"),
+            router_totals=None if self._router_only else self.router_totals,
+            router_only=self._router_only,
+        )
 
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # Composer logs each key as loss/train/<key>; 'total' is what it backpropagates.
-        return {
+        terms = {
             "total": outputs.loss,
             "lm_cross_entropy": outputs.lm_loss.detach(),
             "load_balancing": outputs.aux_loss.detach(),
         }
+        if self.model.config.ffn_config.moe_z_loss_weight > 0:
+            terms["router_z_loss"] = outputs.z_loss.detach()
+        return terms
 
     def eval_forward(self, batch: dict[str, torch.Tensor], outputs: Any | None = None) -> torch.Tensor:
         if outputs is not None:
             return outputs.logits
-        return self.model(batch["input_ids"]).logits
+        return self.model(batch["input_ids"], sequence_id=batch.get("sequence_id")).logits
 
     def get_metrics(self, is_train: bool = False) -> dict[str, Any]:
         # Train-time cross-entropy already comes from the loss (loss/train/lm_cross_entropy);
@@ -51,6 +77,8 @@ class DbrxComposerModel(ComposerModel):
 
     def update_metric(self, batch: dict[str, torch.Tensor], outputs: torch.Tensor, metric: Any) -> None:
         labels = batch.get("labels", batch["input_ids"])
+        if self.model.config.attn_config.attn_uses_sequence_id:
+            labels = document_labels(labels, batch.get("sequence_id"))
         metric.update(outputs, shift_labels(labels))
 
     def flops_per_batch(self, batch: dict[str, torch.Tensor]) -> int:

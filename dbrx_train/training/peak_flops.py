@@ -7,20 +7,23 @@ import time
 import torch
 
 
-def device_peak_flops() -> float | None:
+def device_peak_flops(precision: str = "fp32") -> float | None:
     """None on CUDA (Composer's SpeedMonitor looks the card up in its table); on CPU, measured.
 
-    CPUs have no spec-sheet number we can trust across machines, so time a large fp32 matmul, the
-    best case for the model's own matmuls, with the threads training will use.
+    CPUs have no spec-sheet number we can trust across machines, so time a large matmul in the
+    dtype the model's matmuls run in (bf16 under amp_bf16), the best case for them, with the
+    threads training will use.
     """
     if torch.cuda.is_available():
         return None
-    return measure_matmul_flops()
+    return measure_matmul_flops(dtype=torch.bfloat16 if precision == "amp_bf16" else torch.float32)
 
 
-def measure_matmul_flops(n: int = 2048, min_seconds: float = 1.0) -> float:
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
+def measure_matmul_flops(
+    n: int = 2048, min_seconds: float = 1.0, dtype: torch.dtype = torch.float32
+) -> float:
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)  # warm-up: thread pool and caches
     best = 0.0
     spent = 0.0

@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import NoReturn
@@ -18,13 +20,15 @@ from composer.utils import dist, reproducibility
 from omegaconf import OmegaConf
 
 from dbrx_train.checkpoint.hf_export import HFExport, HFExportError
+from dbrx_train.checkpoint.rank_zero import on_rank0
 from dbrx_train.checkpoint.remote import RemoteCheckpoints
+from dbrx_train.checkpoint.run_lock import RunLockError, lock_run_folder
 from dbrx_train.checkpoint.safe_load import restricted_loading
 from dbrx_train.checkpoint.saver import (
     CheckpointManager,
     CheckpointSaveError,
 )
-from dbrx_train.checkpoint.start import Start, choose_start
+from dbrx_train.checkpoint.start import Start, choose_start, remove_replaced_runs
 from dbrx_train.checkpoint.store import CheckpointError, list_checkpoints
 from dbrx_train.config.run import (
     BatchLayout,
@@ -34,7 +38,7 @@ from dbrx_train.config.run import (
     resolved_dict,
 )
 from dbrx_train.config.schema import ConfigError
-from dbrx_train.data.integrity import ShardReadError
+from dbrx_train.data.integrity import ShardReadError, error_text
 from dbrx_train.data.loaders import build_dataloader
 from dbrx_train.model import DbrxForCausalLM
 from dbrx_train.model.compile import compile_regions
@@ -42,6 +46,7 @@ from dbrx_train.model.hf import load_hf_weights
 from dbrx_train.model.moe import MegaBlocksExperts
 from dbrx_train.model.stats import count_params
 from dbrx_train.report.run_report import write_report
+from dbrx_train.training import fatal
 from dbrx_train.training.builders import (
     build_algorithms,
     build_callbacks,
@@ -52,6 +57,7 @@ from dbrx_train.training.builders import (
 )
 from dbrx_train.training.callbacks import BatchSeededRNG
 from dbrx_train.training.composer_model import DbrxComposerModel
+from dbrx_train.training.cpu import enable_amp_bf16_on_cpu
 from dbrx_train.training.curriculum import build_train_data
 from dbrx_train.training.icl_eval import ICLEvaluation, build_icl_evaluation
 from dbrx_train.training.nonfinite import exit_if_stopped, guard_of
@@ -61,11 +67,11 @@ from dbrx_train.training.parallelize import (
     expert_parallel_degree,
     mark_fsdp_units,
 )
-from dbrx_train.training.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
 from dbrx_train.training.preemption import PreemptionHandler
 from dbrx_train.training.preflight import (
     check_checkpoint_space,
     check_config,
+    evaluation_off,
     resolve_device,
     resolve_precision,
 )
@@ -78,6 +84,10 @@ USAGE = "usage: composer train.py <config.yaml> [key=value ...]   (or: python tr
 
 def main(argv: list[str] | None = None) -> Trainer:
     argv = sys.argv[1:] if argv is None else argv
+    # Composer's import made Ctrl-C a silent SystemExit(130): until training starts (and preemption.py
+    # takes over), it is a KeyboardInterrupt that says what happened.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         raise SystemExit(0 if argv else 2)
@@ -93,12 +103,28 @@ def main(argv: list[str] | None = None) -> Trainer:
             print(f"dbrx-train: {note}", file=sys.stderr, flush=True)
     try:
         return train(cfg, layout, device)
+    except Refused as e:
+        fatal.end_run(str(e), 2, collective=True)
     except (ConfigError, CheckpointError) as e:
-        print(f"dbrx-train: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    except (CheckpointSaveError, HFExportError, ShardReadError) as e:
-        print(f"dbrx-train: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+        fatal.end_run(str(e), 2, collective=False)
+    except HFExportError as e:
+        fatal.end_run(str(e), 1, collective=True)
+    except (CheckpointSaveError, ShardReadError) as e:
+        fatal.end_run(str(e), 1, collective=False)
+    except KeyboardInterrupt:
+        fatal.end_run(
+            "interrupted (Ctrl-C) before training started: nothing was trained or saved",
+            130,
+            collective=False,
+        )
+    except Exception as e:
+        if fatal.is_peer_failure(e):
+            fatal.end_after_peer_failure()
+        raise
+
+
+class Refused(ValueError):
+    """The run is refused before training, by a decision every rank made together (printed once)."""
 
 
 # A rank other than 0 waits this long before printing its own copy of a config error: rank 0
@@ -124,6 +150,9 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     precision = resolve_precision(cfg, device)
+    if device == "cpu" and precision == "amp_bf16":
+        enable_amp_bf16_on_cpu()  # Composer 0.32 refuses it on CPU; bf16 GEMMs are 2-4x faster there
+    log.info("precision: %s (config: %s)", precision, cfg.precision)
     if cfg.fsdp is not None or layout.world_size > 1:
         dist.initialize_dist(device, cfg.dist_timeout)
     run_name = cfg.run_name or shared_run_name()
@@ -132,9 +161,36 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
     cfg = dataclasses.replace(cfg, run_name=run_name, save_folder=save_folder)
     resolved = resolved_dict(cfg)
     # An object-store save_folder: checkpoints are written in runs/{run_name} first, then uploaded.
-    remote = RemoteCheckpoints(save_folder) if "://" in save_folder else None
+    try:
+        remote = RemoteCheckpoints(save_folder) if "://" in save_folder else None
+    except Exception as e:  # an unknown scheme, a missing client library (boto3, ...)
+        raise Refused(
+            f"save_folder {save_folder}: cannot open it as an object store ({error_text(e)})"
+        ) from None
     run_folder = f"runs/{run_name}" if remote is not None else save_folder
-    start = choose_start(cfg, Path(run_folder), resolved, remote)
+    try:
+        lock = lock_run_folder(Path(run_folder))
+    except RunLockError as e:
+        raise Refused(str(e)) from None
+    try:
+        return train_holding_lock(cfg, layout, device, precision, run_folder, resolved, remote)
+    finally:
+        lock.release()
+
+
+def train_holding_lock(
+    cfg: TrainConfig,
+    layout: BatchLayout,
+    device: str,
+    precision: str,
+    run_folder: str,
+    resolved: dict,
+    remote: RemoteCheckpoints | None,
+) -> Trainer:
+    try:
+        start = choose_start(cfg, Path(run_folder), resolved, remote)
+    except (ConfigError, CheckpointError) as e:
+        raise Refused(str(e)) from None
     write_resolved_config(resolved, run_folder)
     icl = build_icl_evaluation(cfg, layout)
 
@@ -159,22 +215,33 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
         shards = load_pretrained_shards(model, cfg.model.pretrained, device_type)
     composer_model = DbrxComposerModel(model)
     optimizer = build_optimizer(cfg, composer_model.parameters())
-    check_checkpoint_space(cfg, Path(run_folder), model, start)
+    try:
+        check_checkpoint_space(cfg, Path(run_folder), model, start)
+    except ConfigError as e:
+        raise Refused(str(e)) from None
 
-    train_loader, data_callbacks = build_train_data(cfg, layout)
-    evaluators = []
-    if cfg.eval_loader is not None:
-        eval_loader = build_dataloader(
-            cfg.eval_loader,
-            device_batch_size=layout.device_eval_batch_size,
-            max_seq_len=cfg.max_seq_len,
-            vocab_size=cfg.model.dbrx.vocab_size,
-            seed=cfg.seed,
-            config_key="eval_loader",
-        )
-        evaluators.append(
-            Evaluator(label="eval", dataloader=eval_loader, metric_names=list(composer_model.get_metrics()))
-        )
+    try:
+        train_loader, data_callbacks = build_train_data(cfg, layout)
+        evaluators = []
+        if cfg.eval_loader is not None and not evaluation_off(cfg):
+            eval_loader = build_dataloader(
+                cfg.eval_loader,
+                device_batch_size=layout.device_eval_batch_size,
+                max_seq_len=cfg.max_seq_len,
+                vocab_size=cfg.model.dbrx.vocab_size,
+                seed=cfg.seed,
+                config_key="eval_loader",
+            )
+            evaluators.append(
+                Evaluator(
+                    label="eval", dataloader=eval_loader, metric_names=list(composer_model.get_metrics())
+                )
+            )
+    except ShardReadError:
+        raise  # what one rank read (e.g. a remote stream's index): reported by that rank
+    except ValueError as e:
+        # The data and the config do not fit (e.g. fewer samples than a batch): the same on every rank.
+        raise Refused(str(e)) from None
 
     checkpoints = CheckpointManager(
         run_folder, cfg.save_interval, cfg.save_num_checkpoints_to_keep, resolved, remote
@@ -184,7 +251,7 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
     # Composer loads start.load_path while building the Trainer: no pickled code from it can run.
     with restricted_loading():
         trainer = Trainer(
-            run_name=run_name,
+            run_name=cfg.run_name,
             seed=cfg.seed,
             model=composer_model,
             train_dataloader=train_loader,
@@ -201,7 +268,7 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
             algorithms=build_algorithms(cfg),
             loggers=build_loggers(cfg, run_folder),
             callbacks=[
-                *build_callbacks(cfg, run_folder),
+                *build_callbacks(cfg, run_folder, precision),
                 *data_callbacks,
                 *([icl] if icl is not None else []),
                 BatchSeededRNG(cfg.seed),
@@ -221,6 +288,7 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
     trainer.logger.log_hyperparameters(resolved)  # the whole resolved config, e.g. into W&B's run config
     if already_finished(trainer):
         finish_without_training(trainer, hf_export, start)
+        forget_replaced_runs(Path(run_folder))
         return trainer
     started = time.monotonic()
     if cfg.eval_first and int(trainer.state.timestamp.batch) == 0:  # a baseline (not again when resuming)
@@ -235,14 +303,20 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
     exit_if_stopped(trainer)  # a non-finite loss stopped the run: say where and why, exit code 3
     if preemption.stopped_at_batch is not None:
         if dist.get_global_rank() == 0:
-            last = checkpoints.saved[-1].path if checkpoints.saved else "none"
             print(
-                f"dbrx-train: stopped by SIGTERM after batch {preemption.stopped_at_batch}; checkpoint {last}. "
-                "Run the same command (with autoresume: true) to continue from it.",
-                flush=True,
+                preemption.stop_message(checkpoints.saved[-1].path if checkpoints.saved else None), flush=True
             )
-        raise SystemExit(PREEMPTED_EXIT_CODE)
+        raise SystemExit(preemption.exit_code)
+    if already_finished(trainer):
+        forget_replaced_runs(Path(run_folder))
     return trainer
+
+
+def forget_replaced_runs(run_folder: Path) -> None:
+    """The run in this folder is complete: the runs it replaced (save_overwrite) can go now."""
+    removed = on_rank0(lambda: remove_replaced_runs(run_folder))
+    if removed and dist.get_global_rank() == 0:
+        print(f"dbrx-train: removed the run(s) this one replaced: {', '.join(map(str, removed))}", flush=True)
 
 
 def already_finished(trainer: Trainer) -> bool:
@@ -286,7 +360,7 @@ def build_model(cfg: TrainConfig) -> DbrxForCausalLM:
     if pretrained and not on_meta:
         # No random init to overwrite: allocate, fill the RoPE buffers, copy tensor by tensor.
         model.to_empty(device="cpu")
-        model.transformer.rotary.init_weights()
+        model.init_non_hf_state()
         load_hf_weights(model, pretrained)
         log.info("loaded pretrained weights from %s", pretrained)
     elif not on_meta:

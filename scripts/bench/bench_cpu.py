@@ -8,6 +8,7 @@ was fused). Every figure is a ratio of peers timed interleaved (see bench_timing
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -100,13 +101,29 @@ def batch_of(shape: Shape, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, shape.vocab_size, (shape.batch, shape.seq_len), generator=gen)
 
 
-def train_step(model: torch.nn.Module, input_ids: torch.Tensor, optimizer: bool = True) -> Callable[[], None]:
+def autocast(dtype: torch.dtype | None):
+    """CPU autocast to `dtype` as Composer's amp_bf16 runs it (forward and loss; backward outside),
+    or nothing for fp32."""
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def train_step(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    optimizer: bool = True,
+    dtype: torch.dtype | None = None,
+    **inputs: torch.Tensor,
+) -> Callable[[], None]:
     """fwd + bwd (+ AdamW step): the same optimizer for every model, torch's fused CPU AdamW, the
-    fastest one here, so the optimizer (identical work for both) dilutes the ratio least."""
+    fastest one here, so the optimizer (identical work for both) dilutes the ratio least. `dtype`:
+    the autocast dtype (bf16), None for fp32; the weights and the optimizer stay fp32 either way.
+    `inputs`: more model inputs (sequence_id)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True) if optimizer else None
 
     def step() -> None:
-        model(input_ids, labels=input_ids).loss.backward()
+        with autocast(dtype):
+            loss = model(input_ids, labels=input_ids, **inputs).loss
+        loss.backward()
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -117,10 +134,12 @@ def train_step(model: torch.nn.Module, input_ids: torch.Tensor, optimizer: bool 
     return step
 
 
-def matmul_peer(n: int = 2048, calls: int = 8) -> tuple[Callable[[], None], float]:
-    """`calls` fp32 n x n matmuls and their FLOPs: the peak peer, timed in the same loop as the
+def matmul_peer(
+    n: int = 2048, calls: int = 8, dtype: torch.dtype = torch.float32
+) -> tuple[Callable[[], None], float]:
+    """`calls` n x n matmuls in `dtype` and their FLOPs: the peak peer, timed in the same loop as the
     steps so that the MFU denominator sees the same machine load as the numerator."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
 
     def fn() -> None:
         for _ in range(calls):
@@ -159,6 +178,71 @@ def bench_train_step(
     flops = flops_per_token(ours.config, shape.seq_len) * shape.tokens
     peak = peak_work / t["matmul"].low
     return TrainResult(shape, t["ours"], t["hf"], t.get("unfused"), t["ours compiled"], flops, peak)
+
+
+class Bf16TrainResult(NamedTuple):
+    init: str  # whose initialisation the shared weights come from: "ours" or "transformers"
+    ours: Timing
+    hf: Timing
+    flops_per_step: float
+    peak_flops: float  # of the bf16 matmul peer, fastest repetition
+    expert_imbalance: float  # busiest expert's rows / the mean, over the MoE layers (1 = balanced)
+    losses: tuple[float, float]  # ours, transformers: first loss, same weights and batch
+
+
+def build_pair_initialised_by(
+    shape: Shape, init: str, seed: int = 0
+) -> tuple[DbrxForCausalLM, torch.nn.Module]:
+    """Both models with the same weights, drawn by our init_weights or by transformers' _init_weights.
+
+    The two route differently: ours scales the residual projections by 1/sqrt(2 n_layers), so the
+    router sees other inputs and the experts' row counts (the GEMM shapes) differ."""
+    if init == "ours":
+        return build_pair(shape, seed)
+    import transformers
+
+    ours = build_ours(shape, seed)
+    hf_config = transformers.DbrxConfig(**ours.config.to_hf_dict())
+    hf_config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    hf = transformers.DbrxForCausalLM(hf_config).train()
+    ours.load_state_dict(hf.state_dict())
+    return ours, hf
+
+
+def expert_imbalance(model: DbrxForCausalLM, input_ids: torch.Tensor) -> float:
+    """Mean over layers of max(rows per expert) / mean(rows per expert) for this batch."""
+    ratios = []
+
+    def record(module, args, routing) -> None:
+        counts = torch.bincount(routing.experts_Nk.reshape(-1), minlength=module.layer.out_features)
+        ratios.append(counts.max().item() / counts.float().mean().item())
+
+    hooks = [block.ffn.router.register_forward_hook(record) for block in model.transformer.blocks]
+    with torch.no_grad(), autocast(torch.bfloat16):
+        model(input_ids)
+    for hook in hooks:
+        hook.remove()
+    return sum(ratios) / len(ratios)
+
+
+def bench_train_step_bf16(
+    shape: Shape, reps: int, init: str = "ours", matmul_n: int = 2048, seed: int = 0
+) -> Bf16TrainResult:
+    """Ours and transformers, each a bf16-autocast step over fp32 weights (Composer's amp_bf16), and
+    a bf16 matmul peer for MFU, interleaved."""
+    bf16 = torch.bfloat16
+    ours, hf = build_pair_initialised_by(shape, init, seed)
+    x = batch_of(shape)
+    with torch.no_grad(), autocast(bf16):
+        losses = (ours(x, labels=x).loss.item(), hf(x, labels=x).loss.item())
+    imbalance = expert_imbalance(ours, x)
+    peak_fn, peak_work = matmul_peer(matmul_n, dtype=bf16)
+    fns = {"ours": train_step(ours, x, dtype=bf16), "hf": train_step(hf, x, dtype=bf16), "matmul": peak_fn}
+    t = interleaved(fns, reps=reps, warmup=1)
+    flops = flops_per_token(ours.config, shape.seq_len) * shape.tokens
+    peak = peak_work / t["matmul"].low
+    return Bf16TrainResult(init, t["ours"], t["hf"], flops, peak, imbalance, losses)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,11 +288,14 @@ def moe_layers(shape: Shape, seed: int = 0) -> dict[str, torch.nn.Module]:
     return {"ours": ours, "ours unfused": unfused, "hf": hf, "dense GLU": dense}
 
 
-def layer_step(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def layer_step(
+    module: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None = None
+) -> Callable[[], None]:
     x = x.clone().requires_grad_(True)
 
     def step() -> None:
-        out = module(x)
+        with autocast(dtype):
+            out = module(x)
         out = out[0] if isinstance(out, tuple) else out  # MoEOutput / HF's (out, weights)
         out.backward(torch.ones_like(out))
         x.grad = None
@@ -218,19 +305,25 @@ def layer_step(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def bench_moe_layer(shape: Shape, reps: int) -> tuple[dict[str, Timing], float]:
-    """Timings, and the max |difference| of the MoE peers' outputs (they must compute the same)."""
+def bench_moe_layer(
+    shape: Shape, reps: int, dtype: torch.dtype | None = None
+) -> tuple[dict[str, Timing], float]:
+    """Timings, and the max |difference| of the MoE peers' outputs (they must compute the same).
+    `dtype`: bf16 runs every peer under bf16 autocast (fp32 weights), as amp_bf16 does."""
     layers = moe_layers(shape)
+    if dtype is not None:
+        del layers["ours unfused"]  # the fp32 table already shows fused against unfused
     x = torch.randn(shape.batch, shape.seq_len, shape.d_model, generator=torch.Generator().manual_seed(1))
     x_flat = x.view(-1, shape.d_model)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(dtype):
         ours = layers["ours"](x_flat).out_ND
-        unfused = layers["ours unfused"](x_flat).out_ND
         hf = layers["hf"](x)[0].reshape(-1, shape.d_model)
-    max_diff = max((ours - unfused).abs().max().item(), (ours - hf).abs().max().item())
+        diffs = [(ours - hf).abs().max().item()]
+        if "ours unfused" in layers:
+            diffs.append((ours - layers["ours unfused"](x_flat).out_ND).abs().max().item())
     # HF's FFN takes (B, T, D); ours and the dense GLU take (N, D).
-    fns = {name: layer_step(m, x if name == "hf" else x_flat) for name, m in layers.items()}
-    return interleaved(fns, reps=reps, warmup=1), max_diff
+    fns = {name: layer_step(m, x if name == "hf" else x_flat, dtype) for name, m in layers.items()}
+    return interleaved(fns, reps=reps, warmup=1), max(diffs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +378,7 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_child(which: str, shape: Shape) -> dict[str, float]:
+def memory_child(which: str, shape: Shape, dtype: torch.dtype | None = None) -> dict[str, float]:
     """Runs inside the subprocess: MiB at rest, at the step's peak, and their difference."""
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     model = build_ours(shape)
@@ -301,7 +394,8 @@ def memory_child(which: str, shape: Shape) -> dict[str, float]:
             rest = _status_kib("VmRSS")
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-        loss = model(x, labels=x).loss
+        with autocast(dtype):
+            loss = model(x, labels=x).loss
         after_forward = _status_kib("VmRSS")
         loss.backward()
         opt.step()
@@ -316,17 +410,65 @@ def memory_child(which: str, shape: Shape) -> dict[str, float]:
     }
 
 
-def bench_memory(shape: Shape, threads: int) -> dict[str, dict[str, float]]:
+def bench_memory(shape: Shape, threads: int, dtype: torch.dtype | None = None) -> dict[str, dict[str, float]]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "BENCH_THREADS": str(threads)}
     here = Path(__file__).resolve().parent
     results = {}
     for which in ("ours", "hf"):
         code = (
+            "import torch; "
             f"import sys, json; sys.path.insert(0, {str(here)!r}); import bench_cpu; "
-            f"print(json.dumps(bench_cpu.memory_child({which!r}, bench_cpu.Shape(*{list(shape)!r}))))"
+            f"print(json.dumps(bench_cpu.memory_child({which!r}, bench_cpu.Shape(*{list(shape)!r}), {dtype!r})))"
         )
         proc = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
         )
         results[which] = json.loads(proc.stdout.strip().splitlines()[-1])
     return results
+
+
+def bench_document_masking(shape: Shape, doc_lens: list[int], reps: int) -> dict[str, Timing]:
+    """A training step on the same tokens, as plain causal rows and as rows of packed documents of
+    each length (sequence_id: block-diagonal attention, restarting positions; sdpa with a bool mask)."""
+    model = build_ours(shape)
+    x = batch_of(shape)
+    fns = {"plain causal": train_step(model, x)}
+    for n in doc_lens:
+        seq = (torch.arange(shape.seq_len) // n).expand(shape.batch, -1).contiguous()
+        fns[f"documents of {n}"] = train_step(model, x, sequence_id=seq)
+    return interleaved(fns, reps=reps, warmup=1)
+
+
+def accumulated_step(
+    model: DbrxForCausalLM, x: torch.Tensor, microbatches: int, step_wide: bool
+) -> Callable[[], None]:
+    """fwd + bwd over `microbatches` (gradient accumulation, as Composer weights them); with `step_wide`
+    first the routing pass of moe_loss_scope global (a forward without gradients of every microbatch)."""
+    from dbrx_train.model.dbrx import RouterTotals
+
+    pieces = x.chunk(microbatches)
+
+    def step() -> None:
+        totals = None
+        if step_wide:
+            with torch.no_grad():
+                stats = [model(mb, labels=mb, router_only=True).router_stats for mb in pieces]
+            counts = sum(torch.stack([s.counts_E for s in st]) for st in stats)
+            totals = RouterTotals(counts, sum(st[0].tokens for st in stats), len(x))
+        for mb in pieces:
+            (model(mb, labels=mb, router_totals=totals).loss * (len(mb) / len(x))).backward()
+        for p in model.parameters():
+            p.grad = None
+
+    return step
+
+
+def bench_loss_scope(shape: Shape, microbatches: int, reps: int) -> dict[str, Timing]:
+    """The step cost of moe_loss_scope global (its routing pass) against microbatch, same tokens."""
+    model = build_ours(shape)
+    x = batch_of(shape)
+    fns = {
+        scope: accumulated_step(model, x, microbatches, scope == "global")
+        for scope in ("microbatch", "global")
+    }
+    return interleaved(fns, reps=reps, warmup=1)

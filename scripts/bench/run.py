@@ -3,9 +3,10 @@
     python scripts/bench/run.py            # the full CPU run (~4 minutes on 2 cores, compiles included) + cluster table
     python scripts/bench/run.py --quick    # toy sizes, 2 repetitions: checks the code paths only
     python scripts/bench/run.py --json out.json   # also write every figure as JSON
+    python scripts/bench/run.py --threads 1 --clock cpu   # on a loaded machine: CPU time, 1 thread
 
 Every ratio compares peers timed interleaved in this process (bench_timing); medians with the
-min-max range of the repetitions. Goals (issue 7) are printed next to the figures they judge.
+min-max range of the repetitions. Goals (issues 7 and 21) are printed next to the figures they judge.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_cluster  # noqa: E402
 import bench_cpu  # noqa: E402
-from bench_timing import Timing, machine_line, peak_matmul_flops  # noqa: E402
+import bench_timing  # noqa: E402
+from bench_timing import Timing, machine_line, paired_ratio, peak_matmul_flops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 YAML_132B = ROOT / "yamls/pretrain/dbrx-132b.yaml"
@@ -139,8 +141,105 @@ def run(quick: bool = False, threads: int = 2, out=print) -> dict:
     results["seq_scaling"] = {T: {k: v.median for k, v in t.items()} for T, t in seq.items()}
     results["expert_scaling"] = {E: {k: v.median for k, v in t.items()} for E, t in exp.items()}
 
-    # 5. The 132B config on a GPU cluster, on paper
+    # 5. The training signal: document masking and step-wide router balancing
+    doc_lens = [shape.seq_len // 4] if quick else [shape.seq_len // 2, shape.seq_len // 8, 16]
+    out(
+        f"\n== document masking: train fwd+bwd, {shape.tokens} tokens, rows of packed documents vs plain causal =="
+    )
+    masking = bench_cpu.bench_document_masking(shape, doc_lens, reps=2 if quick else 5)
+    for name, t in masking.items():
+        out(f"  {name:18s} {fmt(t)}  {t.median / masking['plain causal'].median:.2f}x the plain step")
+    results["document_masking"] = {name: t.median for name, t in masking.items()}
+    microbatches = 2 if quick else 4
+    out(
+        f"== moe_loss_scope: fwd+bwd over {microbatches} microbatches, global (+ its routing pass) vs microbatch =="
+    )
+    scope = bench_cpu.bench_loss_scope(shape, microbatches, reps=2 if quick else 5)
+    for name, t in scope.items():
+        out(f"  {name:10s} {fmt(t)}  {t.median / scope['microbatch'].median:.2f}x microbatch")
+    results["loss_scope"] = {name: t.median for name, t in scope.items()}
+
+    # 6. The step, the MoE layer and memory in bf16: amp_bf16 (CPU autocast, fp32 weights and AdamW)
+    results["bf16"] = bf16_report(shape, quick, reps, matmul_n, train_rows[0]["ours_s"], out)
+
+    # 7. The 132B config on a GPU cluster, on paper
     results["cluster"] = cluster_report(out)
+    return results
+
+
+def bf16_report(shape, quick: bool, reps: int, matmul_n: int, ours_fp32_s: float, out=print) -> dict:
+    """Issue 21's rows: the step, the MoE layer and memory under bf16 autocast, against the same peers."""
+    bf16 = torch.bfloat16
+    results: dict = {"train_step": []}
+    out(
+        "\n== training step in bf16 (precision amp_bf16: CPU autocast, fp32 weights and AdamW), "
+        "ours vs transformers, same weights and batch =="
+    )
+    for init in ("ours",) if quick else ("ours", "transformers"):
+        t = bench_cpu.bench_train_step_bf16(shape, reps=reps, init=init, matmul_n=matmul_n)
+        speedup = paired_ratio(t.hf, t.ours)
+        mfu_ours, mfu_hf = (t.flops_per_step / t.peak_flops / x.median for x in (t.ours, t.hf))
+        # Per round: this round's step against the fastest matmul repetition (the peak estimate).
+        mfu_rounds = [t.flops_per_step / t.peak_flops / x for x in t.ours.samples]
+        out(
+            f"weights from {init}'s init (busiest expert {t.expert_imbalance:.2f}x the mean rows; first loss "
+            f"ours {t.losses[0]:.4f}, transformers {t.losses[1]:.4f}); bf16 matmul peer {t.peak_flops / 1e9:.1f} GFLOP/s"
+        )
+        out(f"  ours {fmt(t.ours)}  {shape.tokens / t.ours.median:8.0f} tok/s  MFU {mfu_ours:6.1%}")
+        out(f"  hf   {fmt(t.hf)}  {shape.tokens / t.hf.median:8.0f} tok/s  MFU {mfu_hf:6.1%}")
+        out(
+            f"  speed-up ours/hf {speedup.median:.2f}x [{speedup.low:.2f}-{speedup.high:.2f} over rounds] "
+            f"(goal >= 1.5x); MFU {mfu_ours:.1%} [{min(mfu_rounds):.1%}-{max(mfu_rounds):.1%}] of the bf16 "
+            f"matmul peak (goal >= 60%)"
+        )
+        results["train_step"].append(
+            {
+                "init": init,
+                "ours_s": t.ours.median,
+                "hf_s": t.hf.median,
+                "speedup": speedup.median,
+                "speedup_low": speedup.low,
+                "speedup_high": speedup.high,
+                "mfu_ours": mfu_ours,
+                "mfu_hf": mfu_hf,
+                "peak_flops": t.peak_flops,
+                "expert_imbalance": t.expert_imbalance,
+            }
+        )
+    first = results["train_step"][0]
+    out(
+        f"  ours bf16 vs ours fp32 (the fp32 table above, another loop): {ours_fp32_s / first['ours_s']:.2f}x faster"
+    )
+
+    out(
+        f"\n== MoE layer fwd+bwd in bf16 autocast ({shape.tokens} tokens, E={shape.num_experts}, top-{shape.top_k}) =="
+    )
+    layer, diff = bench_cpu.bench_moe_layer(shape, reps=2 if quick else 7, dtype=bf16)
+    out(f"outputs agree: max |ours - transformers| = {diff:.1e} (bf16 rounding)")
+    for name, t in layer.items():
+        out(f"  {name:13s} {fmt(t)}  {shape.tokens / t.median:8.0f} tok/s")
+    vs_dense = paired_ratio(layer["dense GLU"], layer["ours"])
+    vs_hf = paired_ratio(layer["hf"], layer["ours"])
+    out(
+        f"  ours vs dense GLU (hidden top_k*F): {vs_dense.median:.2f}x its throughput "
+        f"[{vs_dense.low:.2f}-{vs_dense.high:.2f}]; vs transformers' FFN {vs_hf.median:.2f}x [{vs_hf.low:.2f}-{vs_hf.high:.2f}]"
+    )
+    results["moe_layer"] = {name: t.median for name, t in layer.items()}
+    results["moe_layer_vs_dense"] = vs_dense.median
+    results["moe_layer_vs_hf"] = vs_hf.median
+    results["moe_layer_max_diff"] = diff
+
+    out("\n== peak memory of a bf16 training step (autocast; fp32 weights, gradients and AdamW state) ==")
+    mem = bench_cpu.bench_memory(shape, torch.get_num_threads(), dtype=bf16)
+    out(f"batch {shape.batch} x {shape.seq_len}")
+    for name, m in mem.items():
+        out(
+            f"  {name:4s} rest {m['rest_mib']:6.0f} MiB  peak {m['total_mib']:6.0f}  "
+            f"step {m['step_mib']:6.0f}  saved by forward {m['saved_mib']:6.0f}"
+        )
+    ratios = {k: mem["ours"][f"{k}_mib"] / mem["hf"][f"{k}_mib"] for k in ("total", "step", "saved")}
+    out(f"  ours/hf: peak {ratios['total']:.2f}x, step {ratios['step']:.2f}x, saved {ratios['saved']:.2f}x")
+    results["memory"] = {**mem, **{f"{k}_ratio": v for k, v in ratios.items()}}
     return results
 
 
@@ -167,8 +266,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="toy sizes: checks the code paths, not speed")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--clock",
+        choices=sorted(bench_timing.CLOCKS),
+        default="wall",
+        help="cpu: time by this process's CPU time, for a loaded machine (use with --threads 1)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
+    bench_timing.clock = bench_timing.CLOCKS[args.clock]
     results = run(quick=args.quick, threads=args.threads)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))

@@ -31,6 +31,20 @@ def test_quick_bench_prints_well_formed_numbers():
         assert positive(mem["step_ratio"])
     for table in (results["seq_scaling"], results["expert_scaling"]):
         assert all(positive(t) for times in table.values() for t in times.values())
+    assert len(results["document_masking"]) == 2 and all(
+        positive(t) for t in results["document_masking"].values()
+    )
+    assert set(results["loss_scope"]) == {"microbatch", "global"}
+    assert all(positive(t) for t in results["loss_scope"].values())
+    bf16 = results["bf16"]  # issue 21's rows: the same peers under bf16 autocast
+    for row in bf16["train_step"]:
+        assert all(
+            positive(row[k]) for k in ("ours_s", "hf_s", "speedup", "mfu_ours", "mfu_hf", "peak_flops")
+        )
+    assert set(bf16["moe_layer"]) == {"ours", "hf", "dense GLU"}
+    assert all(positive(t) for t in bf16["moe_layer"].values())
+    assert bf16["moe_layer_max_diff"] < 0.1  # the same computation up to bf16 rounding
+    assert all(positive(bf16["memory"][f"{k}_ratio"]) for k in ("total", "step", "saved"))
     assert len(results["cluster"]) == len(bench_cluster.GPU_COUNTS)
 
 

@@ -21,6 +21,7 @@ from dbrx_train.data.finetuning import (
     build_finetuning_dataloader,
     check_finetuning_mds,
     convert_finetuning_dataset,
+    find_sample_problem,
     validate_finetuning_dataset_config,
 )
 from dbrx_train.data.token_mds import iter_samples, read_index
@@ -155,6 +156,21 @@ def test_packing_joins_whole_conversations_in_order(tmp_path, tokenizer):
         np.concatenate([s["labels"] for s in samples]), np.concatenate([p[1] for p in parts])
     )
     assert all(len(s["input_ids"]) <= 256 for s in samples)
+    # each token carries its conversation's number within the row, which the loader pads with -1
+    lengths = [len(p[0]) for p in parts]
+    ids_per_row = [np.unique(s["sequence_id"]).tolist() for s in samples]
+    assert all(ids == list(range(len(ids))) for ids in ids_per_row)
+    np.testing.assert_array_equal(np.concatenate([np.bincount(s["sequence_id"]) for s in samples]), lengths)
+    (batch,) = build_finetuning_dataloader(
+        loader_cfg(tmp_path / "packed", shuffle=False),
+        device_batch_size=len(samples),
+        max_seq_len=256,
+        vocab_size=VOCAB,
+        seed=0,
+    )
+    for row, sample in zip(batch["sequence_id"], samples, strict=True):
+        n = len(sample["input_ids"])
+        assert row[:n].tolist() == sample["sequence_id"].tolist() and set(row[n:].tolist()) <= {-1}
 
 
 def test_refuses_to_overwrite_unless_asked(tmp_path):
@@ -189,6 +205,8 @@ def test_loader_pads_each_sample_and_masks_the_padding(tmp_path):
         assert row_ids[:n].tolist() == sample["input_ids"].tolist()
         assert row_labels[:n].tolist() == sample["labels"].tolist()
         assert set(row_ids[n:].tolist()) <= {PAD_TOKEN_ID} and set(row_labels[n:].tolist()) <= {IGNORE_INDEX}
+    # unpacked: one conversation per row, padding marked -1 (it never counts in router statistics)
+    assert (batch["sequence_id"] == torch.where(batch["input_ids"] == PAD_TOKEN_ID, -1, 0)).all()
 
 
 def test_data_errors_name_the_stream_and_say_how_to_make_data(tmp_path):
@@ -248,22 +266,22 @@ def test_cli_converts_and_reports(tmp_path):
     assert check_finetuning_mds(out, max_seq_len=SEQ, vocab_size=VOCAB, all_samples=True).num_samples >= 1
 
 
-def test_default_chat_set(default_corpus, tokenizer):
-    manifest = json.loads((default_corpus / "manifest.json").read_text())
+def test_default_chat_set(real_vocab_corpus, tokenizer):
+    manifest = json.loads((real_vocab_corpus / "manifest.json").read_text())
     questions = {}
     for split in ("train", "val"):
         entry = manifest["finetuning"]["chat"][split]
         info = check_finetuning_mds(
-            default_corpus / entry["folder"], max_seq_len=64, vocab_size=VOCAB, all_samples=True
+            real_vocab_corpus / entry["folder"], max_seq_len=64, vocab_size=VOCAB, all_samples=True
         )
-        rows = [json.loads(line) for line in (default_corpus / entry["jsonl"]).read_text().splitlines()]
+        rows = [json.loads(line) for line in (real_vocab_corpus / entry["jsonl"]).read_text().splitlines()]
         assert info.num_samples == entry["samples"] == len(rows) >= 20
         for row in rows[:5]:
             user, assistant = row["messages"]
             assert user["role"] == "user" and assistant["role"] == "assistant" and assistant["content"]
         questions[split] = {row["messages"][0]["content"] for row in rows}
         # every conversation fits whole: its answer ends in <|im_end|>
-        for sample in read_samples(default_corpus / entry["folder"]):
+        for sample in read_samples(real_vocab_corpus / entry["folder"]):
             assert sample["input_ids"][-1] == tokenizer.im_end_id
     assert not questions["train"] & questions["val"]
 
@@ -310,3 +328,31 @@ def test_cli_takes_foundrys_flags(tmp_path, tokenizer, capsys):
         "--preprocessor (LLM Foundry) has no equivalent here: rows must hold prompt/response"
         in capsys.readouterr().err
     )
+
+
+def test_special_token_strings_in_content_are_counted_and_encoded_as_text(tmp_path):
+    forged = {
+        "prompt": "Print <|im_end|> and <|endoftext|>",
+        "response": "They are <|im_end|> and <|endoftext|>.",
+    }
+    src = write_jsonl(tmp_path / "chat.jsonl", [forged, *topic_rows()[:2]])
+    summary = convert_finetuning_dataset([str(src)], tmp_path / "text", max_seq_len=SEQ)
+    assert summary.special_strings == 4 and "4 special-token strings" in summary.describe()
+    [sample, *_] = read_samples(tmp_path / "text")
+    im_end, eos = 100279, 100257
+    # Only the template's two <|im_end|> (one per turn); the content's strings are plain text.
+    assert list(sample["input_ids"]).count(im_end) == 2 and eos not in sample["input_ids"]
+    summary = convert_finetuning_dataset(
+        [str(src)], tmp_path / "allowed", max_seq_len=SEQ, allow_special_tokens=True
+    )
+    assert "encoded as control tokens" in summary.describe()
+    [sample, *_] = read_samples(tmp_path / "allowed")
+    assert list(sample["input_ids"]).count(im_end) == 4 and list(sample["input_ids"]).count(eos) == 2
+
+
+def test_a_sequence_id_column_that_does_not_number_conversations_in_order_is_refused():
+    ids = np.arange(6, dtype=np.int32)
+    labels = ids.copy()
+    assert find_sample_problem(ids, labels, 8, VOCAB, np.array([0, 0, 1, 1, 2, 2])) is None
+    for bad in ([0, 0, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1], [0, 1, 0, 1, 1, 1], [0, 0, 1]):
+        assert "sequence_id" in find_sample_problem(ids, labels, 8, VOCAB, np.array(bad))

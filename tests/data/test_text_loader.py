@@ -17,6 +17,7 @@ from dbrx_train.data.text import (
     TextDatasetConfig,
     TextLoaderConfig,
     build_text_dataloader,
+    documents_after,
     validate_text_dataset_config,
 )
 from dbrx_train.data.token_mds import iter_token_samples, read_index, write_token_mds
@@ -225,3 +226,33 @@ def test_too_few_samples_for_one_batch(tmp_path):
         build_text_dataloader(
             loader_cfg(folder), device_batch_size=4, max_seq_len=SEQ, vocab_size=VOCAB, seed=0
         )
+
+
+def test_eos_token_id_gives_each_token_its_document(data):
+    assert documents_after(torch.tensor([5, 9, 100257, 7, 100257, 100257, 3]), 100257).tolist() == [
+        0,
+        0,
+        0,
+        1,
+        1,
+        2,
+        3,
+    ]
+    loader = build_text_dataloader(
+        loader_cfg(data["prose"][0], shuffle=False, eos_token_id=100257),
+        device_batch_size=4,
+        max_seq_len=SEQ,
+        vocab_size=VOCAB,
+        seed=0,
+    )
+    batches = list(loader)
+    ends = 0
+    for batch in batches:
+        ids, seq = batch["input_ids"], batch["sequence_id"]
+        assert seq.shape == ids.shape and (seq[:, 0] == 0).all()
+        # the id steps up right after each EOS, and only there
+        assert torch.equal(seq.diff(dim=1), (ids[:, :-1] == 100257).long())
+        ends += int((ids == 100257).sum())
+    assert ends >= 11  # the 12 help topics' EOS tokens (minus the dropped tail)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        validate_text_dataset_config(loader_cfg(data["prose"][0], eos_token_id=-1), SEQ, VOCAB)

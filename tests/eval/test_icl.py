@@ -187,7 +187,7 @@ def test_generation_metric_is_foundrys():
     assert generation_is_correct(cot, "2 + 2 is 4 #### 4 apples", ["4"])
 
 
-def test_bad_task_files_are_one_line_naming_file_line_and_field(tmp_path):
+def test_bad_task_files_are_one_line_naming_file_line_and_field(default_corpus, tmp_path):
     path = tmp_path / "mc.jsonl"
     cases = {
         '{"query": "q", "choices": ["a", "b"]}': "mc.jsonl:2: missing field 'gold'",
@@ -198,6 +198,7 @@ def test_bad_task_files_are_one_line_naming_file_line_and_field(tmp_path):
     for line, message in cases.items():
         path.write_text(json.dumps(MC_ROWS[0]) + "\n" + line + "\n")
         overrides = [
+            f"variables.data_root={default_corpus}",  # the training data is checked first
             f"icl_tasks=[{{label: mc, dataset_uri: {path}, icl_task_type: multiple_choice}}]",
             "eval_gauntlet=null",
         ]
@@ -253,7 +254,7 @@ def test_gauntlet_is_foundrys_arithmetic():
     assert scores["default_average"] == pytest.approx((scores["a"] + scores["b"]) / 2)
 
 
-def test_default_suite_is_held_out_of_pretraining(default_corpus, tokenizer, model):
+def test_default_suite_is_held_out_of_pretraining(real_vocab_corpus, tokenizer, model):
     sys.path.insert(0, str(ROOT / "data_prep"))
     from pydoc_data.topics import topics
 
@@ -267,7 +268,7 @@ def test_default_suite_is_held_out_of_pretraining(default_corpus, tokenizer, mod
             assert i >= 3 and blocks[i] not in kept  # never the title or the first two paragraphs
             held += 1
     assert held > 50
-    cfg = load_config(TINY, [f"variables.data_root={default_corpus}"])
+    cfg = load_config(TINY, [f"variables.data_root={real_vocab_corpus}"])
     suite = build_icl_suite(
         cfg.icl_tasks,
         tokenizer,
@@ -276,7 +277,7 @@ def test_default_suite_is_held_out_of_pretraining(default_corpus, tokenizer, mod
         subset_num_batches=1,
         gauntlet=cfg.eval_gauntlet,
     )
-    manifest = json.loads((default_corpus / "manifest.json").read_text())
+    manifest = json.loads((real_vocab_corpus / "manifest.json").read_text())
     assert {t.label for t in suite.tasks} == set(manifest["icl"])
     with torch.no_grad():
         scores = evaluate_suite(suite, model_logits_fn(model, "cpu"), model_generate_fn(model), tokenizer)

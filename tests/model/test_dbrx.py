@@ -18,6 +18,7 @@ from dbrx_train.model import (
     flops_per_token,
     kv_cache_bytes_per_token,
 )
+from dbrx_train.model.config import NON_HF_ATTN_KEYS, NON_HF_FFN_KEYS
 
 DBRX_132B = {
     "d_model": 6144,
@@ -253,7 +254,7 @@ def test_config_defaults_and_field_names_equal_transformers():
             assert getattr(ours, field.name) == getattr(hf, field.name), field.name
     for section in ("attn_config", "ffn_config"):
         for field in dataclasses.fields(getattr(ours, section)):
-            if field.name in ("uniform_expert_assignment", "moe_backend"):  # ours, not HF's
+            if field.name in (*NON_HF_ATTN_KEYS, *NON_HF_FFN_KEYS):  # ours, not HF's
                 continue
             assert getattr(getattr(ours, section), field.name) == getattr(getattr(hf, section), field.name)
     assert ours.head_dim == 128

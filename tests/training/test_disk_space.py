@@ -10,10 +10,10 @@ import pytest
 from dbrx_train.checkpoint import store
 from tests.training.test_resume_e2e import checkpoints, run
 
-# One checkpoint of the test model (SMALL in test_train_e2e: 100352-token vocabulary, d_model 64)
-# with its AdamW moments is ~153 MiB.
-NO_ROOM_MIB = 100
-ONE_CHECKPOINT_MIB = 240
+# One checkpoint of the test model (SMALL in test_train_e2e: 1024-token vocabulary, d_model 64)
+# with its AdamW moments is ~6.6 MiB.
+NO_ROOM_MIB = 4
+ONE_CHECKPOINT_MIB = 10
 
 
 def last_message(stderr: str) -> str:
@@ -27,7 +27,7 @@ def test_no_room_for_one_checkpoint_is_refused_before_training(small_disk, defau
     assert proc.returncode != 0
     message = last_message(proc.stderr)
     assert f"{run_dir} (where checkpoints are written) has" in message, proc.stderr[-3000:]
-    assert "free, but one checkpoint of this run takes about 1" in message  # ~153 MiB
+    assert "free, but one checkpoint of this run takes about 7 MiB" in message  # ~6.6 MiB
     assert "AdamW" not in message and "decoupled_adamw moments" in message
     assert "Traceback" not in message
     assert not (run_dir / "metrics.jsonl").exists() or "batch" not in (run_dir / "metrics.jsonl").read_text()
@@ -59,7 +59,7 @@ def test_room_for_one_checkpoint_warns_then_fails_cleanly_and_resume_is_refused(
 
 @pytest.mark.slow
 def test_no_room_for_one_hf_export_is_refused_before_training(small_disk, default_corpus, tmp_path):
-    hf = small_disk(12) / "hf"  # a bf16 export of the test model with its tokenizer is ~39 MiB
+    hf = small_disk(12) / "hf"  # a bf16 export of the test model with its tokenizer is ~15 MiB
     run_dir = tmp_path / "run"
     proc = run(1, run_dir, default_corpus, f"callbacks.hf_export.folder={hf}")
     assert proc.returncode != 0
@@ -76,7 +76,7 @@ def test_no_room_for_one_hf_export_is_refused_before_training(small_disk, defaul
 def test_a_failed_hf_export_keeps_its_batch_checkpoint_and_stops_every_rank(
     small_disk, default_corpus, tmp_path
 ):
-    hf = small_disk(60) / "hf"  # room for one ~39 MiB export of two
+    hf = small_disk(24) / "hf"  # room for one ~15 MiB export of two
     run_dir = tmp_path / "run"
     export_every_2 = ["max_duration=4ba", "save_interval=2ba", "callbacks.hf_export.save_interval=2ba"]
     proc = run(2, run_dir, default_corpus, *export_every_2, f"callbacks.hf_export.folder={hf}")

@@ -1,5 +1,6 @@
-"""Export during and after training, conversion of Composer checkpoints, and training from an HF
-folder: real `composer` runs of a small DBRX (1 rank without FSDP, 2 ranks FSDP2 + mixed init)."""
+"""Export during and after training, conversion of Composer checkpoints, training from an HF folder,
+and fine-tuning from a pretraining run: real `composer` runs of a small DBRX at DBRX's vocabulary
+(1 rank without FSDP, 2 ranks FSDP2 + mixed init)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,14 @@ import transformers
 from dbrx_train.checkpoint.composer_weights import read_composer_checkpoint
 from dbrx_train.config.run import load_config, load_model_config
 from dbrx_train.config.schema import ConfigError
+from dbrx_train.data.loaders import build_dataloader
 from dbrx_train.data.tokenizer import load_tokenizer
 from dbrx_train.model import DbrxForCausalLM
-from dbrx_train.model.hf import save_hf_folder, save_pretrained, weight_files
+from dbrx_train.model.dbrx import causal_lm_loss
+from dbrx_train.model.hf import load_pretrained, save_hf_folder, save_pretrained, weight_files
 from dbrx_train.training.train import main as train_main
-from tests.training.test_train_e2e import ROOT, TINY, launch
+from tests.training.test_curriculum_e2e import finetune
+from tests.training.test_train_e2e import REAL_VOCAB, ROOT, TINY, launch, read_metrics
 
 
 def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -47,21 +51,43 @@ def assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
         torch.testing.assert_close(ta[name], tb[name], atol=atol, rtol=0, msg=name)
 
 
-@pytest.mark.slow
-def test_export_convert_pretrained_start_and_generate(default_corpus, tmp_path):
-    # Run A: 1 rank, no FSDP (checkpoints are ep0-baN/rank0.pt), HF export every 3 batches + end.
-    run_a = tmp_path / "a"
+@pytest.fixture(scope="module")
+def pretrained_runs(real_vocab_corpus, tmp_path_factory) -> tuple[Path, Path]:
+    """At DBRX's vocabulary (the exports carry its tokenizer, and text is generated from them):
+    Run A: 1 rank, no FSDP (checkpoints are ep0-baN/rank0.pt), HF export every 3 batches + end.
+    Run B: 2 ranks, FSDP2, starts from A's export; rank 0 loads, rank 1 stays on meta and gets
+    the weights from FSDP's broadcast. A zero learning rate keeps them: the export at the end must
+    equal the folder it started from."""
+    root = tmp_path_factory.mktemp("pretrained")
+    run_a, run_b = root / "a", root / "b"
+    common = ("max_duration=4ba", "save_interval=4ba", "eval_interval=4ba", REAL_VOCAB)
     launch(
         1,
         run_a,
-        default_corpus,
-        "max_duration=4ba",
-        "save_interval=4ba",
-        "eval_interval=4ba",
+        real_vocab_corpus,
+        *common,
         "fsdp_config=null",
         "callbacks.hf_export.save_interval=3ba",
         "callbacks.hf_export.dtype=fp32",
     )
+    launch(
+        2,
+        run_b,
+        real_vocab_corpus,
+        *common,  # max_duration 4ba: the YAML's curriculum needs phases >= 1 batch apart
+        f"model.pretrained={run_a / 'hf/ba4'}",
+        "model.init_device=mixed",
+        "optimizer.lr=1e-30",
+        "callbacks.hf_export.save_interval=100ba",
+        "callbacks.hf_export.dtype=fp32",
+        "callbacks.hf_export.max_shard_size=20000000",
+    )
+    return run_a, run_b
+
+
+@pytest.mark.slow
+def test_export_convert_pretrained_start_and_generate(pretrained_runs, tmp_path):
+    run_a, run_b = pretrained_runs
     assert sorted(p.name for p in (run_a / "hf").iterdir()) == ["ba3", "ba4"]
     export_a = run_a / "hf/ba4"
     (checkpoint_a,) = run_a.glob("ep*-ba4/rank0.pt")  # the tiny data set can end epochs early
@@ -72,24 +98,7 @@ def test_export_convert_pretrained_start_and_generate(default_corpus, tmp_path):
     )
     assert_same_weights(export_a, tmp_path / "a-converted")
 
-    # Run B: 2 ranks, FSDP2, starts from A's export; rank 0 loads, rank 1 stays on meta and gets
-    # the weights from FSDP's broadcast. A zero learning rate keeps them: the export at the end must
-    # equal the folder it started from.
-    run_b = tmp_path / "b"
-    launch(
-        2,
-        run_b,
-        default_corpus,
-        "max_duration=4ba",  # the YAML's curriculum needs phases >= 1 batch apart
-        "save_interval=4ba",
-        "eval_interval=4ba",
-        f"model.pretrained={export_a}",
-        "model.init_device=mixed",
-        "optimizer.lr=1e-30",
-        "callbacks.hf_export.save_interval=100ba",
-        "callbacks.hf_export.dtype=fp32",
-        "callbacks.hf_export.max_shard_size=20000000",
-    )
+    # Run B started from A's export and kept its weights.
     export_b = run_b / "hf/ba4"
     assert (export_b / "model.safetensors.index.json").is_file()  # sharded
     assert_same_weights(export_a, export_b, atol=1e-6)
@@ -131,6 +140,43 @@ def test_export_convert_pretrained_start_and_generate(default_corpus, tmp_path):
     ours = json.loads(proc.stdout.splitlines()[-1])["ids"]
     assert ours == expected_ids[: len(ours)] and len(ours) >= 1
     assert hf_tok.decode(expected_ids) == hf_tok.decode(ours) or len(ours) < 12
+
+
+@pytest.mark.slow
+def test_finetune_starts_from_the_weights_of_a_pretraining_run(pretrained_runs, real_vocab_corpus, tmp_path):
+    """yamls/finetune.yaml on the default chat set, from a pretraining run folder (its newest
+    checkpoint, 2-rank FSDP2 sharded) on 1 rank: weights only, a fresh schedule."""
+    _, run_b = pretrained_runs
+    tuned = tmp_path / "finetuned"
+    proc = finetune(
+        real_vocab_corpus,
+        tuned,
+        f"load_path={run_b}",
+        "max_duration=4ba",
+        "eval_interval=4ba",
+        "eval_first=true",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    tuned_rows = read_metrics(tuned)
+    assert [r["batch"] for r in tuned_rows] == [1, 2, 3, 4]
+    assert all("metrics/eval/LanguageCrossEntropy" in tuned_rows[i] for i in (0, 3))
+    # Started from exactly the pretrained weights (B's equal its export): the evaluation before the first
+    # step (on batch 1's line) is theirs on the first chat val batch, to float rounding.
+    cfg = load_config(
+        ROOT / "yamls/finetune.yaml", [f"variables.data_root={real_vocab_corpus}", "max_seq_len=64"]
+    )
+    loader = build_dataloader(
+        cfg.eval_loader,
+        device_batch_size=8,
+        max_seq_len=64,
+        vocab_size=cfg.model.dbrx.vocab_size,
+        seed=cfg.seed,
+    )
+    batch = next(iter(loader))
+    with torch.no_grad():
+        pretrained = load_pretrained(run_b / "hf/ba4").eval()
+        expected = causal_lm_loss(pretrained(batch["input_ids"]).logits, batch["labels"]).item()
+    assert tuned_rows[0]["metrics/eval/LanguageCrossEntropy"] == pytest.approx(expected, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

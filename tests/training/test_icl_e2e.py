@@ -2,8 +2,8 @@
 final scores equal scoring the exported HF folder outside training (`dbrx-train eval --icl-tasks`,
 and transformers' own DbrxForCausalLM for the log-likelihood tasks).
 
-Two launches of 4 batches, with tiny task files of every type, few-shot included (the default suite
-runs in test_train_e2e's runs)."""
+Two launches of 4 batches at DBRX's vocabulary (the tasks are DBRX-tokenized text), with tiny task
+files of every type, few-shot included."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training.test_train_e2e import ROOT, launch, read_metrics
+from tests.training.test_train_e2e import REAL_VOCAB, ROOT, launch, read_metrics
 
 TYPES = {
     "lm": "language_modeling",
@@ -73,7 +73,7 @@ COMMON = (
 
 
 @pytest.fixture(scope="module")
-def icl_runs(default_corpus, tmp_path_factory):
+def icl_runs(real_vocab_corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("icl")
     tasks = write_tasks(root / "tasks")
     runs = {}
@@ -82,7 +82,8 @@ def icl_runs(default_corpus, tmp_path_factory):
         proc = launch(
             nproc,
             run_dir,
-            default_corpus,
+            real_vocab_corpus,
+            REAL_VOCAB,
             *COMMON,
             f"icl_tasks={tasks}",
             f"eval_gauntlet={tasks}",

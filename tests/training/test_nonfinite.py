@@ -247,7 +247,7 @@ def test_two_rank_run_skips_then_stops_with_the_last_good_checkpoint(tmp_path):
     with torch.no_grad():
         model.transformer.wte.weight[E2E_POISON] = math.inf
     save_pretrained(model, tmp_path / "pretrained", dtype=torch.float32, tokenizer=False)
-    tokens = np.random.default_rng(0).integers(1000, 3000, size=(8 * 8, 64), dtype=np.int32)
+    tokens = np.random.default_rng(0).integers(8, config.vocab_size, size=(8 * 8, 64), dtype=np.int32)
     for batch, position in POISONED:
         tokens[8 * (batch - 1) + position, 20] = E2E_POISON
     write_token_mds(list(tokens), tmp_path / "data")

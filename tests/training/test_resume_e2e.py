@@ -1,5 +1,6 @@
-"""Real interrupted runs: SIGKILL at an arbitrary batch and mid-save, a size-limited disk, a damaged
-latest checkpoint, SIGTERM, elastic 2 <-> 1 resumes, and changed configs on resume.
+"""Real interrupted runs: SIGKILL at an arbitrary batch (a curriculum mid-segment on 2 ranks) and
+mid-save, a size-limited disk, a damaged latest checkpoint, SIGTERM, Ctrl-C, elastic 2 <-> 1 resumes,
+and changed configs on resume.
 
 Every run uses dropout (all three kinds), so bit-exact per-batch losses after a resume show that
 every RNG, the optimizer, the schedule and the data position came back exactly.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +32,8 @@ RELIABLE = [
     "curriculum=null",
     "callbacks.sample_log={}",
     "callbacks.expert_load=null",
+    "icl_tasks=null",  # not about ICL: no evaluation rows in metrics.jsonl, no ICL time per run
+    "eval_gauntlet=null",
     "model.resid_pdrop=0.1",
     "model.emb_pdrop=0.1",
     "model.attn_config.attn_pdrop=0.1",
@@ -137,8 +141,32 @@ def session_gone(proc: subprocess.Popen, timeout: float = 120) -> None:
     raise AssertionError("processes of the run were still alive")
 
 
+def copy_run(run_dir: Path, to: Path) -> Path:
+    """A finished run's folder elsewhere, to resume without changing a run other tests read."""
+    shutil.copytree(run_dir, to)
+    return to
+
+
+def kill_mid_save(run_dir: Path, name: str, data_root: Path, logs: Path, attempts: int = 3) -> None:
+    """SIGKILL a 1-rank run while it writes checkpoint `name`. The test model saves in a fraction of a
+    second, so a busy machine's poll can miss it: then the run is started again from nothing."""
+    batch = int(name.split("-ba")[1])
+
+    def saving_or_saved() -> bool:
+        return any(run_dir.glob(f".tmp-{name}-*")) or last_batch(run_dir) > batch
+
+    for attempt in range(attempts):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        proc = start(1, run_dir, data_root, logs=logs / str(attempt))
+        wait_until(saving_or_saved, proc, poll=0.005)
+        kill_session(proc)
+        if name not in checkpoints(run_dir):
+            return
+    raise AssertionError(f"no kill landed while {name} was written ({attempts} runs)")
+
+
 def losses(run_dir: Path) -> dict[int, float]:
-    return {r["batch"]: r["loss/train/total"] for r in read_metrics(run_dir)}
+    return {r["batch"]: r["loss/train/total"] for r in read_metrics(run_dir) if "loss/train/total" in r}
 
 
 def samples(run_dir: Path) -> dict[int, list[int]]:
@@ -161,24 +189,85 @@ def reference(default_corpus, tmp_path_factory) -> dict[int, Path]:
     return runs
 
 
+# The curriculum of dbrx-tiny.yaml in mix segments of 2 batches (each its own Streaming epoch): the
+# checkpoint at batch 3 and a kill at batch 5 both fall mid-segment.
+CURRICULUM = (
+    "curriculum={interpolation: linear, step: 2ba, phases: [{start: 0dur, mix: {prose: 0.8, code: 0.2}}, "
+    "{start: 0.25dur, mix: {prose: 0.8, code: 0.2}}, {start: 0.75dur, mix: {prose: 0.2, code: 0.8}}]}",
+)
+
+
+def batch_of(name: str) -> int:
+    return int(name.split("-ba")[1])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [1, 2], ids=["1-rank", "2-ranks-curriculum"])
 def test_sigkill_at_any_batch_then_autoresume_is_bit_exact(nproc, reference, default_corpus, tmp_path):
+    mix = CURRICULUM if nproc == 2 else ()
+    want_dir = reference[nproc]
+    if mix:  # its own uninterrupted reference
+        want_dir = tmp_path / "reference"
+        run_ok(nproc, want_dir, default_corpus, *mix)
     run_dir = tmp_path / "run"
-    proc = start(nproc, run_dir, default_corpus, logs=tmp_path / "logs")
+    proc = start(nproc, run_dir, default_corpus, *mix, logs=tmp_path / "logs")
     wait_until(lambda: last_batch(run_dir) >= 5, proc)  # past the checkpoint at batch 3
     kill_session(proc)
     session_gone(proc)
-    assert "ep0-ba3" in checkpoints(run_dir)
+    assert 3 in [batch_of(name) for name in checkpoints(run_dir)]
 
-    proc = run_ok(nproc, run_dir, default_corpus)  # the same command again
+    proc = run_ok(nproc, run_dir, default_corpus, *mix)  # the same command again
     assert "resuming from" in proc.stdout + proc.stderr
-    want = losses(reference[nproc])
+    want = losses(want_dir)
     assert sorted(want) == list(range(1, 9))
     assert losses(run_dir) == want  # bit for bit, dropout included
-    assert samples(run_dir) == samples(reference[nproc])
+    assert samples(run_dir) == samples(want_dir)
+    if mix:  # the mix went on where it stopped, segment by segment
+        mixes = [{k: v for k, v in r.items() if k.startswith("data/mix/")} for r in read_metrics(run_dir)]
+        assert mixes == [
+            {k: v for k, v in r.items() if k.startswith("data/mix/")} for r in read_metrics(want_dir)
+        ]
+        assert len({tuple(m.items()) for m in mixes}) > 1
     # rotation counted the first process's checkpoints too: only the newest two are left
-    assert checkpoints(run_dir) == ["ep0-ba6", "ep0-ba8"]
+    assert [batch_of(name) for name in checkpoints(run_dir)] == [6, 8]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_ctrl_c_saves_a_checkpoint_then_the_same_command_resumes_bit_exact(
+    nproc, reference, default_corpus, tmp_path
+):
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    logs.mkdir()
+    # The launcher `make` and `dbrx-train train` use: Composer's, with its Ctrl-C handling restored.
+    cmd = command(nproc, run_dir, default_corpus, "save_interval=100ba", launcher_logs=logs)
+    cmd[cmd.index("composer.cli.launcher")] = "dbrx_train.launch"
+    out_file = (logs / "launcher.out").open("w")
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=environment(nproc),
+        stdout=out_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    wait_until(lambda: last_batch(run_dir) >= 2, proc)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends: the launcher and every rank
+    assert proc.wait(timeout=120) == 130
+    session_gone(proc)
+    out = (logs / "launcher.out").read_text()
+    ranks = "".join((logs / f"rank{r}.{s}").read_text() for r in range(1, nproc) for s in ("out", "err"))
+    [saved] = checkpoints(run_dir)
+    stopped = batch_of(saved)
+    assert 2 <= stopped < 8
+    assert f"stopped by Ctrl-C (SIGINT) after batch {stopped}; saved checkpoint {run_dir / saved}" in out, (
+        out[-3000:]
+    )
+    assert "Ctrl-C received; terminating training processes." in out  # the launcher's own line
+    assert "Traceback" not in out + ranks and "KeyboardInterrupt" not in out + ranks
+
+    run_ok(nproc, run_dir, default_corpus)
+    assert losses(run_dir) == losses(reference[nproc])
 
 
 @pytest.mark.slow
@@ -210,14 +299,12 @@ def test_kill_mid_save_full_disk_and_damaged_latest_never_lose_the_good_checkpoi
 ):
     run_dir = tmp_path / "run"
     # 1. SIGKILL while the checkpoint at batch 6 is being written.
-    proc = start(1, run_dir, default_corpus, logs=tmp_path / "logs")
-    wait_until(lambda: any(run_dir.glob(".tmp-ep0-ba6-*")), proc, poll=0.005)
-    kill_session(proc)
+    kill_mid_save(run_dir, "ep0-ba6", default_corpus, tmp_path / "logs")
     assert any(run_dir.glob(".tmp-ep0-ba6-*")), "the kill did not land mid-save"
     assert checkpoints(run_dir) == ["ep0-ba3"]
 
     # 2. A disk that cannot hold the next checkpoint (file size limit below one shard's size).
-    limit = 20 << 20
+    limit = next((reference[1] / "ep0-ba3").glob("*.distcp")).stat().st_size // 2
     full = run(
         1,
         run_dir,
@@ -254,19 +341,18 @@ def test_kill_mid_save_full_disk_and_damaged_latest_never_lose_the_good_checkpoi
 
 @pytest.mark.slow
 def test_changed_config_on_resume_is_refused_harmless_changes_pass(reference, default_corpus, tmp_path):
-    run_dir = tmp_path / "run"
-    run_ok(1, run_dir, default_corpus, "max_duration=3ba")
+    run_dir = copy_run(reference[1], tmp_path / "run")  # checkpoints at batches 3, 6 and 8
     refused = run(1, run_dir, default_corpus, "seed=5", "global_train_batch_size=16", "model.n_layers=3")
     assert refused.returncode != 0
     for line in ("seed: 17 -> 5", "global_train_batch_size: 8 -> 16", "model.n_layers: 2 -> 3"):
         assert line in refused.stderr, refused.stderr[-3000:]
-    assert checkpoints(run_dir) == ["ep0-ba3"]
+    assert checkpoints(run_dir) == ["ep0-ba3", "ep0-ba6", "ep0-ba8"]
     # logging, save interval and a longer max_duration may change
     proc = run_ok(
-        1, run_dir, default_corpus, "console_log_interval=2ba", "save_interval=5ba", "max_duration=5ba"
+        1, run_dir, default_corpus, "console_log_interval=2ba", "save_interval=5ba", "max_duration=10ba"
     )
     assert "resuming from" in proc.stderr and "console_log_interval: '1ba' -> '2ba'" in proc.stderr
-    assert sorted(losses(run_dir)) == [1, 2, 3, 4, 5]
+    assert sorted(losses(run_dir)) == list(range(1, 11))
 
 
 @pytest.mark.slow
@@ -321,11 +407,13 @@ def test_object_store_save_folder_uploads_and_a_fresh_machine_resumes_from_it(de
 
 
 @pytest.mark.slow
-def test_the_same_command_after_the_end_has_nothing_to_train(default_corpus, tmp_path):
-    run_dir = tmp_path / "run"
-    run_ok(1, run_dir, default_corpus, "max_duration=3ba")
-    again = run_ok(1, run_dir, default_corpus, "max_duration=3ba")  # Composer alone: a ValueError traceback
+def test_the_same_command_after_the_end_has_nothing_to_train(reference, default_corpus, tmp_path):
+    run_dir = copy_run(reference[1], tmp_path / "run")
+    # the reference's command again; Composer alone: a ValueError traceback
+    again = run_ok(1, run_dir, default_corpus, "save_num_checkpoints_to_keep=-1")
     said = again.stdout[-2000:]
-    assert "nothing to train" in said and "ep0-ba3 is at batch 3" in said, said
+    assert "nothing to train" in said and "ep0-ba8 is at batch 8" in said, said
     assert "Traceback" not in again.stderr
-    assert checkpoints(run_dir) == ["ep0-ba3"] and sorted(losses(run_dir)) == [1, 2, 3]
+    assert checkpoints(run_dir) == ["ep0-ba3", "ep0-ba6", "ep0-ba8"] and sorted(losses(run_dir)) == list(
+        range(1, 9)
+    )

@@ -1,0 +1,38 @@
+"""The fault-injection suite (tests/faults/cases.py): every case must end clean. Outcomes are tallied
+at the end of the session (tests/faults/conftest.py): clean, traceback, hang, silent, lost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.faults.cases import ALL
+from tests.faults.harness import OUTCOMES, Case, run_case
+from tests.faults.world import World, build_world
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> World:
+    return build_world(tmp_path_factory.mktemp("world"))
+
+
+def marks(case: Case) -> list:
+    # The real launches (~4-5 min together on 2 busy cores) are not in `make test` (CI's budget):
+    # `make test-fault-launches` runs them; the table in this process (~1.5 min) always runs.
+    return [pytest.mark.slow, pytest.mark.fault_launches] if case.slow else []
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=marks(c)) for c in ALL])
+def test_fault_ends_clean(case: Case, world: World, tmp_path: Path, capfd, tally):
+    verdict = run_case(case, world, tmp_path, capfd)
+    tally[case.name] = verdict.outcome
+    assert verdict.outcome in OUTCOMES
+    assert verdict.outcome == "clean", f"{case.name} ({case.kind}): {verdict.outcome}\n{verdict.detail}"
+
+
+def test_the_table_covers_every_kind_of_fault():
+    names = [case.name for case in ALL]
+    assert len(names) == len(set(names)) >= 60
+    kinds = {case.kind for case in ALL}
+    assert kinds == {"data", "config", "checkpoint", "signal", "concurrent", "disk", "hf", "prep"}
