@@ -6,14 +6,14 @@ import argparse
 from pathlib import Path
 
 from dbrx_train.config.docs import render
+from dbrx_train.config.foundry import markdown_table
 from dbrx_train.config.run import TrainConfig
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
 
 def config_markdown() -> tuple[str, list[str]]:
-    # The YAML writes the DbrxConfig fields directly under `model:` (as LLM Foundry does).
-    return render(TrainConfig, rename={"model.dbrx.": "model."})
+    return render(TrainConfig, appendix=markdown_table())
 
 
 def main() -> None:

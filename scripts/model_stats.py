@@ -48,7 +48,9 @@ def stats(yaml_path: str, overrides: list[str], world_size: int | None) -> dict:
         shard_degree = fsdp.data_parallel_shard_degree
     if fsdp is None:
         shard_degree = 1  # no FSDP: every rank holds everything
-    micro = cfg.device_train_microbatch_size or max(1, cfg.global_train_batch_size // world_size)
+    micro = cfg.device_train_microbatch_size
+    if not isinstance(micro, int):  # null or auto: the whole device batch
+        micro = max(1, cfg.global_train_batch_size // world_size)
     compute_bytes = 4 if cfg.precision == "fp32" else 2
     memory = estimate_training_memory(
         config,

@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 
+from dbrx_train.config.schema import build
 from dbrx_train.model import DbrxConfig, DbrxForCausalLM
 from dbrx_train.model.dbrx import KVCache
 from dbrx_train.model.generate import SamplingConfig, generate, next_token
@@ -20,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_model(seed=0, V=2048) -> DbrxForCausalLM:
-    config = DbrxConfig.from_dict(
+    config = build(
+        DbrxConfig,
         {
             "d_model": 32,
             "n_heads": 4,
@@ -29,7 +31,7 @@ def tiny_model(seed=0, V=2048) -> DbrxForCausalLM:
             "vocab_size": V,
             "attn_config": {"kv_n_heads": 2, "clip_qkv": 4.0},
             "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2},
-        }
+        },
     )
     model = DbrxForCausalLM(config)
     model.init_weights(seed=seed)

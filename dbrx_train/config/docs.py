@@ -16,16 +16,29 @@ import types
 import typing
 from typing import Any
 
+from dbrx_train.config.schema import Time
+
 HEADER = """# Configuration reference
 
 Generated from the config dataclasses by `python scripts/gen_config_docs.py`; do not edit by hand.
 Keys are YAML paths (`a.b.c`), settable from the command line as `a.b.c=value`. Keys follow LLM
-Foundry's `train.py` where the concept is the same. `<name>` stands for a name you choose.
+Foundry's `train.py` where the concept is the same; the table at the end says what each of LLM
+Foundry's other keys means here. `<name>` stands for a name you choose. `time` is a Composer time
+string such as `100ba`, `1ep`, `1000000tok`, `500sp` or `0.5dur`.
 """
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """Comment text for each field of dataclass ``cls``: trailing ``# ...`` or comment lines above."""
+    """Comment text for each field of dataclass ``cls`` (or of the base it inherits the field from):
+    trailing ``# ...`` or comment lines above."""
+    inherited = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            inherited.update(field_comments(base))
+    return {**inherited, **_own_field_comments(cls)}
+
+
+def _own_field_comments(cls: type) -> dict[str, str]:
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):
@@ -57,6 +70,8 @@ def type_name(tp: Any) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is type(None):
         return "null"
+    if tp is Time:
+        return "time"
     if origin in (typing.Union, types.UnionType):
         return " \\| ".join(type_name(a) for a in args)
     if origin is typing.Literal:
@@ -102,6 +117,9 @@ def rows(cls: type, prefix: str, missing: list[str]) -> list[tuple[str, str, str
         if not f.init or f.name.startswith("_"):
             continue
         tp = hints[f.name]
+        if f.metadata.get("flatten"):  # its keys sit at this level (model: holds DbrxConfig's)
+            out += [row for row in rows(tp, prefix, missing) if row not in out]
+            continue
         key = f"{prefix}{f.name}"
         subs = section_types(tp)
         is_map = typing.get_origin(tp) is dict or any(
@@ -138,14 +156,11 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def render(root: type, rename: dict[str, str] | None = None) -> tuple[str, list[str]]:
-    """Markdown for ``root``; key prefixes in ``rename`` are rewritten (flattened sections)."""
+def render(root: type, appendix: str = "") -> tuple[str, list[str]]:
+    """Markdown for ``root``, then ``appendix``; and the keys that have no comment."""
     missing: list[str] = []
     table = rows(root, "", missing)
-    for old, new in (rename or {}).items():
-        table = [(new + k[len(old) :] if k.startswith(old) else k, t, d, m) for k, t, d, m in table]
-        missing = [new + k[len(old) :] if k.startswith(old) else k for k in missing]
-    table = [r for r in table if r[0] not in (rename or {}).keys() and r[0] + "." not in (rename or {})]
     lines = [HEADER, "| key | type | default | meaning |", "|---|---|---|---|"]
     lines += [f"| `{k}` | {t} | {cell(d)} | {cell(m)} |" for k, t, d, m in table]
-    return "\n".join(lines) + "\n", missing
+    text = "\n".join(lines) + "\n"
+    return (text + "\n" + appendix if appendix else text), missing

@@ -1,13 +1,13 @@
 """The run configuration: YAML + CLI overrides -> one validated, typed ``TrainConfig``.
 
-Keys follow LLM Foundry's ``train.py`` where the concept is the same, so its YAMLs port with few
-edits. Everything is checked here, before any model, data or process group is built, and every
-error names the key (and the closest valid key for typos).
+Keys follow LLM Foundry's ``train.py`` where the concept is the same; Foundry's other spellings are
+translated or named by config/foundry.py first, so its YAMLs run as they are. Everything is checked
+here, before any model, data or process group is built: every problem of a YAML is reported at
+once, each naming its dotted key (and the closest valid key for typos).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -17,10 +17,10 @@ from typing import Any, Literal
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dbrx_train.config.foundry import Translation, translate
 from dbrx_train.config.icl import EvalGauntletConfig, ICLTaskConfig, check_gauntlet, expand_file_reference
-from dbrx_train.config.schema import ConfigError, build, to_dict, unknown_key_error
+from dbrx_train.config.schema import INVALID, ConfigError, Time, convert, has_key, to_dict
 from dbrx_train.data.finetuning import FinetuningLoaderConfig
-from dbrx_train.data.loaders import LOADER_KINDS
 from dbrx_train.data.mixture import CurriculumConfig, plan_segments
 from dbrx_train.data.text import TextLoaderConfig
 from dbrx_train.model import DbrxConfig
@@ -31,7 +31,8 @@ from dbrx_train.model.compile import COMPILE_REGIONS
 class ModelConfig:
     """``model:`` — the DbrxConfig fields (HF names) plus how to build the weights."""
 
-    dbrx: DbrxConfig
+    # The architecture: DbrxConfig's keys, written directly under `model:` as LLM Foundry does.
+    dbrx: DbrxConfig = field(default_factory=DbrxConfig, metadata={"flatten": True})
     name: Literal["dbrx"] = "dbrx"  # the model family; only `dbrx`
     # cpu: every rank builds and initialises the full model from the run seed (identical on all ranks).
     # mixed: rank 0 builds it, the others start on `meta` and receive rank 0's weights while sharding.
@@ -44,7 +45,6 @@ class ModelConfig:
     pretrained: str | None = None
 
 
-MODEL_KEYS = ("name", "init_device", "pretrained")
 # Keys that fix parameter shapes: a pretrained folder and the YAML must agree on them.
 PRETRAINED_SHAPE_KEYS = (
     "d_model",
@@ -77,11 +77,11 @@ class OptimizerConfig:
     # adamw: p *= 1 - lr * weight_decay. 0: no weight decay.
     weight_decay: float = 0.0
 
-    def __post_init__(self):
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0; got {self.lr}")
+    def problems(self) -> list[tuple[str, str]]:
+        found = [("lr", f"must be > 0; got {self.lr}")] if self.lr <= 0 else []
         if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas must lie in [0, 1); got {self.betas}")
+            found.append(("betas", f"must lie in [0, 1); got {list(self.betas)}"))
+        return found
 
 
 @dataclass
@@ -90,11 +90,8 @@ class SchedulerConfig:
     name: Literal["cosine_with_warmup", "linear_decay_with_warmup", "constant_with_warmup"] = (
         "cosine_with_warmup"
     )
-    t_warmup: str = "0ba"  # warmup length, a Composer time string (e.g. 100ba, 0.01dur)
+    t_warmup: Time = "0ba"  # warmup length, a Composer time string (e.g. 100ba, 0.01dur)
     alpha_f: float = 0.0  # final lr as a fraction of lr; ignored by constant_with_warmup
-
-    def __post_init__(self):
-        check_time("t_warmup", self.t_warmup)
 
 
 @dataclass
@@ -122,9 +119,10 @@ class NonFiniteLossConfig:
     # (a diverged model rather than a bad batch). null: no limit.
     max_consecutive_skips: int | None = 10
 
-    def __post_init__(self):
+    def problems(self) -> list[tuple[str, str]]:
         if self.max_consecutive_skips is not None and self.max_consecutive_skips < 0:
-            raise ValueError(f"max_consecutive_skips must be >= 0 or null; got {self.max_consecutive_skips}")
+            return [("max_consecutive_skips", f"must be >= 0 or null; got {self.max_consecutive_skips}")]
+        return []
 
 
 @dataclass
@@ -224,7 +222,7 @@ class ExpertLoadConfig:
 class HFExportConfig:
     """``callbacks.hf_export:`` an HF DBRX folder `{folder}/ba{N}` every save_interval and at the end."""
 
-    save_interval: str = "1000ba"  # how often to export, a Composer time string; also once at the end
+    save_interval: Time = "1000ba"  # how often to export, a Composer time string; also once at the end
     folder: str = "{save_folder}/hf"  # holds the ba{N} folders; {save_folder} and {run_name} are filled in
     dtype: Literal["bf16", "fp32", "fp16"] = "bf16"  # dtype of the exported weights
     max_shard_size: int = 5 * 1024**3  # bytes per safetensors shard (transformers' default 5GB)
@@ -234,10 +232,12 @@ class HFExportConfig:
     # an eval_loader); false: such a run is refused before it starts.
     drop_expert_bias: bool = False
 
-    def __post_init__(self):
-        check_time("callbacks.hf_export.save_interval", self.save_interval)
-        if self.max_shard_size <= 0:
-            raise ValueError(f"max_shard_size must be > 0; got {self.max_shard_size}")
+    def problems(self) -> list[tuple[str, str]]:
+        return (
+            [("max_shard_size", f"must be > 0; got {self.max_shard_size}")]
+            if self.max_shard_size <= 0
+            else []
+        )
 
 
 @dataclass
@@ -261,7 +261,7 @@ class TrainConfig:
     model: ModelConfig
     train_loader: TextLoaderConfig | FinetuningLoaderConfig  # chosen by `name`: text | finetuning
     # Training length, a Composer time string: 1000ba, 2ep, 100000sp, 1000000tok (curriculum: ba/sp/tok).
-    max_duration: str
+    max_duration: Time
     # Samples per optimizer step over all ranks; a multiple of world size x device_train_microbatch_size.
     global_train_batch_size: int
     # Names the run: save_folder runs/{run_name}, W&B run. null: dbrx-YYYYMMDD-HHMMSS (autoresume needs one).
@@ -276,7 +276,7 @@ class TrainConfig:
     eval_loader: TextLoaderConfig | FinetuningLoaderConfig | None = None
     curriculum: CurriculumConfig | None = None  # data-mix schedule over train_loader's streams
     # How often to evaluate, a Composer time string (with a curriculum, each mix segment is one epoch).
-    eval_interval: str = "1ep"
+    eval_interval: Time = "1ep"
     eval_first: bool = False  # evaluate once before the first training batch (not when resuming mid-run)
     eval_subset_num_batches: int = -1  # batches per evaluation; -1: the whole eval_loader
     # In-context-learning tasks (LLM Foundry's icl_tasks), scored at eval_interval, at the end and with
@@ -289,7 +289,9 @@ class TrainConfig:
     # LLM Foundry's composite score over icl_tasks (or the path of a YAML file holding it); null: none.
     eval_gauntlet: EvalGauntletConfig | None = None
     # Samples per forward/backward on one device (gradient accumulation over the device batch); null: all.
-    device_train_microbatch_size: int | None = None
+    # auto: Composer's automatic microbatching on GPU (the largest that fits), the whole device batch
+    # on CPU. One larger than the device batch becomes the device batch (with a warning).
+    device_train_microbatch_size: int | Literal["auto"] | None = None
     device_eval_batch_size: int | None = None  # eval samples per device batch; null: the device train batch
     device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: gpu when CUDA is available, else cpu
     # auto: amp_bf16 on GPU, fp32 on CPU; amp_bf16 also runs on CPU (fastest with AVX512-BF16/AMX)
@@ -309,7 +311,7 @@ class TrainConfig:
     # written and committed in runs/{run_name} first, then uploaded; autoresume also looks there.
     save_folder: str | None = None
     # How often to write a checkpoint (time string); also at the end and when a run stops early (SIGTERM).
-    save_interval: str = "1000ba"
+    save_interval: Time = "1000ba"
     # Checkpoints kept in save_folder, counted on disk (also across resumes), oldest deleted first; -1: all.
     save_num_checkpoints_to_keep: int = -1
     # A previous run in save_folder past this run's start: true replaces it if it finished; one that did not
@@ -333,25 +335,21 @@ class TrainConfig:
     allow_config_changes: list[str] = field(default_factory=list)
     loggers: LoggersConfig = field(default_factory=LoggersConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
-    log_to_console: bool = True  # print metrics to the console every console_log_interval
-    console_log_interval: str = "1ba"  # how often to print metrics, a Composer time string
-    progress_bar: bool = False  # a progress bar with the losses, tokens/s, MFU and ETA
+    # One line every console_log_interval: batch/total, loss, lr, tokens/s, MFU, ETA; eval loss after each
+    # evaluation; the data mix when it changes. Every other metric goes to metrics.jsonl, W&B, the report.
+    log_to_console: bool = True
+    console_log_interval: Time = "1ba"  # how often to print that line, in batches or epochs (e.g. 10ba, 1ep)
+    # A progress bar with the loss, tokens/s, MFU and ETA; null: on when stdout is a terminal (off in CI logs).
+    progress_bar: bool | None = None
     dist_timeout: float = 600.0  # seconds: timeout of the distributed process group (setup and collectives)
+    # What the config loader translated from LLM Foundry's spellings (printed once at start); not a key.
+    foundry: Translation | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def fsdp(self) -> FSDPConfig | None:
         if self.parallelism_config is not None and self.parallelism_config.fsdp is not None:
             return self.parallelism_config.fsdp
         return self.fsdp_config
-
-
-def check_time(key: str, value: str) -> None:
-    """Composer time strings such as '100ba', '1ep', '2000000tok', '0.1dur'."""
-    if not re.fullmatch(r"\s*\d+(\.\d+)?(e\d+)?(ba|ep|tok|sp|dur)\s*", str(value)):
-        raise ConfigError(
-            f"config key '{key}' must be a Composer time string such as '100ba', '1ep', "
-            f"'1000000tok', '500sp' or '0.5dur'; got {value!r}"
-        )
 
 
 def load_yaml(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -365,9 +363,11 @@ def load_yaml(path: str | Path, overrides: list[str] | None = None) -> dict[str,
         raise ConfigError(f"config file '{path}' is not valid YAML: {' '.join(str(e).split())}") from e
     if not OmegaConf.is_dict(cfg):
         raise ConfigError(f"config file '{path}' must hold a mapping of keys at top level")
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"command-line override '{item}' must look like key=value (e.g. seed=42)")
+    bad = [item for item in overrides or [] if "=" not in item]
+    if bad:
+        raise ConfigError(
+            [f"command-line override '{item}' must look like key=value (e.g. seed=42)" for item in bad]
+        )
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
         data = OmegaConf.to_container(cfg, resolve=True)
@@ -378,64 +378,63 @@ def load_yaml(path: str | Path, overrides: list[str] | None = None) -> dict[str,
 
 
 def parse_config(data: dict[str, Any]) -> TrainConfig:
-    """Typed config from plain dicts; raises ConfigError naming the first bad key."""
-    data = dict(data)
-    model = data.pop("model", None)
-    if model is None:
-        raise ConfigError("missing required config key 'model'")
-    data["model"] = _parse_model(model, data.get("max_seq_len"))
-    for key in ("train_loader", "eval_loader"):
-        if data.get(key) is not None:
-            data[key] = _parse_loader(data[key], key)
+    """Typed config from plain dicts; raises one ConfigError listing every problem found."""
+    translation = translate(data, lambda key: has_key(TrainConfig, key))
+    if translation.refused:
+        raise ConfigError(translation.refused)
+    problems = list(translation.problems)
+    data = translation.data
+    model = data.get("model")
+    if isinstance(model, dict):
+        data["model"] = _complete_model(model, data.get("max_seq_len"), problems)
     for key in ("icl_tasks", "eval_gauntlet"):
-        expand_file_reference(data, key)
-    cfg = build(TrainConfig, data)
-    _check(cfg)
+        try:
+            expand_file_reference(data, key)
+        except ConfigError as e:
+            problems += e.problems
+            data.pop(key)
+    cfg = convert(TrainConfig, data, "", problems)
+    if cfg is not INVALID:
+        problems += cross_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    cfg.foundry = translation
     return cfg
 
 
-def _parse_model(model: Any, max_seq_len: int | None) -> ModelConfig:
-    if not isinstance(model, dict):
-        raise ConfigError(f"config key 'model' must be a mapping; got {model!r}")
-    dbrx_fields = {f.name for f in dataclasses.fields(DbrxConfig)}
-    for key in model:
-        if key not in dbrx_fields and key not in MODEL_KEYS:
-            raise unknown_key_error("model", key, dbrx_fields | set(MODEL_KEYS))
-    dbrx_dict = {k: v for k, v in model.items() if k in dbrx_fields}
-    if model.get("pretrained") is not None:
-        dbrx_dict = _merge_pretrained(str(model["pretrained"]), dbrx_dict)
-    if "max_seq_len" not in dbrx_dict and isinstance(max_seq_len, int):
-        dbrx_dict["max_seq_len"] = max_seq_len
-    try:
-        dbrx = DbrxConfig.from_dict(dbrx_dict)
-        dbrx.validate()
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"config section 'model': {e}") from e
-    rest = {k: v for k, v in model.items() if k in MODEL_KEYS}
-    return build(ModelConfig, {"dbrx": dbrx, **rest}, "model")
+def _complete_model(model: dict[str, Any], max_seq_len: Any, problems: list[str]) -> dict[str, Any]:
+    """`model:` with what the YAML leaves to others: the architecture of `model.pretrained`'s
+    config.json, and max_seq_len from the top level."""
+    model = dict(model)
+    if isinstance(model.get("pretrained"), str):
+        model = _merge_pretrained(model["pretrained"], model, problems)
+    if "max_seq_len" not in model and isinstance(max_seq_len, int):
+        model["max_seq_len"] = max_seq_len
+    return model
 
 
-def _merge_pretrained(folder: str, yaml_model: dict[str, Any]) -> dict[str, Any]:
+def _merge_pretrained(folder: str, yaml_model: dict[str, Any], problems: list[str]) -> dict[str, Any]:
     """config.json of `model.pretrained`, overridden by the YAML's keys; shape keys must agree."""
     from dbrx_train.model.hf import read_hf_config_dict
 
     try:
         hf = read_hf_config_dict(folder)
     except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"model.pretrained: {e}") from e
+        problems.append(f"model.pretrained: {e}")
+        return yaml_model
     for dotted in PRETRAINED_SHAPE_KEYS:
         section, _, key = dotted.rpartition(".")
         ours = yaml_model.get(section, {}) if section else yaml_model
         theirs = hf.get(section, {}) if section else hf
         if isinstance(ours, dict) and key in ours and key in theirs and ours[key] != theirs[key]:
-            raise ConfigError(
+            problems.append(
                 f"model.{dotted} is {ours[key]!r} but the pretrained model {folder} has {theirs[key]!r} "
                 f"in its config.json; remove model.{dotted} from the YAML or make it agree"
             )
     merged = {**hf, **{k: v for k, v in yaml_model.items() if k not in ("attn_config", "ffn_config")}}
     for section in ("attn_config", "ffn_config"):
-        if section in yaml_model:
-            merged[section] = {**hf.get(section, {}), **(yaml_model[section] or {})}
+        if isinstance(yaml_model.get(section), dict):
+            merged[section] = {**hf.get(section, {}), **yaml_model[section]}
     return merged
 
 
@@ -444,34 +443,25 @@ def load_model_config(path: str | Path) -> DbrxConfig:
     re-read): what converting or sampling a checkpoint of that run needs."""
     data = load_yaml(path)
     model = {k: v for k, v in (data.get("model") or {}).items() if k != "pretrained"}
-    try:
-        return _parse_model(model, data.get("max_seq_len")).dbrx
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from e
+    problems: list[str] = []
+    parsed = convert(
+        ModelConfig, _complete_model(model, data.get("max_seq_len"), problems), "model", problems
+    )
+    if problems:
+        raise ConfigError(problems, source=str(path))
+    return parsed.dbrx
 
 
-def _parse_loader(loader: Any, key: str) -> TextLoaderConfig | FinetuningLoaderConfig:
-    """By `name`, so a mistake in a finetuning loader is reported against that schema only."""
-    if not isinstance(loader, dict):
-        raise ConfigError(f"config key '{key}' must be a mapping; got {loader!r}")
-    name = loader.get("name", "text")
-    if name not in LOADER_KINDS:
-        raise ConfigError(
-            f"config key '{key}.name' must be one of {', '.join(map(repr, LOADER_KINDS))}; got {name!r}"
-        )
-    return build(LOADER_KINDS[name], loader, key)
-
-
-def _check_curriculum(cfg: TrainConfig) -> None:
+def _curriculum_problems(cfg: TrainConfig) -> list[str]:
     if cfg.curriculum is None:
-        return
+        return []
     streams = cfg.train_loader.dataset.streams or {}
     with_proportion = [name for name, stream in streams.items() if stream.proportion is not None]
     if with_proportion:
-        raise ConfigError(
+        return [
             f"the curriculum sets the mix; remove 'proportion' from train_loader.dataset.streams "
             f"{', '.join(with_proportion)}"
-        )
+        ]
     try:
         plan_segments(
             cfg.curriculum,
@@ -481,73 +471,82 @@ def _check_curriculum(cfg: TrainConfig) -> None:
             max_seq_len=cfg.max_seq_len,
         )
     except ValueError as e:
-        raise ConfigError(str(e)) from e
+        return [str(e)]
+    return []
 
 
-def _check(cfg: TrainConfig) -> None:
-    check_time("max_duration", cfg.max_duration)
-    check_time("eval_interval", cfg.eval_interval)
-    check_time("save_interval", cfg.save_interval)
-    check_time("console_log_interval", cfg.console_log_interval)
+def cross_problems(cfg: TrainConfig) -> list[str]:
+    """Checks across keys, once every section has been built."""
+    found = []
+    if (
+        not re.fullmatch(r"\s*\d+(ba|ep)\s*", cfg.console_log_interval)
+        or cfg.console_log_interval.strip()[0] == "0"
+    ):
+        found.append(
+            f"config key 'console_log_interval' must be a number of batches or epochs such as '10ba' or '1ep'; "
+            f"got {cfg.console_log_interval!r}"
+        )
     if cfg.max_seq_len <= 0:
-        raise ConfigError(f"config key 'max_seq_len' must be positive; got {cfg.max_seq_len}")
-    if cfg.model.dbrx.max_seq_len < cfg.max_seq_len:
-        raise ConfigError(
+        found.append(f"config key 'max_seq_len' must be positive; got {cfg.max_seq_len}")
+    elif cfg.model.dbrx.max_seq_len < cfg.max_seq_len:
+        found.append(
             f"model.max_seq_len ({cfg.model.dbrx.max_seq_len}) is smaller than the training "
             f"max_seq_len ({cfg.max_seq_len}); raise model.max_seq_len or lower max_seq_len"
         )
     if cfg.global_train_batch_size <= 0:
-        raise ConfigError(
+        found.append(
             f"config key 'global_train_batch_size' must be positive; got {cfg.global_train_batch_size}"
         )
-    if cfg.device_train_microbatch_size is not None and cfg.device_train_microbatch_size <= 0:
-        raise ConfigError("config key 'device_train_microbatch_size' must be positive")
+    micro = cfg.device_train_microbatch_size
+    if isinstance(micro, int) and micro <= 0:
+        found.append(f"config key 'device_train_microbatch_size' must be positive or auto; got {micro}")
     if cfg.fsdp_config is not None and cfg.parallelism_config is not None and cfg.parallelism_config.fsdp:
-        raise ConfigError(
-            "give FSDP settings once: either 'fsdp_config' or 'parallelism_config.fsdp', not both"
-        )
+        found.append("give FSDP settings once: either 'fsdp_config' or 'parallelism_config.fsdp', not both")
     if cfg.autoresume and not cfg.run_name:
-        raise ConfigError(
-            "autoresume: true needs a fixed 'run_name' so a restarted job finds its checkpoints"
-        )
+        found.append("autoresume: true needs a fixed 'run_name' so a restarted job finds its checkpoints")
     if cfg.load_weights_only and not cfg.load_path:
-        raise ConfigError("load_weights_only: true needs 'load_path'")
-    _check_curriculum(cfg)
-    _check_icl(cfg)
+        found.append("load_weights_only: true needs 'load_path'")
+    found += _icl_problems(cfg)
+    if not found:  # the plan needs valid durations and sizes
+        found += _curriculum_problems(cfg)
+    return found
 
 
-def _check_icl(cfg: TrainConfig) -> None:
+def _icl_problems(cfg: TrainConfig) -> list[str]:
+    found = []
     tasks = cfg.icl_tasks or []
     labels = [t.label for t in tasks]
     if len(set(labels)) != len(labels):
-        raise ConfigError(f"icl_tasks: each label must be unique; got {labels}")
+        found.append(f"icl_tasks: each label must be unique; got {labels}")
     for key in ("icl_seq_len", "icl_subset_num_batches"):
         value = getattr(cfg, key)
         if value is not None and value <= 0:
-            raise ConfigError(f"config key '{key}' must be positive or null; got {value}")
+            found.append(f"config key '{key}' must be positive or null; got {value}")
     longest = max([cfg.icl_seq_len or cfg.max_seq_len] + [t.max_seq_len or 0 for t in tasks])
     if tasks and longest > cfg.model.dbrx.max_seq_len:
-        raise ConfigError(
+        found.append(
             f"ICL sequences of {longest} tokens (icl_seq_len or an icl_tasks max_seq_len) exceed "
             f"model.max_seq_len={cfg.model.dbrx.max_seq_len}; lower them"
         )
     if cfg.eval_gauntlet is not None:
-        check_gauntlet(cfg.eval_gauntlet, tasks)
+        try:
+            check_gauntlet(cfg.eval_gauntlet, tasks)
+        except ConfigError as e:
+            found += e.problems
+    return found
 
 
 @dataclass(frozen=True)
 class BatchLayout:
     world_size: int
     device_train_batch_size: int
-    device_train_microbatch_size: int
+    # An int, or "auto": Composer finds the largest that fits (GPU only).
+    device_train_microbatch_size: int | Literal["auto"]
     device_eval_batch_size: int
-
-    @property
-    def grad_accum(self) -> int:
-        return self.device_train_batch_size // self.device_train_microbatch_size
+    notes: tuple[str, ...] = ()  # warnings for the user (e.g. a microbatch cut to the device batch)
 
 
-def batch_layout(cfg: TrainConfig, world_size: int) -> BatchLayout:
+def batch_layout(cfg: TrainConfig, world_size: int, device: str = "cpu") -> BatchLayout:
     """Split the global batch over ranks and microbatches, or say exactly what does not divide."""
     gbs = cfg.global_train_batch_size
     if gbs % world_size:
@@ -556,14 +555,26 @@ def batch_layout(cfg: TrainConfig, world_size: int) -> BatchLayout:
             f"use a multiple of {world_size} (e.g. {math.ceil(gbs / world_size) * world_size})"
         )
     device_bs = gbs // world_size
-    micro = cfg.device_train_microbatch_size or device_bs
+    eval_bs = cfg.device_eval_batch_size or device_bs
+    micro = cfg.device_train_microbatch_size
+    if micro == "auto" and device == "gpu":
+        return BatchLayout(world_size, device_bs, "auto", eval_bs)
+    notes = []
+    if micro is None or micro == "auto":
+        micro = device_bs
+    elif micro > device_bs:
+        notes.append(
+            f"device_train_microbatch_size={micro} is more than the {device_bs} samples each of {world_size} "
+            f"rank(s) gets from global_train_batch_size={gbs}; using microbatches of {device_bs}"
+        )
+        micro = device_bs
     if device_bs % micro:
         raise ConfigError(
             f"global_train_batch_size={gbs} gives {device_bs} samples per device on {world_size} rank(s), "
             f"which is not divisible by device_train_microbatch_size={micro}; "
             f"choose global_train_batch_size as a multiple of world_size x microbatch = {world_size * micro}"
         )
-    return BatchLayout(world_size, device_bs, micro, cfg.device_eval_batch_size or device_bs)
+    return BatchLayout(world_size, device_bs, micro, eval_bs, tuple(notes))
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
@@ -571,15 +582,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     try:
         return parse_config(load_yaml(path, overrides))
     except ConfigError as e:
-        msg = str(e)
-        if str(path) not in msg:
-            msg = f"{path}: {msg}"
-        raise ConfigError(msg) from None
+        raise ConfigError(e.problems, source=str(path)) from None
 
 
 def resolved_dict(cfg: TrainConfig) -> dict[str, Any]:
-    """The config as plain dicts (model flattened back to the YAML's shape), for config.yaml/W&B."""
-    data = to_dict(cfg)
-    model = data.pop("model")
-    data["model"] = {**model.pop("dbrx"), **model}
-    return data
+    """The config as plain dicts in the YAML's shape, for config.yaml/W&B."""
+    return to_dict(cfg)

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from streaming import MDSWriter, StreamingDataLoader
+from torch.utils.data import default_collate
 from tqdm import tqdm
 
 from dbrx_train.atomic import replacing
@@ -55,12 +56,81 @@ HOW_TO_MAKE_CHAT_DATA = (
 
 
 @dataclass
+class HFKwargsConfig:
+    """``dataset.hf_kwargs:`` which files of `hf_name` to read (the keys of `datasets.load_dataset` that
+    mean something without a download)."""
+
+    # Files (globs) relative to hf_name's folder (or data_dir): a list, or {split: files}; null: every
+    # .jsonl/.json/.parquet file, those named after `split` if any are (HF's convention: train-*.parquet).
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
+    data_dir: str | None = None  # a subfolder of hf_name (or, with hf_name json/parquet, the folder) to read
+
+
+@dataclass
+class FinetuningDatasetConfig(TextDatasetConfig):
+    """``dataset:`` of a fine-tuning loader: MDS folders (local/streams, as for `text`), or LLM Foundry's
+    `hf_name` pointing at local .jsonl/.parquet files, tokenized when the run starts."""
+
+    # A local .jsonl/.json/.parquet file or folder of them (or `json`/`parquet` with hf_kwargs), one
+    # conversation per row: prompt/response or messages. Tokenized once, by local rank 0, into a cache keyed
+    # by the files and these options (the other ranks wait). Exclusive with local/streams. A Hugging Face
+    # Hub id cannot be downloaded here.
+    hf_name: str | None = None
+    hf_kwargs: HFKwargsConfig = field(default_factory=HFKwargsConfig)  # which files of hf_name to read
+    # LLM Foundry's switch between decoder-only and encoder-decoder formatting; DBRX is decoder-only: true.
+    decoder_only_format: bool = True
+    # Trim each batch to its longest sample rather than padding every sample to max_seq_len (less compute
+    # on short conversations; the batch shape then varies).
+    allow_pad_trimming: bool = False
+    # hf_name only. null: one conversation per sample. auto: as many whole conversations per sample as fit
+    # in max_seq_len, in order, none dropped (the ratio reached and the padding left are reported). A number
+    # r: at most ceil(r) conversations per sample. Packed rows carry sequence_id: with
+    # model.attn_config.attn_uses_sequence_id (the default) each conversation attends only to itself.
+    packing_ratio: float | Literal["auto"] | None = None
+    # hf_name only. Which assistant turns are trained: all (ours: every answer of a multi-turn conversation
+    # is a target, as data_prep/convert_finetuning_dataset.py makes them) or last (LLM Foundry's default).
+    target_responses: Literal["all", "last"] = "all"
+    target_prompts: Literal["none"] = "none"  # hf_name only. Prompts are never trained (Foundry's default)
+    # hf_name only. false: a bad row stops the run with its file:line; true: bad rows are skipped and counted.
+    skip_bad_rows: bool = False
+    cache_dir: str | None = None  # hf_name only. Where tokenized data is kept; null: ~/.cache/dbrx-train
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = []
+        if not self.decoder_only_format:
+            found.append(("decoder_only_format", "must be true: DBRX is a decoder-only model"))
+        if self.hf_name is not None and (self.local is not None or self.streams is not None):
+            found.append(
+                ("hf_name", "reads files; give either hf_name or local/streams (MDS folders), not both")
+            )
+        if isinstance(self.packing_ratio, float) and self.packing_ratio < 1:
+            found.append(
+                (
+                    "packing_ratio",
+                    f"must be >= 1 (conversations per sample) or auto; got {self.packing_ratio}",
+                )
+            )
+        if self.hf_name is None:
+            defaults = FinetuningDatasetConfig()
+            for key in ("packing_ratio", "target_responses", "skip_bad_rows", "cache_dir"):
+                if getattr(self, key) != getattr(defaults, key):
+                    found.append(
+                        (
+                            key,
+                            "applies to hf_name files, tokenized when the run starts; MDS data is "
+                            "packed and masked when converted (data_prep/convert_finetuning_dataset.py)",
+                        )
+                    )
+        return found
+
+
+@dataclass
 class FinetuningLoaderConfig:
-    """``train_loader: {name: finetuning, dataset: {...}}``: the same dataset keys as `text`."""
+    """``train_loader: {name: finetuning, dataset: {...}}``: MDS folders or LLM Foundry's hf_name files."""
 
     # Conversations (MDS `input_ids` + `labels`), padded to max_seq_len; loss on assistant turns only.
     name: Literal["finetuning"] = "finetuning"
-    dataset: TextDatasetConfig = field(default_factory=TextDatasetConfig)
+    dataset: FinetuningDatasetConfig = field(default_factory=FinetuningDatasetConfig)
     drop_last: bool = True  # drop an epoch's last incomplete device batch
     num_workers: int = 0  # DataLoader worker processes; 0: load in the training process
     pin_memory: bool = False  # put batches in page-locked memory (faster copies to the GPU)
@@ -104,11 +174,45 @@ def row_messages(record: Any) -> list[dict]:
     raise ValueError(f"expected 'messages' or 'prompt' and 'response'; got keys {sorted(record)}")
 
 
+CONVERSATION_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def iter_file_conversations(paths: Iterable[Path]) -> Iterator[tuple[str, list[dict] | BadRow]]:
+    """(where, conversation) per row of .jsonl/.json (JSON lines) or .parquet files, in file then row
+    order; a bad row yields its BadRow (`file:line`, `file:row N`) instead of raising, so the caller
+    decides between stopping and skipping."""
+    for path in paths:
+        if path.suffix == ".parquet":
+            yield from _parquet_conversations(path)
+        elif path.suffix in (".jsonl", ".json"):
+            yield from iter_jsonl_conversations([path])
+        else:
+            raise ValueError(f"{path}: fine-tuning data must be .jsonl, .json (JSON lines) or .parquet")
+
+
+def _parquet_conversations(path: Path) -> Iterator[tuple[str, list[dict] | BadRow]]:
+    import pyarrow.parquet as pq  # only for .parquet input
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        row = 0
+        for batch in batches:
+            for record in batch.to_pylist():
+                row += 1
+                where = f"{path}:row {row}"
+                try:
+                    yield where, row_messages(record)
+                except ValueError as error:
+                    yield where, BadRow(f"{where}: {error}")
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"{path}: not a readable parquet file ({error})") from None
+
+
 def iter_jsonl_conversations(paths: Iterable[Path]) -> Iterator[tuple[str, list[dict] | BadRow]]:
     """(where, conversation) per non-blank line, in file then line order; a bad line yields its
     BadRow instead of raising, so the caller decides between stopping and skipping."""
     for path in paths:
-        if path.suffix != ".jsonl":
+        if path.suffix not in (".jsonl", ".json"):
             raise ValueError(f"{path}: fine-tuning data must be .jsonl (one conversation per line)")
         with path.open("rb") as lines:
             for line_number, raw in enumerate(lines, start=1):
@@ -142,15 +246,28 @@ class Example:
 
 
 def tokenize_conversation(
-    tokenizer: DbrxTokenizer, messages: list[dict], *, system_prompt: bool, allow_special_tokens: bool = False
+    tokenizer: DbrxTokenizer,
+    messages: list[dict],
+    *,
+    system_prompt: bool,
+    allow_special_tokens: bool = False,
+    last_response_only: bool = False,
 ) -> Example:
-    """Special-token strings in a message's content (`<|im_end|>`, ...) are text unless
+    """ChatML ids; labels on every assistant turn, or (`last_response_only`) on the last one.
+    Special-token strings in a message's content (`<|im_end|>`, ...) are text unless
     `allow_special_tokens`; either way the example counts them (`special_strings`)."""
     ids, trainable = tokenizer.encode_chat(
         messages, default_system_prompt=system_prompt, allow_special_in_content=allow_special_tokens
     )
     input_ids = np.array(ids, np.int32)
-    labels = np.where(np.array(trainable, bool), input_ids, IGNORE_INDEX).astype(np.int32)
+    targets = np.array(trainable, bool)
+    if last_response_only and targets.any():
+        # The last assistant turn is the last run of targets: everything before it is context.
+        start = len(targets) - int(np.argmax(targets[::-1]))  # one past the last target
+        while start > 0 and targets[start - 1]:
+            start -= 1
+        targets[:start] = False
+    labels = np.where(targets, input_ids, IGNORE_INDEX).astype(np.int32)
     special = sum(tokenizer.count_special(m["content"]) for m in messages)
     return Example(input_ids, labels, special)
 
@@ -171,12 +288,16 @@ def fit_length(example: Example, max_seq_len: int, truncation: str, where: str) 
     return cut
 
 
-def pack_examples(examples: Iterable[Example], max_seq_len: int) -> Iterator[Example]:
-    """Greedy, in order: append each example to the current row while it fits, else start a new one."""
+def pack_examples(
+    examples: Iterable[Example], max_seq_len: int, max_per_row: int | None = None
+) -> Iterator[Example]:
+    """Greedy, in order: append each example to the current row while it fits (and the row holds
+    fewer than `max_per_row`), else start a new one. Nothing is dropped."""
     row: list[Example] = []
     length = 0
     for example in examples:
-        if row and length + len(example.input_ids) > max_seq_len:
+        full = max_per_row is not None and len(row) >= max_per_row
+        if row and (full or length + len(example.input_ids) > max_seq_len):
             yield _join(row)
             row, length = [], 0
         row.append(example)
@@ -248,14 +369,27 @@ class ConvertSummary:
     skipped_bad: int = 0
     bad_examples: list[str] = field(default_factory=list)  # the first few skipped rows' messages
     seconds: float = 0.0
+    max_seq_len: int = 0
     special_strings: int = 0  # special-token strings in message content (`<|im_end|>`, ...)
     special_allowed: bool = False  # they were encoded as control tokens (--allow-special-tokens)
+
+    @property
+    def packing_ratio(self) -> float:
+        """Conversations per sample."""
+        return (self.rows - self.skipped_bad - self.skipped_too_long) / max(self.samples, 1)
+
+    @property
+    def padding(self) -> float:
+        """The share of (samples x max_seq_len) positions that will be padding."""
+        return 1 - self.tokens / max(self.samples * self.max_seq_len, 1)
 
     def describe(self) -> str:
         text = (
             f"{self.rows:,} conversations -> {self.samples:,} samples, {self.tokens:,} tokens "
             f"({self.trained_tokens:,} trained); {self.truncated} truncated, {self.skipped_too_long} "
-            f"skipped as too long, {self.skipped_bad} bad rows skipped, in {self.seconds:.1f} s"
+            f"skipped as too long, {self.skipped_bad} bad rows skipped, in {self.seconds:.1f} s; "
+            f"{self.packing_ratio:.2f} conversations per sample, {100 * self.padding:.0f}% padding at "
+            f"max_seq_len {self.max_seq_len}"
         )
         lines = [text, *(f"  skipped: {m}" for m in self.bad_examples)]
         if self.special_strings:
@@ -277,7 +411,10 @@ def convert_conversations(
     max_seq_len: int,
     truncation: str = "truncate",
     skip_bad: bool = False,
+    skip_hint: str = "pass --skip-bad",
     pack: bool = False,
+    max_per_row: int | None = None,
+    last_response_only: bool = False,
     system_prompt: bool = False,
     allow_special_tokens: bool = False,
     overwrite: bool = False,
@@ -289,15 +426,25 @@ def convert_conversations(
     """Tokenize (where, messages) pairs into a fine-tuning MDS dataset, re-read it, and only then put it
     in `out` (replacing an old one with `overwrite`; on any error `out` is left as it was). `inputs`: the
     files the conversations come from, which must not lie in `out`.
-    `system_prompt`: insert DBRX's default system prompt where a conversation has none.
+    `system_prompt`: insert DBRX's default system prompt where a conversation has none. `pack`: whole
+    conversations share samples (at most `max_per_row` each). `last_response_only`: train only each
+    conversation's last assistant turn.
     `allow_special_tokens`: special-token strings in message content become control tokens (else text)."""
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
     out = Path(out)
-    summary = ConvertSummary(special_allowed=allow_special_tokens)
-    options = dict(max_seq_len=max_seq_len, truncation=truncation, skip_bad=skip_bad, pack=pack)
+    summary = ConvertSummary(max_seq_len=max_seq_len, special_allowed=allow_special_tokens)
+    options = dict(
+        max_seq_len=max_seq_len,
+        truncation=truncation,
+        skip_bad=skip_bad,
+        skip_hint=skip_hint,
+        pack=pack,
+        max_per_row=max_per_row,
+        last_response_only=last_response_only,
+    )
     with replacing(out, overwrite=overwrite, kind=MDS_DATASET, inputs=inputs) as tmp:
         _write_conversations(
             conversations,
@@ -322,7 +469,10 @@ def _write_conversations(
     max_seq_len: int,
     truncation: str,
     skip_bad: bool,
+    skip_hint: str,
     pack: bool,
+    max_per_row: int | None,
+    last_response_only: bool,
     system_prompt: bool,
     compression: str | None,
     size_limit: int | str,
@@ -344,12 +494,13 @@ def _write_conversations(
                     messages,
                     system_prompt=system_prompt,
                     allow_special_tokens=allow_special_tokens,
+                    last_response_only=last_response_only,
                 )
                 summary.special_strings += example.special_strings
                 fitted = fit_length(example, max_seq_len, truncation, where)
             except BadRow as error:
                 if not skip_bad:
-                    raise BadRow(f"{error} (pass --skip-bad to skip and count such rows)") from None
+                    raise BadRow(f"{error} ({skip_hint} to skip and count such rows)") from None
                 summary.skipped_bad += 1
                 if len(summary.bad_examples) < 5:
                     summary.bad_examples.append(str(error))
@@ -360,7 +511,7 @@ def _write_conversations(
             summary.truncated += fitted is not example
             yield fitted
 
-    rows = pack_examples(examples(), max_seq_len) if pack else examples()
+    rows = pack_examples(examples(), max_seq_len, max_per_row) if pack else examples()
     writer = MDSWriter(
         columns=PACKED_COLUMNS if pack else COLUMNS,
         out=str(tmp),
@@ -395,11 +546,11 @@ def _write_conversations(
 
 
 def convert_finetuning_dataset(inputs: Sequence[str], out: str | Path, **options: Any) -> ConvertSummary:
-    """.jsonl files/globs/folders of conversations -> one fine-tuning MDS dataset in `out`."""
-    paths = [p for p in expand_inputs(inputs) if p.suffix == ".jsonl"]
+    """.jsonl/.parquet files/globs/folders of conversations -> one fine-tuning MDS dataset in `out`."""
+    paths = [p for p in expand_inputs(inputs) if p.suffix in (".jsonl", ".parquet")]
     if not paths:
-        raise FileNotFoundError(f"--input {list(inputs)} holds no .jsonl file")
-    return convert_conversations(iter_jsonl_conversations(paths), out, inputs=paths, **options)
+        raise FileNotFoundError(f"--input {list(inputs)} holds no .jsonl or .parquet file")
+    return convert_conversations(iter_file_conversations(paths), out, inputs=paths, **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,4 +665,16 @@ def build_finetuning_dataloader(
         seed=seed,
         config_key=config_key,
         choose=choose,
+        collate_fn=trim_padding if cfg.dataset.allow_pad_trimming else None,
     )
+
+
+def trim_padding(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The default batch, cut after the last column that is not padding in some sample (a
+    conversation ends with <|im_end|>, never with the pad id)."""
+    batch = default_collate(samples)
+    used = (batch["input_ids"] != PAD_TOKEN_ID).any(dim=0).nonzero()
+    keep = int(used.max()) + 1 if len(used) else 1
+    for name in ("input_ids", "labels", SEQUENCE_ID):
+        batch[name] = batch[name][:, :keep]
+    return batch

@@ -89,10 +89,7 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
 
 
 def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
-    try:
-        import pyarrow.parquet as pq  # only needed for parquet inputs
-    except ImportError:
-        raise ImportError(f"{path}: reading .parquet needs pyarrow: `pip install pyarrow`") from None
+    import pyarrow.parquet as pq  # only for .parquet inputs (a dependency; imported late: it is slow to load)
 
     parquet = pq.ParquetFile(path)
     if text_field not in parquet.schema_arrow.names:
@@ -108,9 +105,24 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
             row += 1
 
 
-def _tokenize_with(tokenizer: DbrxTokenizer, texts: list[str]) -> list[np.ndarray]:
-    eos = tokenizer.eos_token_id
-    return [np.array([*tokenizer.encode(text), eos], np.int32) for text in texts]
+def _tokenize_with(
+    tokenizer: DbrxTokenizer, texts: list[str], bos: np.ndarray, eos: np.ndarray
+) -> list[np.ndarray]:
+    return [np.concatenate((bos, _encode_ordinary(tokenizer, text), eos)) for text in texts]
+
+
+def _encode_ordinary(tokenizer: DbrxTokenizer, text: str) -> np.ndarray:
+    """`encode_ordinary(text)` as int32, straight from tiktoken's token buffer: no Python list of
+    ints per document (which cost about as much as a sixth of the encoding), no thread pool per call
+    (encode_ordinary_batch starts one). With no special tokens allowed or disallowed, `encode`
+    treats special-token text as ordinary text, as encode_ordinary does."""
+    encoding = tokenizer.encoding
+    try:
+        ids = encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+    except UnicodeEncodeError:  # a lone surrogate (a JSON "\ud800"): tiktoken's own repair
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        ids = encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+    return ids.astype(np.int32)
 
 
 def _chunks(texts: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -119,13 +131,17 @@ def _chunks(texts: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def tokenize_documents(texts: Iterable[str], *, num_workers: int = 1) -> Iterator[np.ndarray]:
-    """Each document's token ids followed by EOS (int32), in input order. `num_workers` > 1
-    tokenizes in that many threads."""
+def tokenize_documents(
+    texts: Iterable[str], *, num_workers: int = 1, bos_text: str = "", eos_text: str = "<|endoftext|>"
+) -> Iterator[np.ndarray]:
+    """Each document's token ids between `bos_text` and `eos_text` (int32), in input order. The
+    documents' own text never yields special tokens; bos/eos text may (it is ours, not the data's).
+    `num_workers` > 1 tokenizes in that many threads."""
     tokenizer = load_tokenizer()
+    bos, eos = (np.array(tokenizer.encode_with_special(t), np.int32) for t in (bos_text, eos_text))
     if num_workers <= 1:
         for chunk in _chunks(texts, DOCUMENTS_PER_TASK):
-            yield from _tokenize_with(tokenizer, chunk)
+            yield from _tokenize_with(tokenizer, chunk, bos, eos)
         return
     # Threads, not processes: tiktoken's BPE releases the GIL (as in its own encode_ordinary_batch),
     # so threads encode in parallel while this thread packs and writes, with no pickling of texts
@@ -134,7 +150,7 @@ def tokenize_documents(texts: Iterable[str], *, num_workers: int = 1) -> Iterato
     with ThreadPoolExecutor(num_workers) as pool:
         in_flight: deque[Future] = deque()
         for chunk in _chunks(texts, DOCUMENTS_PER_TASK):
-            in_flight.append(pool.submit(_tokenize_with, tokenizer, chunk))
+            in_flight.append(pool.submit(_tokenize_with, tokenizer, chunk, bos, eos))
             if len(in_flight) >= 2 * num_workers:
                 yield from in_flight.popleft().result()
         while in_flight:
@@ -143,14 +159,18 @@ def tokenize_documents(texts: Iterable[str], *, num_workers: int = 1) -> Iterato
 
 class TokenPacker:
     """Concatenates token arrays and cuts the result into rows of exactly `max_seq_len`.
-    Documents span row boundaries; the last partial row is dropped (see `remainder`)."""
+    Documents span row boundaries (`wrap`); the last partial row is dropped (see `remainder`).
+    Without `wrap` (LLM Foundry's --no_wrap), the rest of a document that completes a row is
+    dropped instead of starting the next one."""
 
-    def __init__(self, max_seq_len: int):
+    def __init__(self, max_seq_len: int, wrap: bool = True):
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         self.max_seq_len = max_seq_len
+        self.wrap = wrap
         self._pending: list[np.ndarray] = []
         self._num_pending = 0
+        self.dropped = 0  # tokens dropped by no-wrap cuts
 
     def push(self, tokens: np.ndarray) -> list[np.ndarray]:
         """Add tokens; return the rows they complete."""
@@ -159,6 +179,10 @@ class TokenPacker:
         if self._num_pending < self.max_seq_len:
             return []
         joined = np.concatenate(self._pending)
+        if not self.wrap:
+            self.dropped += len(joined) - self.max_seq_len
+            self._pending, self._num_pending = [], 0
+            return [joined[: self.max_seq_len]]
         num_rows = len(joined) // self.max_seq_len
         cut = num_rows * self.max_seq_len
         self._pending = [joined[cut:]]
@@ -174,9 +198,9 @@ class TokenPacker:
 @dataclass
 class PackSummary:
     documents: int
-    tokens: int  # tokenized, including one EOS per document
+    tokens: int  # tokenized, including the bos/eos text of each document
     samples: int
-    dropped_tokens: int  # the final partial row
+    dropped_tokens: int  # the final partial row (and, without wrap, the cut ends of documents)
     seconds: float
 
     @property
@@ -186,7 +210,7 @@ class PackSummary:
     def describe(self) -> str:
         return (
             f"{self.documents:,} documents, {self.tokens:,} tokens -> {self.samples:,} samples "
-            f"({self.dropped_tokens:,} trailing tokens dropped) in {self.seconds:.1f} s "
+            f"({self.dropped_tokens:,} tokens dropped) in {self.seconds:.1f} s "
             f"({self.tokens_per_second:,.0f} tokens/s)"
         )
 
@@ -207,6 +231,7 @@ def pack_to_mds(
     overwrite: bool = False,
     progress: bool = True,
     vocab_size: int = DBRX_VOCAB_SIZE,
+    wrap: bool = True,
     inputs: Sequence[Path] = (),
 ) -> PackSummary:
     """Pack per-document token arrays into rows of max_seq_len, write them as MDS, re-read every sample
@@ -215,7 +240,7 @@ def pack_to_mds(
     out = Path(out)
     with replacing(out, overwrite=overwrite, kind=MDS_DATASET, inputs=inputs) as tmp:
         return _pack_to_mds(
-            token_arrays, tmp, out, max_seq_len, compression, size_limit, progress, vocab_size
+            token_arrays, tmp, out, max_seq_len, compression, size_limit, progress, vocab_size, wrap
         )
 
 
@@ -228,11 +253,14 @@ def _pack_to_mds(
     size_limit: int | str,
     progress: bool,
     vocab_size: int,
+    wrap: bool,
 ) -> PackSummary:
-    packer = TokenPacker(max_seq_len)
+    packer = TokenPacker(max_seq_len, wrap)
     counts = {"documents": 0, "tokens": 0}
     start = time.perf_counter()
-    bar = tqdm(desc=f"tokenizing -> {out}", unit=" docs", disable=not progress)
+    bar = tqdm(
+        desc=f"tokenizing -> {out}", unit=" docs", disable=None if progress else True
+    )  # terminals only
 
     def show_token_rate() -> None:
         rate = counts["tokens"] / max(time.perf_counter() - start, 1e-9)
@@ -261,7 +289,9 @@ def _pack_to_mds(
     )
     if written.num_samples != samples:
         raise RuntimeError(f"{out}: wrote {samples} samples but its index lists {written.num_samples}")
-    return PackSummary(counts["documents"], counts["tokens"], samples, packer.remainder, seconds)
+    return PackSummary(
+        counts["documents"], counts["tokens"], samples, packer.remainder + packer.dropped, seconds
+    )
 
 
 def convert_text_to_mds(
@@ -275,17 +305,21 @@ def convert_text_to_mds(
     size_limit: int | str = 1 << 26,
     overwrite: bool = False,
     progress: bool = True,
+    bos_text: str = "",
+    eos_text: str = "<|endoftext|>",
+    wrap: bool = True,
 ) -> PackSummary:
     """Files/globs/folders of text -> one MDS dataset of max_seq_len-token samples in `out`."""
     paths = expand_inputs(inputs)
     documents = iter_documents(paths, text_field)
     return pack_to_mds(
-        tokenize_documents(documents, num_workers=num_workers),
+        tokenize_documents(documents, num_workers=num_workers, bos_text=bos_text, eos_text=eos_text),
         out,
         max_seq_len=max_seq_len,
         compression=compression,
         size_limit=size_limit,
         overwrite=overwrite,
         progress=progress,
+        wrap=wrap,
         inputs=paths,
     )

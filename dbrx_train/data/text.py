@@ -71,7 +71,8 @@ class TextDatasetConfig:
     remote: str | None = None  # if set (e.g. s3://bucket/dir), shards are downloaded from here into `local`
     split: str | None = None  # subfolder of local (and remote) to read, e.g. train or val; null: none
     streams: dict[str, StreamConfig] | None = None  # named streams (mixtures); exclusive with local/remote
-    shuffle: bool = True  # shuffle the sample order (seeded by `seed`); false: stored order
+    shuffle: bool = True  # shuffle the sample order (seeded by shuffle_seed); false: stored order
+    shuffle_seed: int | None = None  # seeds the sample order; null: the run's seed
     shuffle_algo: str = "py1e"  # Streaming's shuffle algorithm: py1e, py1br, py1s, py2s or naive
     # Samples per shuffle block; null: Streaming's default, max(4M / num_canonical_nodes, 2**18).
     shuffle_block_size: int | None = None
@@ -364,6 +365,7 @@ def build_streaming_loader(
     seed: int,
     config_key: str,
     choose: dict[str, int] | None = None,
+    collate_fn: Callable[[list[dict]], dict] | None = None,
 ) -> StreamingDataLoader:
     """The Streaming loader shared by pretraining and fine-tuning data; `dataset_class` decodes samples."""
     if device_batch_size < 1:
@@ -397,7 +399,7 @@ def build_streaming_loader(
         batch_size=device_batch_size,
         shuffle=dataset_cfg.shuffle,
         shuffle_algo=dataset_cfg.shuffle_algo,
-        shuffle_seed=seed,
+        shuffle_seed=seed if dataset_cfg.shuffle_seed is None else dataset_cfg.shuffle_seed,
         shuffle_block_size=dataset_cfg.shuffle_block_size,
     )
     # Remote streams could not be checked before their index was downloaded; read their first
@@ -420,4 +422,5 @@ def build_streaming_loader(
         prefetch_factor=cfg.prefetch_factor,
         persistent_workers=cfg.persistent_workers,
         timeout=cfg.timeout,
+        collate_fn=collate_fn,
     )

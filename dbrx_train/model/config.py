@@ -6,19 +6,19 @@ has no place for are ours and are dropped by `to_hf_dict()` (NON_HF_ATTN_KEYS, N
 LLM Foundry's `attn_uses_sequence_id`, the MegaBlocks benchmarking switch
 `uniform_expert_assignment`, `moe_backend`, and the router-balancing options (loss scope, z-loss,
 bias balancing, which tokens count).
+
+Plain dataclasses and their value checks (`problems()`), nothing else: dicts (a YAML's `model:`, an
+HF config.json) become these through the one converter (`DbrxConfig.from_dict`, `dbrx_train.config.schema.build`), which
+names unknown keys and wrong types and then reports `problems()` with the full dotted key.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "relu")
-MOE_BACKENDS = ("auto", "torch", "megablocks")
-MOE_LOSS_SCOPES = ("microbatch", "global")
-MOE_BALANCE_TOKENS = ("real", "targets")
 # Keys that transformers' DbrxAttentionConfig / DbrxFFNConfig would reject as unknown.
 NON_HF_ATTN_KEYS = ("attn_uses_sequence_id",)
 NON_HF_FFN_KEYS = (
@@ -61,14 +61,14 @@ class DbrxFFNConfig:
     uniform_expert_assignment: bool = False  # round-robin expert choice, for benchmarking only
     # "torch" (any device) | "megablocks" (CUDA, bf16, the [gpu] extra) | "auto": megablocks on CUDA when
     # the [gpu] extra imports (torch's code for calls it cannot take, e.g. fp32), else torch.
-    moe_backend: str = "auto"
+    moe_backend: Literal["auto", "torch", "megablocks"] = "auto"
     # Tokens the balancing statistics (load-balancing loss, z-loss, bias updates, logged expert load) are
     # taken over. microbatch: each forward's own tokens (each rank, each microbatch; MegaBlocks' and
     # transformers' convention). global: the whole optimizer step's tokens, every microbatch on every rank
     # (per-expert counts all-reduced before the step's first forward, which costs one extra forward
     # without gradients when there is more than one microbatch or rank), so the loss does not depend on
     # the microbatch size or the world size.
-    moe_loss_scope: str = "microbatch"
+    moe_loss_scope: Literal["microbatch", "global"] = "microbatch"
     # Weight of the router z-loss (ST-MoE: mean over tokens of logsumexp(router logits)^2), added to the
     # loss and logged as loss/train/router_z_loss; 0: off.
     moe_z_loss_weight: float = 0.0
@@ -81,7 +81,7 @@ class DbrxFFNConfig:
     # Which tokens count in the balancing statistics. real: every token that is not padding (prompts
     # included: the experts compute on them, in training and in inference). targets: only tokens that are
     # trained on (labels != -100), e.g. the assistant turns of fine-tuning data.
-    moe_balance_tokens: str = "real"
+    moe_balance_tokens: Literal["real", "targets"] = "real"
 
 
 @dataclass
@@ -105,23 +105,17 @@ class DbrxConfig:
     # Also return each layer's router logits in the model output (the load-balancing loss is always added).
     output_router_logits: bool = False
 
-    def __post_init__(self) -> None:
-        # Accept the nested sections as dicts too, as transformers' DbrxConfig does.
-        if isinstance(self.attn_config, dict):
-            self.attn_config = _from_dict(DbrxAttentionConfig, self.attn_config, "attn_config.")
-        if isinstance(self.ffn_config, dict):
-            self.ffn_config = _from_dict(DbrxFFNConfig, self.ffn_config, "ffn_config.")
-
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DbrxConfig:
-        """Build and validate a config from (nested) plain dicts; unknown keys raise ValueError."""
-        config = _from_dict(cls, d, "")
-        config.validate()
-        return config
+        """From plain nested dicts (an HF config.json, a YAML's model keys) through the one converter;
+        raises ConfigError (a ValueError) listing every unknown key, wrong type and bad value."""
+        from dbrx_train.config.schema import build  # plain Python, no Composer: the model stays free of it
+
+        return build(cls, d)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dicts, JSON-serialisable; `from_dict(to_dict())` round-trips."""
@@ -137,8 +131,16 @@ class DbrxConfig:
         return d
 
     def validate(self) -> None:
-        """Raise ValueError naming the offending field on the first inconsistency found."""
+        """Raise ValueError naming every inconsistent field (for configs built in code, not from YAML)."""
+        found = self.problems()
+        if found:
+            raise ValueError("; ".join(f"{key} {message}" for key, message in found))
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Every inconsistent value as (dotted field, what is wrong). The config converter
+        (config/schema.py) calls this after building the dataclass from YAML."""
         attn, ffn = self.attn_config, self.ffn_config
+        found: list[tuple[str, str]] = []
         positive = {
             "d_model": self.d_model,
             "n_heads": self.n_heads,
@@ -151,88 +153,58 @@ class DbrxConfig:
             "ffn_config.moe_num_experts": ffn.moe_num_experts,
             "initializer_range": self.initializer_range,
         }
-        for name, value in positive.items():
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value!r}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if self.n_heads % attn.kv_n_heads:
-            raise ValueError(
-                f"n_heads ({self.n_heads}) must be divisible by attn_config.kv_n_heads ({attn.kv_n_heads})"
+        found += [(name, f"must be > 0; got {value!r}") for name, value in positive.items() if not value > 0]
+        if self.n_heads > 0 and self.d_model % self.n_heads:
+            found.append(("d_model", f"must be divisible by n_heads ({self.n_heads}); got {self.d_model}"))
+        elif self.n_heads > 0 and self.head_dim % 2:
+            found.append(
+                (
+                    "n_heads",
+                    f"gives head_dim = d_model / n_heads = {self.head_dim}, which must be even for RoPE",
+                )
             )
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim = d_model / n_heads = {self.head_dim} must be even for RoPE")
+        if attn.kv_n_heads > 0 and self.n_heads % attn.kv_n_heads:
+            found.append(
+                ("attn_config.kv_n_heads", f"must divide n_heads ({self.n_heads}); got {attn.kv_n_heads}")
+            )
         for name, p in {
             "resid_pdrop": self.resid_pdrop,
             "emb_pdrop": self.emb_pdrop,
             "attn_config.attn_pdrop": attn.attn_pdrop,
         }.items():
             if not 0.0 <= p < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {p!r}")
+                found.append((name, f"must be in [0, 1); got {p!r}"))
         if attn.clip_qkv is not None and not attn.clip_qkv > 0:
-            raise ValueError(f"attn_config.clip_qkv must be > 0 or null, got {attn.clip_qkv!r}")
+            found.append(("attn_config.clip_qkv", f"must be > 0 or null; got {attn.clip_qkv!r}"))
         if not 1 <= ffn.moe_top_k <= ffn.moe_num_experts:
-            raise ValueError(
-                f"ffn_config.moe_top_k ({ffn.moe_top_k}) must be in [1, moe_num_experts={ffn.moe_num_experts}]"
+            found.append(
+                (
+                    "ffn_config.moe_top_k",
+                    f"must be in [1, moe_num_experts={ffn.moe_num_experts}]; got {ffn.moe_top_k}",
+                )
             )
         if ffn.moe_jitter_eps is not None and not 0.0 < ffn.moe_jitter_eps < 1.0:
-            raise ValueError(
-                f"ffn_config.moe_jitter_eps must be in (0, 1) or null, got {ffn.moe_jitter_eps!r}"
+            found.append(
+                ("ffn_config.moe_jitter_eps", f"must be in (0, 1) or null; got {ffn.moe_jitter_eps!r}")
             )
         if ffn.moe_normalize_expert_weights is not None and not ffn.moe_normalize_expert_weights > 0:
-            raise ValueError(
-                "ffn_config.moe_normalize_expert_weights must be > 0 or null, "
-                f"got {ffn.moe_normalize_expert_weights!r}"
+            found.append(
+                (
+                    "ffn_config.moe_normalize_expert_weights",
+                    f"must be > 0 or null; got {ffn.moe_normalize_expert_weights!r}",
+                )
             )
         if ffn.moe_loss_weight < 0:
-            raise ValueError(f"ffn_config.moe_loss_weight must be >= 0, got {ffn.moe_loss_weight!r}")
+            found.append(("ffn_config.moe_loss_weight", f"must be >= 0; got {ffn.moe_loss_weight!r}"))
         act = ffn.ffn_act_fn
         if not isinstance(act, dict) or set(act) != {"name"} or act["name"] not in SUPPORTED_ACTIVATIONS:
-            raise ValueError(
-                f"ffn_config.ffn_act_fn must be {{'name': one of {list(SUPPORTED_ACTIVATIONS)}}}, got {act!r}"
+            found.append(
+                (
+                    "ffn_config.ffn_act_fn",
+                    f"must be {{name: one of {list(SUPPORTED_ACTIVATIONS)}}}; got {act!r}",
+                )
             )
-        if ffn.moe_backend not in MOE_BACKENDS:
-            raise ValueError(
-                f"ffn_config.moe_backend must be one of {list(MOE_BACKENDS)}, got {ffn.moe_backend!r}"
-            )
-        for key, message in router_balance_problems(ffn):
-            raise ValueError(f"{key} {message}")
-
-
-def router_balance_problems(ffn: DbrxFFNConfig) -> list[tuple[str, str]]:
-    """(key, what is wrong) for the router-balancing keys of `ffn_config`."""
-    found = []
-    if ffn.moe_loss_scope not in MOE_LOSS_SCOPES:
-        found.append(
-            (
-                "ffn_config.moe_loss_scope",
-                f"must be one of {list(MOE_LOSS_SCOPES)}, got {ffn.moe_loss_scope!r}",
-            )
-        )
-    if ffn.moe_balance_tokens not in MOE_BALANCE_TOKENS:
-        found.append(
-            (
-                "ffn_config.moe_balance_tokens",
-                f"must be one of {list(MOE_BALANCE_TOKENS)}, got {ffn.moe_balance_tokens!r}",
-            )
-        )
-    for key in ("moe_z_loss_weight", "moe_bias_update_rate"):
-        if not getattr(ffn, key) >= 0:
-            found.append((f"ffn_config.{key}", f"must be >= 0, got {getattr(ffn, key)!r}"))
-    return found
-
-
-def _from_dict(cls: type, d: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(d, dict):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(d).__name__}")
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in d:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ValueError(f"unknown key '{prefix}{key}'{hint}")
-    kwargs = dict(d)
-    for key, sub_cls in (("attn_config", DbrxAttentionConfig), ("ffn_config", DbrxFFNConfig)):
-        if cls is DbrxConfig and key in kwargs:
-            kwargs[key] = _from_dict(sub_cls, kwargs[key], f"{key}.")
-    return cls(**kwargs)
+        for key in ("moe_z_loss_weight", "moe_bias_update_rate"):
+            if not getattr(ffn, key) >= 0:
+                found.append((f"ffn_config.{key}", f"must be >= 0; got {getattr(ffn, key)!r}"))
+        return found

@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from dbrx_train.config.schema import build
 from dbrx_train.model.config import DbrxAttentionConfig, DbrxConfig, DbrxFFNConfig
 from dbrx_train.model.dbrx import DbrxForCausalLM
 from dbrx_train.model.moe import EXPERT_BIAS
@@ -82,7 +83,7 @@ def read_hf_config_dict(folder: str | Path) -> dict[str, Any]:
 def read_hf_config(folder: str | Path) -> DbrxConfig:
     config_dict = read_hf_config_dict(folder)
     try:
-        return DbrxConfig.from_dict(config_dict)
+        return build(DbrxConfig, config_dict)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{Path(folder) / CONFIG_FILE}: {e}") from e
 

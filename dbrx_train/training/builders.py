@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
 from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
 from composer.core import Algorithm, Callback, Event, State
-from composer.loggers import ConsoleLogger, FileLogger, Logger, LoggerDestination, WandBLogger
+from composer.loggers import FileLogger, Logger, LoggerDestination, WandBLogger
 from composer.optim import (
     ConstantWithWarmupScheduler,
     CosineAnnealingWithWarmupScheduler,
@@ -20,6 +21,7 @@ from composer.optim import (
 from dbrx_train.checkpoint.hf_export import HFExport
 from dbrx_train.config.run import SchedulerConfig, TrainConfig
 from dbrx_train.training.callbacks import TrainPerplexity
+from dbrx_train.training.console import ConsoleLine
 from dbrx_train.training.expert_load import ExpertLoadMonitor
 from dbrx_train.training.expert_parallel import clip_grad_norm_sharded_
 from dbrx_train.training.lion import DecoupledLionW
@@ -73,8 +75,8 @@ def build_loggers(cfg: TrainConfig, run_folder: str) -> list[LoggerDestination]:
     """`run_folder` is local: save_folder, or runs/{run_name} when save_folder is an object-store URI."""
     loggers: list[LoggerDestination] = [MetricsFileLogger(Path(run_folder) / "metrics.jsonl")]
     if cfg.log_to_console:
-        loggers.append(ConsoleLogger(log_interval=cfg.console_log_interval))
-    if cfg.progress_bar:
+        loggers.append(ConsoleLine(cfg.console_log_interval))
+    if cfg.progress_bar or (cfg.progress_bar is None and sys.stdout.isatty()):
         loggers.append(TrainingProgressBar())
     if cfg.loggers.file is not None:
         loggers.append(

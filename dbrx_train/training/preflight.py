@@ -21,6 +21,8 @@ from dbrx_train.checkpoint.space import checkpoint_space, export_space, saves_to
 from dbrx_train.checkpoint.start import Start
 from dbrx_train.config.run import TrainConfig
 from dbrx_train.config.schema import ConfigError
+from dbrx_train.data.finetuning import FinetuningLoaderConfig
+from dbrx_train.data.finetuning_files import tokenize_once
 from dbrx_train.data.loaders import validate_loader_config
 from dbrx_train.data.streaming_shm import release_stale_shared_memory
 from dbrx_train.eval.icl_suite import read_icl_tasks
@@ -33,18 +35,29 @@ log = logging.getLogger("dbrx_train")
 
 
 def check_config(cfg: TrainConfig, device: str, world_size: int) -> None:
-    """The checks that need only the config and the machine."""
-    check_durations(cfg)
-    check_init_device(cfg, device)
-    check_precision(cfg, device)
-    check_moe_backend(cfg, device)
-    check_expert_parallel(cfg, world_size)
-    check_compile(cfg, device)
-    check_pretrained(cfg)
-    check_load_path(cfg)
-    check_expert_bias_export(cfg)
-    check_data(cfg)
-    read_icl_tasks(cfg.icl_tasks or [])  # every task file, line by line
+    """The checks that need only the config and the machine; every one runs, and all the problems
+    found are raised together."""
+    checks = (
+        lambda: check_durations(cfg),
+        lambda: check_init_device(cfg, device),
+        lambda: check_precision(cfg, device),
+        lambda: check_moe_backend(cfg, device),
+        lambda: check_expert_parallel(cfg, world_size),
+        lambda: check_compile(cfg, device),
+        lambda: check_pretrained(cfg),
+        lambda: check_load_path(cfg),
+        lambda: check_expert_bias_export(cfg),
+        lambda: check_data(cfg),
+        lambda: read_icl_tasks(cfg.icl_tasks or []),  # every task file, line by line
+    )
+    problems: list[str] = []
+    for check in checks:
+        try:
+            check()
+        except ConfigError as e:
+            problems += e.problems
+    if problems:
+        raise ConfigError(problems)
 
 
 def check_expert_bias_export(cfg: TrainConfig) -> None:
@@ -67,9 +80,14 @@ def check_expert_bias_export(cfg: TrainConfig) -> None:
 
 
 def check_data(cfg: TrainConfig) -> None:
-    """Missing folders, wrong sequence length, out-of-vocab ids: found before any process group starts."""
+    """Missing folders, wrong sequence length, out-of-vocab ids: found before any process group starts.
+    hf_name files are tokenized here (once, local rank 0), so a bad row stops the run before it starts."""
     vocab = cfg.model.dbrx.vocab_size
     try:
+        for key in ("train_loader", "eval_loader"):
+            loader = getattr(cfg, key)
+            if isinstance(loader, FinetuningLoaderConfig):
+                tokenize_once(loader, cfg.max_seq_len, key, dist.get_local_rank())
         validate_loader_config(cfg.train_loader, cfg.max_seq_len, vocab)
         if cfg.eval_loader is not None:
             validate_loader_config(cfg.eval_loader, cfg.max_seq_len, vocab, config_key="eval_loader")

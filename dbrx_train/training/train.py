@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from composer import Trainer
@@ -92,13 +93,14 @@ def main(argv: list[str] | None = None) -> Trainer:
         raise SystemExit(0 if argv else 2)
     try:
         cfg = load_config(argv[0], argv[1:])
-        layout = batch_layout(cfg, dist.get_world_size())
         device = resolve_device(cfg)
+        layout = batch_layout(cfg, dist.get_world_size(), device)
         check_config(cfg, device, layout.world_size)
     except ConfigError as e:
-        # One clear line per rank instead of a traceback through the config machinery.
-        print(f"dbrx-train: config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        config_error_exit(e)
+    if dist.get_global_rank() == 0:  # once, not once per rank
+        for note in [*(cfg.foundry.notes() if cfg.foundry else []), *(f"warning: {n}" for n in layout.notes)]:
+            print(f"dbrx-train: {note}", file=sys.stderr, flush=True)
     try:
         return train(cfg, layout, device)
     except Refused as e:
@@ -125,8 +127,28 @@ class Refused(ValueError):
     """The run is refused before training, by a decision every rank made together (printed once)."""
 
 
+# A rank other than 0 waits this long before printing its own copy of a config error: rank 0
+# prints it, exits 2 and the launcher stops the others, so the console shows it once. A rank
+# that alone found the problem (a file missing on its node) still says so after the wait.
+OTHER_RANKS_WAIT_S = 10.0
+
+
+def config_error_exit(error: ConfigError) -> NoReturn:
+    """The config is parsed before any process group exists, on every rank: one message, exit 2."""
+    if dist.get_global_rank() != 0:
+        time.sleep(OTHER_RANKS_WAIT_S)
+        print(
+            f"dbrx-train: config error (rank {dist.get_global_rank()}): {error}", file=sys.stderr, flush=True
+        )
+    else:
+        print(f"dbrx-train: config error: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Our own INFO lines (backend, checkpoints saved); Composer's and Streaming's only from WARNING up.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
     precision = resolve_precision(cfg, device)
     if device == "cpu" and precision == "amp_bf16":
         enable_amp_bf16_on_cpu()  # Composer 0.32 refuses it on CPU; bf16 GEMMs are 2-4x faster there

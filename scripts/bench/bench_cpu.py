@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from bench_timing import Timing, interleaved
 
+from dbrx_train.config.schema import build
 from dbrx_train.model import DbrxConfig, DbrxForCausalLM
 from dbrx_train.model import moe as moe_lib
 from dbrx_train.model.compile import compile_regions
@@ -44,7 +45,8 @@ class Shape(NamedTuple):
     seq_len: int
 
     def config(self, moe_backend: str = "torch") -> DbrxConfig:
-        return DbrxConfig.from_dict(
+        return build(
+            DbrxConfig,
             {
                 "d_model": self.d_model,
                 "n_heads": self.n_heads,
@@ -58,7 +60,7 @@ class Shape(NamedTuple):
                     "moe_top_k": self.top_k,
                     "moe_backend": moe_backend,
                 },
-            }
+            },
         )
 
     @property

@@ -180,6 +180,7 @@ def check() -> None:
 
 def check_whole_model() -> None:
     """The backend inside the model: a torch-backend state_dict loads, loss and gradients agree."""
+    from dbrx_train.config.schema import build
     from dbrx_train.model import DbrxConfig, DbrxForCausalLM
 
     cfg = {
@@ -195,7 +196,7 @@ def check_whole_model() -> None:
     for backend in ("torch", "megablocks"):
         torch.manual_seed(0)
         cfg["ffn_config"]["moe_backend"] = backend
-        models[backend] = DbrxForCausalLM(DbrxConfig.from_dict(cfg)).train()
+        models[backend] = DbrxForCausalLM(build(DbrxConfig, cfg)).train()
     models["megablocks"].load_state_dict(models["torch"].state_dict())
     ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
     losses = {}

@@ -13,11 +13,13 @@ import argparse
 
 import torch
 
+from dbrx_train.config.schema import build
 from dbrx_train.model import DbrxConfig, DbrxForCausalLM
 
 
 def model_config(backend: str, d_model: int = 256, ffn: int = 448) -> DbrxConfig:
-    return DbrxConfig.from_dict(
+    return build(
+        DbrxConfig,
         {
             "d_model": d_model,
             "n_heads": 4,
@@ -31,7 +33,7 @@ def model_config(backend: str, d_model: int = 256, ffn: int = 448) -> DbrxConfig
                 "moe_top_k": 4,
                 "moe_backend": backend,
             },
-        }
+        },
     )
 
 

@@ -18,7 +18,7 @@ import psutil
 import pytest
 from streaming import MDSWriter
 
-from dbrx_train.data.finetuning import FinetuningLoaderConfig
+from dbrx_train.data.finetuning import FinetuningDatasetConfig, FinetuningLoaderConfig
 from dbrx_train.data.loaders import build_dataloader, validate_loader_config
 from dbrx_train.data.streaming_shm import SHM_DIR, release_stale_shared_memory
 from dbrx_train.data.text import TextDatasetConfig, TextLoaderConfig
@@ -28,6 +28,7 @@ from tests.bad_inputs.shard_cases import BAD, SEQ, VOCAB
 from tests.training.test_train_e2e import ROOT, SMALL, TINY
 
 PROSE = "train_loader.dataset.streams.prose"
+NO_ICL = ["icl_tasks=null", "eval_gauntlet=null"]  # the data root holds no ICL task files
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def damaged_root(good_root: Path, tmp_path: Path, case: cases.Case, rows: list) 
 
 def preflight_error(root: Path, tmp_path: Path, capsys, *overrides: str) -> str:
     """What `python train.py dbrx-tiny.yaml ...` prints (in this process): the config error line."""
-    args = [str(TINY), f"variables.data_root={root}", f"save_folder={tmp_path / 'run'}", *SMALL]
+    args = [str(TINY), f"variables.data_root={root}", f"save_folder={tmp_path / 'run'}", *SMALL, *NO_ICL]
     with pytest.raises(SystemExit) as exited:
         main([*args, "max_duration=2ba", *overrides])
     err = capsys.readouterr().err
@@ -113,7 +114,7 @@ def test_damaged_finetuning_data(name, rows, tmp_path):
     case = cases.FINETUNING_CASES[name]
     folder = cases.write_good_finetuning(tmp_path / "chat", rows)
     case.damage(folder, rows)
-    cfg = FinetuningLoaderConfig(dataset=TextDatasetConfig(local=str(folder), shuffle=False))
+    cfg = FinetuningLoaderConfig(dataset=FinetuningDatasetConfig(local=str(folder), shuffle=False))
     if case.when == "preflight":
         # What check_data turns into the one-line config error (the fine-tuning YAML also needs a
         # pretrained checkpoint, which is checked first).
@@ -195,7 +196,13 @@ def test_two_rank_run_stops_at_a_same_size_corrupt_shard(good_root, rows, tmp_pa
     with the error instead of a short epoch on one rank and a wait without end on the other."""
     root = damaged_root(good_root, tmp_path, cases.TEXT_CASES["garbage-zstd"], rows)
     cmd = [sys.executable, "-m", "composer.cli.launcher", "-n", "2", str(ROOT / "train.py"), str(TINY)]
-    cmd += [f"variables.data_root={root}", f"save_folder={tmp_path / 'run'}", *SMALL, "max_duration=40ba"]
+    cmd += [
+        f"variables.data_root={root}",
+        f"save_folder={tmp_path / 'run'}",
+        *SMALL,
+        *NO_ICL,
+        "max_duration=40ba",
+    ]
     proc, seconds = run_to_exit(cmd)
     # Rank 0 writes to stderr, the launcher prints another rank's output to stdout; whichever rank
     # fails first, the launcher stops the other (see test_bad_yaml.py).

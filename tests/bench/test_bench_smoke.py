@@ -49,9 +49,11 @@ def test_quick_bench_prints_well_formed_numbers():
 
 
 def test_cluster_estimate_is_consistent():
+    from dbrx_train.config.schema import build
     from dbrx_train.model import DbrxConfig
 
-    cfg = DbrxConfig.from_dict(
+    cfg = build(
+        DbrxConfig,
         {
             "d_model": 6144,
             "n_heads": 48,
@@ -60,7 +62,7 @@ def test_cluster_estimate_is_consistent():
             "vocab_size": 100352,
             "attn_config": {"kv_n_heads": 8},
             "ffn_config": {"ffn_hidden_size": 10752, "moe_num_experts": 16, "moe_top_k": 4},
-        }
+        },
     )
     a = bench_cluster.Assumptions()
     small, large = bench_cluster.estimate(cfg, 64, a), bench_cluster.estimate(cfg, 512, a)

@@ -16,6 +16,7 @@ from dbrx_train.data.finetuning import (
     IGNORE_INDEX,
     PAD_TOKEN_ID,
     BadRow,
+    FinetuningDatasetConfig,
     FinetuningLoaderConfig,
     build_finetuning_dataloader,
     check_finetuning_mds,
@@ -23,7 +24,6 @@ from dbrx_train.data.finetuning import (
     find_sample_problem,
     validate_finetuning_dataset_config,
 )
-from dbrx_train.data.text import TextDatasetConfig
 from dbrx_train.data.token_mds import iter_samples, read_index
 from dbrx_train.data.tokenizer import load_tokenizer
 
@@ -182,7 +182,7 @@ def test_refuses_to_overwrite_unless_asked(tmp_path):
 
 
 def loader_cfg(folder: Path, **kwargs) -> FinetuningLoaderConfig:
-    return FinetuningLoaderConfig(dataset=TextDatasetConfig(local=str(folder), **kwargs))
+    return FinetuningLoaderConfig(dataset=FinetuningDatasetConfig(local=str(folder), **kwargs))
 
 
 def test_loader_pads_each_sample_and_masks_the_padding(tmp_path):
@@ -284,6 +284,50 @@ def test_default_chat_set(real_vocab_corpus, tokenizer):
         for sample in read_samples(real_vocab_corpus / entry["folder"]):
             assert sample["input_ids"][-1] == tokenizer.im_end_id
     assert not questions["train"] & questions["val"]
+
+
+def test_cli_takes_foundrys_flags(tmp_path, tokenizer, capsys):
+    """LLM Foundry's convert_finetuning_dataset.py way: --dataset (a local folder laid out as the
+    Hub's, one file per split) with --splits and --out_root writes OUT_ROOT/<split>; --target_responses
+    last trains only the last answer; a flag with no equivalent is refused naming what to use."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cli", REPO / "data_prep/convert_finetuning_dataset.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = topic_rows()[:4]
+    (tmp_path / "dolly" / "data").mkdir(parents=True)
+    write_jsonl(tmp_path / "dolly/data/train-00000-of-00001.jsonl", rows)
+    write_jsonl(tmp_path / "dolly/data/validation-00000-of-00001.jsonl", rows[:1])
+    out = tmp_path / "out"
+    flags = ["--dataset", str(tmp_path / "dolly"), "--out_root", str(out), "--max_seq_len", "256"]
+    script.main(
+        [
+            *flags,
+            "--tokenizer",
+            "databricks/dbrx-instruct",
+            "--target_responses",
+            "last",
+            "--num_workers",
+            "8",
+        ]
+    )
+    train, validation = read_samples(out / "train"), read_samples(out / "validation")
+    assert len(train) == 4 and len(validation) == 1
+    ids, labels = expected(tokenizer, rows[3])  # two assistant turns: only the second is trained
+    np.testing.assert_array_equal(train[3]["input_ids"], ids)
+    trained = train[3]["labels"] != IGNORE_INDEX
+    assert (
+        0 < trained.sum() < (labels != IGNORE_INDEX).sum()
+        and (train[3]["labels"][trained] == ids[trained]).all()
+    )
+    with pytest.raises(SystemExit) as refused:
+        script.main([*flags, "--preprocessor", "my.module:fn"])
+    assert refused.value.code == 2
+    assert (
+        "--preprocessor (LLM Foundry) has no equivalent here: rows must hold prompt/response"
+        in capsys.readouterr().err
+    )
 
 
 def test_special_token_strings_in_content_are_counted_and_encoded_as_text(tmp_path):

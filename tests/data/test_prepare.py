@@ -41,7 +41,12 @@ def corpus(tmp_path: Path) -> tuple[Path, list[str]]:
     root.mkdir()
     by_file = {
         "a_topics.txt": [topics["if"]],
-        "b_topics.jsonl": [topics["while"], "naïve café 🙂 <|endoftext|> stays text", topics["for"]],
+        "b_topics.jsonl": [
+            topics["while"],
+            "naïve café 🙂 <|endoftext|> stays text",
+            "a lone \ud800 surrogate (JSON allows it) is repaired as tiktoken does",
+            topics["for"],
+        ],
         "c_more.txt": [topics["try"]],
         "d_table.parquet": [topics["with"], topics["assert"]],
     }
@@ -176,6 +181,59 @@ def test_cli_converts_and_reports(tmp_path, corpus):
     spec.loader.exec_module(script)
     with pytest.raises(SystemExit, match=r"^error: .*--overwrite"):
         script.main(["--input", str(root), "--out", str(out)])
+
+
+def script_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / f"data_prep/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_foundry_flags_mean_ours_and_help_starts_without_torch(tmp_path, corpus, tokenizer, capsys):
+    """LLM Foundry's convert_text_to_mds.py flags give the dataset our own flags give, byte for byte;
+    --bos_text/--no_wrap change it as in Foundry; another tokenizer is refused in one line; and
+    `--help` imports neither torch nor Streaming (it took seconds when it did)."""
+    root, documents = corpus
+    script = script_module("convert_text_to_mds")
+    script.main(
+        ["--input", str(root), "--out", str(tmp_path / "ours"), "--max-seq-len", "32", "--num-workers", "2"]
+    )
+    foundry = [
+        "--input_folder",
+        str(root),
+        "--concat_tokens",
+        "32",
+        "--processes",
+        "2",
+        "--compression",
+        "zstd",
+    ]
+    foundry += [
+        "--tokenizer",
+        "databricks/dbrx-instruct",
+        "--eos_text",
+        "<|endoftext|>",
+        "--trust-remote-code",
+        "False",
+    ]
+    script.main([*foundry, "--output_folder", str(tmp_path / "foundry")])
+    assert folder_bytes(tmp_path / "foundry") == folder_bytes(tmp_path / "ours")
+    script.main([*foundry, "--out_root", str(tmp_path / "bos"), "--bos_text", "<|im_start|>", "--no_wrap"])
+    rows = read_all_tokens(tmp_path / "bos")
+    first = tokenizer.encode(documents[0])
+    np.testing.assert_array_equal(rows[0], [tokenizer.im_start_id, *first[:31]])  # bos, then the document
+    assert int(rows[1][0]) == tokenizer.im_start_id  # no wrap: the next row starts at the next document
+    with pytest.raises(SystemExit) as refused:
+        script.main([*foundry[:-6], "--tokenizer", "EleutherAI/gpt-neox-20b", "--out", str(tmp_path / "x")])
+    assert refused.value.code == 2 and "trains DBRX with DBRX's tokenizer" in capsys.readouterr().err
+    for name in ("convert_text_to_mds", "convert_finetuning_dataset"):
+        code = f"import runpy, sys\nsys.argv = ['{name}', '--help']\ntry:\n    runpy.run_path('data_prep/{name}.py', run_name='__main__')\nexcept SystemExit:\n    pass\nprint(sorted({{'torch', 'streaming'}} & set(sys.modules)))"
+        result = run_script("-c", code)
+        assert result.returncode == 0 and result.stdout.strip().endswith("[]"), (
+            result.stdout[-300:],
+            result.stderr,
+        )
 
 
 def test_build_default_corpus(tmp_path):

@@ -11,15 +11,15 @@ import pytest
 import torch
 from streaming import MDSWriter
 
-from dbrx_train.data import (
+from dbrx_train.data.prepare import pack_to_mds, tokenize_documents
+from dbrx_train.data.text import (
     StreamConfig,
     TextDatasetConfig,
     TextLoaderConfig,
     build_text_dataloader,
+    documents_after,
     validate_text_dataset_config,
 )
-from dbrx_train.data.prepare import pack_to_mds, tokenize_documents
-from dbrx_train.data.text import documents_after
 from dbrx_train.data.token_mds import iter_token_samples, read_index, write_token_mds
 
 SEQ = 32

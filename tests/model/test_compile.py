@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from dbrx_train.config.schema import build
 from dbrx_train.model import DbrxConfig, DbrxForCausalLM
 from dbrx_train.model.compile import COMPILE_REGIONS, compile_regions
 
@@ -19,8 +20,8 @@ CONFIG = {
 
 def model_pair() -> tuple[DbrxForCausalLM, DbrxForCausalLM]:
     torch.manual_seed(0)
-    eager = DbrxForCausalLM(DbrxConfig.from_dict(CONFIG)).train()
-    compiled = DbrxForCausalLM(DbrxConfig.from_dict(CONFIG)).train()
+    eager = DbrxForCausalLM(build(DbrxConfig, CONFIG)).train()
+    compiled = DbrxForCausalLM(build(DbrxConfig, CONFIG)).train()
     compiled.load_state_dict(eager.state_dict())
     return eager, compiled
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dbrx_train.config.schema import ConfigError, build
 from dbrx_train.model import (
     DbrxAttentionConfig,
     DbrxConfig,
@@ -45,7 +46,7 @@ def tiny_config(**overrides):
             d[key] = {**d[key], **value}
         else:
             d[key] = value
-    return DbrxConfig.from_dict(d)
+    return build(DbrxConfig, d)
 
 
 def tiny_model(seed=0, **overrides):
@@ -210,7 +211,7 @@ def test_rope_buffers_are_not_in_the_state_dict():
 # Statistics
 # ---------------------------------------------------------------------------------------------
 def test_132b_config_on_meta_has_dbrx_model_card_counts():
-    config = DbrxConfig.from_dict(DBRX_132B)
+    config = build(DbrxConfig, DBRX_132B)
     with torch.device("meta"):
         model = DbrxForCausalLM(config)
     counts = count_params(config)
@@ -261,9 +262,9 @@ def test_config_defaults_and_field_names_equal_transformers():
 
 
 def test_config_round_trips_through_json():
-    config = DbrxConfig.from_dict(DBRX_132B)
+    config = build(DbrxConfig, DBRX_132B)
     d = json.loads(json.dumps(config.to_dict()))
-    assert DbrxConfig.from_dict(d) == config
+    assert build(DbrxConfig, d) == config
     assert isinstance(config.attn_config, DbrxAttentionConfig)
     assert isinstance(config.ffn_config, DbrxFFNConfig)
 
@@ -273,10 +274,10 @@ def test_config_round_trips_through_json():
     [
         (
             {"ffn_config": {"moe_topk": 2}},
-            r"unknown key 'ffn_config.moe_topk' \(did you mean 'moe_top_k'\?\)",
+            r"unknown config key 'ffn_config.moe_topk' \(did you mean 'moe_top_k'\?\)",
         ),
-        ({"n_layer": 2}, r"unknown key 'n_layer' \(did you mean 'n_layers'\?\)"),
-        ({"attn_config": {"kv_heads": 2}}, r"unknown key 'attn_config.kv_heads'"),
+        ({"n_layer": 2}, r"unknown config key 'n_layer' \(did you mean 'n_layers'\?\)"),
+        ({"attn_config": {"kv_heads": 2}}, r"unknown config key 'attn_config.kv_heads'"),
         ({"d_model": 30, "n_heads": 4}, "d_model"),
         ({"n_heads": 16, "attn_config": {"kv_n_heads": 3}}, "kv_n_heads"),
         ({"d_model": 48, "n_heads": 16}, "head_dim"),
@@ -291,7 +292,28 @@ def test_config_round_trips_through_json():
 )
 def test_config_errors_name_the_field(d, message):
     with pytest.raises(ValueError, match=message):
-        DbrxConfig.from_dict(d)
+        build(DbrxConfig, d)
+
+
+def test_every_config_problem_is_reported_at_once_and_model_validate_agrees():
+    """One converter: unknown keys, wrong types and bad values of one model dict in one error; and
+    `validate()` (for configs built in code) applies the same value checks as the converter."""
+    bad = {"n_layer": 2, "d_model": "wide", "ffn_config": {"moe_top_k": 0, "moe_topk": 2}, "resid_pdrop": 1.5}
+    with pytest.raises(ConfigError) as raised:
+        build(DbrxConfig, bad)
+    assert len(raised.value.problems) == 5, raised.value.problems  # 2 unknown, 1 wrong type, 2 bad values
+    values = {"ffn_config": {"moe_top_k": 0}, "resid_pdrop": 1.5, "attn_config": {"kv_n_heads": 3}}
+    with pytest.raises(ConfigError) as raised:
+        build(DbrxConfig, values)
+    lines = raised.value.problems
+    assert sorted(line.split("'")[1] for line in lines) == [
+        "attn_config.kv_n_heads",
+        "ffn_config.moe_top_k",
+        "resid_pdrop",
+    ], lines
+    config = DbrxConfig(resid_pdrop=1.5, ffn_config=DbrxFFNConfig(moe_top_k=0))
+    with pytest.raises(ValueError, match=r"resid_pdrop must be in \[0, 1\).*ffn_config.moe_top_k must be in"):
+        config.validate()
 
 
 # ---------------------------------------------------------------------------------------------

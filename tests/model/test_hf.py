@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 
+from dbrx_train.config.schema import build
 from dbrx_train.data.chat import render_chat
 from dbrx_train.data.tokenizer import load_tokenizer
 from dbrx_train.model import DbrxConfig, DbrxForCausalLM
@@ -35,7 +36,8 @@ CASES = {
 
 def config_for(case: str) -> DbrxConfig:
     kv, clip, top_k, p, act = CASES[case]
-    return DbrxConfig.from_dict(
+    return build(
+        DbrxConfig,
         {
             "d_model": 64,
             "n_heads": 4,
@@ -50,7 +52,7 @@ def config_for(case: str) -> DbrxConfig:
                 "moe_normalize_expert_weights": p,
                 "ffn_act_fn": {"name": act},
             },
-        }
+        },
     )
 
 

@@ -11,6 +11,7 @@ import importlib.util
 import pytest
 import torch
 
+from dbrx_train.config.schema import build
 from dbrx_train.model import DbrxConfig, DbrxFFNConfig, DbrxForCausalLM
 from dbrx_train.model.moe import DbrxFFN, MegaBlocksExperts, TorchExperts
 
@@ -155,7 +156,7 @@ def test_a_torch_backend_checkpoint_runs_on_megablocks():
     for backend in ("torch", "megablocks"):
         torch.manual_seed(0)
         cfg["ffn_config"]["moe_backend"] = backend
-        models[backend] = DbrxForCausalLM(DbrxConfig.from_dict(cfg)).cuda().train()
+        models[backend] = DbrxForCausalLM(build(DbrxConfig, cfg)).cuda().train()
     state = models["torch"].state_dict()
     shapes = {k: v.shape for k, v in models["megablocks"].state_dict().items()}
     assert {k: v.shape for k, v in state.items()} == shapes

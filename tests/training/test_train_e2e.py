@@ -214,3 +214,47 @@ def test_report_of_a_real_run(one_rank_run):
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(names)
     assert "best_eval_loss" in page
+
+
+@pytest.mark.slow
+def test_readme_two_rank_command_trains_with_a_calm_console(default_corpus, tmp_path):
+    """README: `composer -n 2 train.py yamls/pretrain/dbrx-tiny.yaml`, with only the data folder, the run
+    folder, the corpus' 64-token samples and a shorter run changed. Its microbatch of 16 is more than the
+    8 samples each rank gets: one warning, then microbatches of 8, as Composer and LLM Foundry do. The
+    console shows one line per console_log_interval (10ba), the data mix when the curriculum moves
+    it and one line of ICL scores per ICL evaluation (here at the end); per-expert and other detailed metrics only go to metrics.jsonl."""
+    run_dir = tmp_path / "readme"
+    cmd = [
+        sys.executable,
+        "-m",
+        "composer.cli.launcher",
+        "-n",
+        "2",
+        "train.py",
+        "yamls/pretrain/dbrx-tiny.yaml",
+    ]
+    cmd += [
+        f"variables.data_root={default_corpus}",
+        f"save_folder={run_dir}",
+        "max_seq_len=64",
+        "max_duration=20ba",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    assert output.count("device_train_microbatch_size=16 is more than the 8 samples") == 1, output[-6000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("[batch ")]
+    train_lines = [line for line in lines if " loss " in line]
+    assert [line.split("]")[0] for line in train_lines] == ["[batch 10/20", "[batch 20/20"], lines
+    for part in (" loss ", " lr ", " tok/s", " MFU ", " ETA "):
+        assert part in train_lines[-1], train_lines
+    assert any("data mix: code " in line for line in lines), lines
+    icl = [line for line in proc.stdout.splitlines() if line.startswith("[ICL @ batch ")]
+    assert len(icl) == 1 and icl[0].startswith("[ICL @ batch 20] pydoc_topic/0-shot 0."), icl  # at the end
+    assert "; gauntlet language_understanding " in icl[0] and "default_average " in icl[0], icl
+    assert "moe/layer_" not in output and "load/expert_" not in output  # only in metrics.jsonl
+    rows = read_metrics(run_dir)
+    train_rows = [r for r in rows if "loss/train/total" in r]
+    assert [r["batch"] for r in train_rows] == list(range(1, 21)) and "moe/layer_0/load/expert_0" in rows[9]
+    assert "icl/metrics/eval_gauntlet/default_average" in rows[-1]  # the end's ICL scores: their own row
