@@ -62,8 +62,8 @@ def route(
     jitter_eps: float | None = None,
     uniform_assignment: bool = False,
 ) -> Routing:
-    """Pick top_k experts per token. Pass `jitter_eps` only while training."""
-    if jitter_eps is not None:
+    """Pick top_k experts per token. Pass `jitter_eps` only while training (0 or None: no jitter)."""
+    if jitter_eps:
         # Multiplicative noise on the router's input only (as MegaBlocks); the experts see clean x.
         noise_ND = torch.empty_like(x_ND).uniform_(1.0 - jitter_eps, 1.0 + jitter_eps)
         x_ND = x_ND * noise_ND
