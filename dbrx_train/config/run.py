@@ -17,6 +17,7 @@ from typing import Any, Literal
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dbrx_train.config.peft import PeftConfig
 from dbrx_train.config.schema import ConfigError, build, to_dict, unknown_key_error
 from dbrx_train.data.finetuning import FinetuningLoaderConfig
 from dbrx_train.data.loaders import LOADER_KINDS
@@ -42,9 +43,12 @@ class ModelConfig:
     # config.json supplies every architecture key the YAML omits; shape keys the YAML does give
     # (PRETRAINED_SHAPE_KEYS) must agree with it, other keys override it (e.g. moe_loss_weight).
     pretrained: str | None = None
+    peft_config: PeftConfig | None = (
+        None  # LoRA adapters on the frozen pretrained base; null: full fine-tuning
+    )
 
 
-MODEL_KEYS = ("name", "init_device", "pretrained")
+MODEL_KEYS = ("name", "init_device", "pretrained", "peft_config")
 # Keys that fix parameter shapes: a pretrained folder and the YAML must agree on them.
 PRETRAINED_SHAPE_KEYS = (
     "d_model",
@@ -225,6 +229,10 @@ class HFExportConfig:
     dtype: Literal["bf16", "fp32", "fp16"] = "bf16"  # dtype of the exported weights
     max_shard_size: int = 5 * 1024**3  # bytes per safetensors shard (transformers' default 5GB)
     tokenizer: bool = True  # also write tokenizer.json, tokenizer_config.json (chat template), ...
+    # LoRA runs (model.peft_config). merged: ba{N}/ is a plain DBRX folder with the adapters folded in;
+    # peft: ba{N}/adapters/ is a PEFT adapter folder (adapter_config.json + adapter_model.safetensors,
+    # attention targets only: PEFT cannot adapt DBRX's fused experts); both: the two.
+    adapters: Literal["merged", "peft", "both"] = "merged"
 
     def __post_init__(self):
         check_time("callbacks.hf_export.save_interval", self.save_interval)
