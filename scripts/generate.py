@@ -8,6 +8,9 @@ Several --prompt flags decode as one left-padded batch. --chat wraps each prompt
 DBRX's ChatML (with its default system prompt unless --no-system-prompt) and adds the assistant
 header. A Composer checkpoint (sharded folder `ep0-baN/` or `ep0-baN/rank0.pt`) takes its model
 config from the run folder's config.yaml, or from --config.
+
+A LoRA run's checkpoint holds adapters only: they are applied on the fly to the run's base
+(model.pretrained, or --base), or folded into its weights first with --merge-adapters (faster).
 """
 
 from __future__ import annotations
@@ -19,10 +22,14 @@ from pathlib import Path
 
 import torch
 
-from dbrx_train.checkpoint.composer_weights import load_model
+from dbrx_train.checkpoint.adapters import load_adapted_model
+from dbrx_train.checkpoint.composer_weights import load_model, run_config_path
+from dbrx_train.config.peft import RunModel
+from dbrx_train.config.schema import ConfigError
 from dbrx_train.data.chat import render_chat
 from dbrx_train.data.tokenizer import load_tokenizer
 from dbrx_train.model.generate import SamplingConfig, generate
+from dbrx_train.model.hf import CONFIG_FILE
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,6 +50,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    parser.add_argument(
+        "--merge-adapters", action="store_true", help="LoRA: fold the adapters into the weights"
+    )
+    parser.add_argument("--base", help="LoRA: the base HF folder (default: the run's model.pretrained)")
     args = parser.parse_args(argv)
 
     try:
@@ -53,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
             top_p=args.top_p,
             use_cache=not args.no_cache,
         )
-        model = load_model(args.model, args.config)
-    except (ValueError, FileNotFoundError) as e:
+        model = load(args)
+    except (ValueError, FileNotFoundError, ConfigError) as e:
         print(f"generate: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     tokenizer = load_tokenizer()
@@ -81,6 +92,17 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps({"prompt": prompt, "completion": text, "ids": ids}))
         else:
             print(f"--- {prompt}\n{text}")
+
+
+def load(args: argparse.Namespace) -> torch.nn.Module:
+    """An HF folder, a Composer checkpoint, or a LoRA run's checkpoint on its base."""
+    path = Path(args.model)
+    if not (path.is_dir() and (path / CONFIG_FILE).is_file()):
+        config = Path(args.config) if args.config else run_config_path(path)
+        run = RunModel(config) if config.is_file() else None
+        if run is not None and run.peft is not None:
+            return load_adapted_model(path, run, args.base, merge=args.merge_adapters)
+    return load_model(args.model, args.config)
 
 
 if __name__ == "__main__":
