@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_cluster  # noqa: E402
 import bench_cpu  # noqa: E402
+import bench_planner  # noqa: E402
 from bench_timing import Timing, machine_line, peak_matmul_flops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -139,7 +140,10 @@ def run(quick: bool = False, threads: int = 2, out=print) -> dict:
     results["seq_scaling"] = {T: {k: v.median for k, v in t.items()} for T, t in seq.items()}
     results["expert_scaling"] = {E: {k: v.median for k, v in t.items()} for E, t in exp.items()}
 
-    # 5. The 132B config on a GPU cluster, on paper
+    # 5. The memory planner (scripts/model_stats.py) against a measured peak, full and LoRA
+    results["planner"] = bench_planner.run(quick=quick, out=out)
+
+    # 6. The 132B config on a GPU cluster, on paper
     results["cluster"] = cluster_report(out)
     return results
 

@@ -31,6 +31,9 @@ def test_quick_bench_prints_well_formed_numbers():
         assert positive(mem["step_ratio"])
     for table in (results["seq_scaling"], results["expert_scaling"]):
         assert all(positive(t) for times in table.values() for t in times.values())
+    for row in results["planner"].values():  # model_stats' estimate against a measured peak, full and LoRA
+        assert all(positive(row[k]) for k in ("planned_bytes", "measured_bytes", "ratio"))
+    assert results["planner"]["lora"]["trainable"] < results["planner"]["full"]["trainable"]
     assert len(results["cluster"]) == len(bench_cluster.GPU_COUNTS)
 
 
