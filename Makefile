@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA := data/default
 SEQ_LEN := 128
+# pip extras of the editable install; CI adds `eval` (lm-eval-harness, for its parity test).
+EXTRAS ?= dev
 
 .PHONY: setup data pretrain finetune finetune-lora sample train test test-fast bench docs lint format clean
 
@@ -13,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 data: setup $(DATA)/manifest.json

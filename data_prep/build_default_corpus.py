@@ -12,9 +12,13 @@ Fine-tuning set (written like convert_finetuning_dataset.py, same --max-seq-len)
   chat   one question per help topic and phrasing ("Explain the "if" statement in Python.")
          answered with the topic's opening prose, cut at a sentence so the conversation fits
 
+ICL suite (default_icl_suite.py; LLM Foundry's icl_tasks jsonl formats): help-topic paragraphs held
+out of the prose stream (never a topic's first two, which the chat set uses) and standard-library
+files the code stream never reached.
+
 Output: OUT/{prose,code}/{train,val}/ (pretraining MDS folders), OUT/chat/{train,val}/
-(fine-tuning MDS folders) next to the conversations as OUT/chat/{train,val}.jsonl, and
-OUT/manifest.json (sizes and sources). The content depends on the Python version, which the
+(fine-tuning MDS folders) next to the conversations as OUT/chat/{train,val}.jsonl, OUT/icl/*.jsonl
+(ICL tasks), and OUT/manifest.json (sizes and sources). The content depends on the Python version, which the
 manifest records.
 """
 
@@ -32,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from default_icl_suite import without_held_out, write_suite
 
 from dbrx_train.data.finetuning import convert_conversations
 from dbrx_train.data.prepare import pack_to_mds, prepare_output_folder, tokenize_documents
@@ -50,10 +55,11 @@ MIN_CHAT_VAL_TOPICS = 8
 
 
 def prose_documents() -> Iterator[tuple[str, str]]:
+    """Each help topic without the paragraphs the ICL suite holds out."""
     from pydoc_data.topics import topics
 
     for name in sorted(topics):
-        yield name, topics[name]
+        yield name, without_held_out(name, topics[name])
 
 
 def code_documents() -> Iterator[tuple[str, str]]:
@@ -77,7 +83,9 @@ class StreamSource:
 
 STREAMS = {
     "prose": StreamSource(
-        "pydoc_data.topics.topics: Python's help() topics, one document per topic", prose_documents
+        "pydoc_data.topics.topics: Python's help() topics, one document per topic, without the ICL suite's "
+        "held-out paragraphs",
+        prose_documents,
     ),
     "code": StreamSource(
         "the Python standard library's .py files, sorted by path, tests excluded", code_documents
@@ -238,6 +246,7 @@ def build_default_corpus(
     for folder in folders:  # refuse (or clear) all of them before spending time tokenizing
         prepare_output_folder(folder, overwrite)
     caps = {"code": max_code_tokens}
+    trained: dict[str, set[str]] = {}
     manifest = {
         "description": "Default dbrx-train pretraining corpus, built offline by data_prep/build_default_corpus.py",
         "python": platform.python_version(),
@@ -248,6 +257,9 @@ def build_default_corpus(
     for stream, source in STREAMS.items():
         documents = tokenize_capped(source.documents(), max_tokens=caps.get(stream), num_workers=num_workers)
         train, val = split_train_val(stream, documents, max_seq_len)
+        # What the ICL suite must avoid: the train split's documents (val is never trained on).
+        val_arrays = {id(tokens) for tokens in val}
+        trained[stream] = {name for name, tokens in documents if id(tokens) not in val_arrays}
         entry: dict = {"source": source.description, "token_cap": caps.get(stream)}
         for split, arrays in (("train", train), ("val", val)):
             # Already tokenized: a progress bar here would only time the packing.
@@ -258,6 +270,9 @@ def build_default_corpus(
             }
         manifest["streams"][stream] = entry
     manifest["finetuning"] = {"chat": build_chat_set(out, max_seq_len=max_seq_len)}
+    from pydoc_data.topics import topics
+
+    manifest["icl"] = write_suite(out / "icl", topics, code_documents(), trained["code"])
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -300,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
             f"  chat/{split}: {info['conversations']:,} conversations, {info['tokens']:,} tokens "
             f"({info['trained_tokens']:,} trained), padded to {args.max_seq_len}"
         )
+    for task, info in manifest["icl"].items():
+        print(f"  {info['file']}: {info['examples']} {info['icl_task_type']} examples (ICL task {task})")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prep-default": ("data_prep/build_default_corpus.py", "build the embedded default corpus (no network)"),
     "export": ("scripts/convert_to_hf.py", "Composer checkpoint -> Hugging Face DBRX folder"),
     "generate": ("scripts/generate.py", "sample text from an HF folder or a Composer checkpoint"),
+    "eval": ("scripts/eval.py", "lm-eval-harness or ICL tasks on an HF folder, checkpoint or run folder"),
     "stats": ("scripts/model_stats.py", "parameters, FLOPs, KV cache and memory of a YAML's model"),
     "report": ("scripts/plot_run.py", "PNG plots and an HTML report of a run folder"),
 }

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dbrx_train.config.icl import EvalGauntletConfig, ICLTaskConfig, check_gauntlet, expand_file_reference
 from dbrx_train.config.peft import PeftConfig
 from dbrx_train.config.schema import ConfigError, build, to_dict, unknown_key_error
 from dbrx_train.data.finetuning import FinetuningLoaderConfig
@@ -37,7 +38,8 @@ class ModelConfig:
     name: Literal["dbrx"] = "dbrx"  # the model family; only `dbrx`
     # cpu: every rank builds and initialises the full model from the run seed (identical on all ranks).
     # mixed: rank 0 builds it, the others start on `meta` and receive rank 0's weights while sharding.
-    # meta: every rank starts on `meta`; weights are initialised shard by shard after FSDP (GPU).
+    # meta: every rank starts on `meta`; weights are initialised shard by shard after FSDP (GPU), or
+    # with `pretrained` (CPU or GPU) each rank reads only its shard's rows from the safetensors.
     init_device: Literal["cpu", "mixed", "meta"] = "cpu"
     # An HF DBRX folder (config.json + safetensors) to start from instead of random weights. Its
     # config.json supplies every architecture key the YAML omits; shape keys the YAML does give
@@ -279,6 +281,15 @@ class TrainConfig:
     eval_interval: str = "1ep"
     eval_first: bool = False  # evaluate once before the first training batch (not when resuming mid-run)
     eval_subset_num_batches: int = -1  # batches per evaluation; -1: the whole eval_loader
+    # In-context-learning tasks (LLM Foundry's icl_tasks), scored at eval_interval, at the end and with
+    # eval_first: a list of tasks or the path of a YAML file holding `icl_tasks:`; null: none.
+    icl_tasks: list[ICLTaskConfig] | None = None
+    # Tokens per ICL sequence (prompt + answer) unless a task sets max_seq_len; null: max_seq_len.
+    icl_seq_len: int | None = None
+    # Batches per ICL task and shot count (the same ones on any number of ranks); null: all.
+    icl_subset_num_batches: int | None = None
+    # LLM Foundry's composite score over icl_tasks (or the path of a YAML file holding it); null: none.
+    eval_gauntlet: EvalGauntletConfig | None = None
     # Samples per forward/backward on one device (gradient accumulation over the device batch); null: all.
     device_train_microbatch_size: int | None = None
     device_eval_batch_size: int | None = None  # eval samples per device batch; null: the device train batch
@@ -374,6 +385,8 @@ def parse_config(data: dict[str, Any]) -> TrainConfig:
     for key in ("train_loader", "eval_loader"):
         if data.get(key) is not None:
             data[key] = _parse_loader(data[key], key)
+    for key in ("icl_tasks", "eval_gauntlet"):
+        expand_file_reference(data, key)
     cfg = build(TrainConfig, data)
     _check(cfg)
     return cfg
@@ -498,6 +511,26 @@ def _check(cfg: TrainConfig) -> None:
     if cfg.load_weights_only and not cfg.load_path:
         raise ConfigError("load_weights_only: true needs 'load_path'")
     _check_curriculum(cfg)
+    _check_icl(cfg)
+
+
+def _check_icl(cfg: TrainConfig) -> None:
+    tasks = cfg.icl_tasks or []
+    labels = [t.label for t in tasks]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"icl_tasks: each label must be unique; got {labels}")
+    for key in ("icl_seq_len", "icl_subset_num_batches"):
+        value = getattr(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"config key '{key}' must be positive or null; got {value}")
+    longest = max([cfg.icl_seq_len or cfg.max_seq_len] + [t.max_seq_len or 0 for t in tasks])
+    if tasks and longest > cfg.model.dbrx.max_seq_len:
+        raise ConfigError(
+            f"ICL sequences of {longest} tokens (icl_seq_len or an icl_tasks max_seq_len) exceed "
+            f"model.max_seq_len={cfg.model.dbrx.max_seq_len}; lower them"
+        )
+    if cfg.eval_gauntlet is not None:
+        check_gauntlet(cfg.eval_gauntlet, tasks)
 
 
 @dataclass(frozen=True)

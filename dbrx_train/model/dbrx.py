@@ -148,7 +148,9 @@ class LayerKVCache(NamedTuple):
         end = self.start + k_BKTDh.shape[2]
         self.k_BKSDh[:, :, self.start : end] = k_BKTDh
         self.v_BKSDh[:, :, self.start : end] = v_BKTDh
-        return self.k_BKSDh[:, :, :end], self.v_BKSDh[:, :, :end]
+        # In the activations' dtype: under autocast or FSDP mixed precision they are bf16 while the
+        # cache was allocated in the weights' dtype (a no-op when they agree).
+        return self.k_BKSDh[:, :, :end].to(k_BKTDh.dtype), self.v_BKSDh[:, :, :end].to(v_BKTDh.dtype)
 
 
 class KVCache:
@@ -371,10 +373,13 @@ class DbrxForCausalLM(nn.Module):
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         position_ids: torch.Tensor | None = None,
+        logits_positions: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """Training: `forward(input_ids, labels)`. Inference may add a left-padding
         `attention_mask` (B, T_past + T) and a `past_key_values` KVCache (`use_cache=True` creates
-        one sized max_seq_len), which is filled in place and returned in the output."""
+        one sized max_seq_len), which is filled in place and returned in the output.
+        `logits_positions` (B, C): return logits (B, C, V) at these positions only; the LM head never
+        sees the others (scoring a few answer tokens, or sampling one, costs a fraction of the head)."""
         plain = past_key_values is None and not use_cache
         if attention_mask is not None and plain and bool(attention_mask.all()):
             attention_mask = None  # all ones: the plain causal path
@@ -395,7 +400,13 @@ class DbrxForCausalLM(nn.Module):
             position_ids_BT=position_ids,
             cache=past_key_values,
         )
-        logits_BTV = self.lm_head(out.hidden_BTD)
+        hidden_BTD = out.hidden_BTD
+        if logits_positions is not None:
+            if labels is not None:
+                raise ValueError("logits_positions is for inference: the loss needs every position's logits")
+            index_BCD = logits_positions[..., None].expand(-1, -1, hidden_BTD.shape[-1])
+            hidden_BTD = hidden_BTD.gather(1, index_BCD)
+        logits_BTV = self.lm_head(hidden_BTD)
         aux_loss = self.config.ffn_config.moe_loss_weight * out.aux_loss
         lm_loss = loss = None
         if labels is not None:

@@ -10,6 +10,7 @@ against).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -70,8 +71,14 @@ def generate(
     prompts: list[list[int]],
     cfg: SamplingConfig = SamplingConfig(),
     generator: torch.Generator | None = None,
+    finished: Callable[[list[int]], bool] | None = None,
+    all_finished: Callable[[bool], bool] | None = None,
 ) -> list[list[int]]:
-    """New token ids per prompt, each ending with its EOS id if one was produced."""
+    """New token ids per prompt, each ending with its EOS id if one was produced.
+
+    `finished(new_ids)` can end a sequence early (e.g. at a stop string). `all_finished(done_here)`
+    decides when to stop stepping; ranks of a sharded model pass one that agrees over all ranks, so
+    each runs the same number of forwards (by default: when every sequence here is done)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = model.lm_head.weight.device
@@ -94,17 +101,20 @@ def generate(
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in prompts]
     t = T0
-    while t < total and not bool(done_B.all()):
-        if cache is None:
-            logits = model(ids_BT[:, :t], attention_mask=mask_BT[:, :t]).logits
-        else:
-            start = cache.length
-            logits = model(ids_BT[:, start:t], attention_mask=mask_BT[:, :t], past_key_values=cache).logits
+    all_finished = all_finished or (lambda done_here: done_here)
+    while t < total and not all_finished(bool(done_B.all())):
+        start = 0 if cache is None else cache.length
+        last_B1 = torch.full((B, 1), t - start - 1, dtype=torch.long, device=device)  # only it is sampled
+        logits = model(
+            ids_BT[:, start:t], attention_mask=mask_BT[:, :t], past_key_values=cache, logits_positions=last_B1
+        ).logits
         token_B = next_token(logits[:, -1], cfg, generator)
         token_B = torch.where(done_B, torch.full_like(token_B, FILLER_ID), token_B)
         ids_BT[:, t] = token_B
         for b in (~done_B).nonzero().flatten().tolist():
             out[b].append(int(token_B[b]))
+            if finished is not None and finished(out[b]):
+                done_B[b] = True
         done_B |= torch.isin(token_B, eos_ids)
         t += 1
     model.train(was_training)

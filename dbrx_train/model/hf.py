@@ -5,16 +5,19 @@ or as shards `model-0000i-of-0000n.safetensors` listed in `model.safetensors.ind
 usually `generation_config.json` and tokenizer files. Our parameter names equal HF's, so import
 and export are loops over keys with a shape check each, no rename table.
 
-Memory: reading copies one tensor at a time into an already allocated model; writing streams one
-tensor at a time from a name -> tensor callback straight into the file (our own safetensors writer:
-8-byte header length, JSON header, raw little-endian bytes), so exporting never needs a second
-copy of the model, even when the source is a sharded checkpoint read key by key.
+Memory: reading copies row ranges of one tensor at a time into already allocated tensors (the
+whole model, or one rank's FSDP shard of it: `read_hf_rows`), with at most `ROW_CHUNK_BYTES` of a
+file mapped at once; writing streams one tensor at a time from a name -> tensor callback straight
+into the file (our own safetensors writer: 8-byte header length, JSON header, raw little-endian
+bytes), so exporting never needs a second copy of the model, even when the source is a sharded
+checkpoint read key by key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +50,9 @@ _SAFETENSORS_DTYPES = {
     torch.int64: "I64",
     torch.int32: "I32",
 }
+_SAFETENSORS_ITEMSIZE = {code: dtype.itemsize for dtype, code in _SAFETENSORS_DTYPES.items()}
+# read_hf_rows maps at most this much of a weight file at once (the host-memory cost of a read).
+ROW_CHUNK_BYTES = 16 * 1024**2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,21 +120,29 @@ def expected_shapes(config: DbrxConfig) -> dict[str, torch.Size]:
 
 def check_hf_folder(folder: str | Path, config: DbrxConfig | None = None) -> DbrxConfig:
     """Read only headers: config.json parses, every file exists, the tensor names equal the model's
-    and each shape matches. Returns the folder's config (or `config`, if given, checked instead)."""
+    and each shape matches. Returns the folder's config (or `config`, if given, checked instead).
+    Errors name the file (the index or the weight file) and the tensor."""
     config = config or read_hf_config(folder)
     files = weight_files(folder)
     shapes = expected_shapes(config)
     missing = [name for name in shapes if name not in files]
     unexpected = [name for name in files if name not in shapes]
     if missing or unexpected:
+        listing = Path(folder) / (INDEX_FILE if (Path(folder) / INDEX_FILE).is_file() else SINGLE_FILE)
         raise ValueError(
-            f"HF model folder '{folder}' does not match its config: "
-            f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
-            f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+            f"{listing} does not match {CONFIG_FILE}: "
+            f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+            f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
         )
-    for path in sorted(set(files.values())):
+    by_file: dict[Path, list[str]] = {}
+    for name, path in files.items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in sorted(by_file.items()):
         with safe_open(path, framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118
+            present = set(f.keys())  # noqa: SIM118 (safe_open has no __iter__)
+            for name in names:
+                if name not in present:
+                    raise ValueError(f"{path}: has no tensor '{name}' (listed for it in {INDEX_FILE})")
                 shape = torch.Size(f.get_slice(name).get_shape())
                 if shape != shapes[name]:
                     raise ValueError(
@@ -150,20 +164,54 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> D
 
 @torch.no_grad()
 def load_hf_weights(model: torch.nn.Module, folder: str | Path) -> None:
-    """Copy every tensor of the folder into `model`'s (allocated) parameters, one at a time.
+    """Copy every tensor of the folder into `model`'s (allocated) parameters, one chunk at a time.
 
     Strict: missing or unexpected names and shape mismatches raise before anything is copied.
     Tensors are cast to each parameter's dtype.
     """
     check_hf_folder(folder, model.config)
     params = model.state_dict()
-    by_file: dict[Path, list[str]] = {}
-    for name, path in weight_files(folder).items():
-        by_file.setdefault(path, []).append(name)
-    for path, names in by_file.items():
+    files = weight_files(folder)
+    for name in files:
+        # In chunks: a file kept open keeps every page read from it in the RSS, on top of the model.
+        read_hf_rows(files, name, 0, params[name].shape[0], params[name])
+
+
+@torch.no_grad()
+def read_hf_rows(
+    files: dict[str, Path],
+    name: str,
+    start: int,
+    stop: int,
+    out: torch.Tensor,
+    chunk_bytes: int = ROW_CHUNK_BYTES,
+) -> int:
+    """Copy rows [start, stop) (dim 0) of tensor `name` into `out`, cast to its dtype and device.
+
+    `files` is `weight_files(folder)`. Only those rows' bytes are read (safetensors `get_slice`),
+    `chunk_bytes` at a time, and the file is closed after each chunk: the slice is a view of the
+    memory-mapped file, whose pages count in the process's RSS until it is unmapped. So reading
+    costs at most one chunk on top of `out`. Returns the bytes read.
+    """
+    path = files[name]
+    with safe_open(path, framework="pt") as f:
+        file_slice = f.get_slice(name)
+        shape, dtype = file_slice.get_shape(), file_slice.get_dtype()
+    if dtype not in _SAFETENSORS_ITEMSIZE:
+        raise ValueError(f"{path}: tensor '{name}' has dtype {dtype}, which this reader does not know")
+    itemsize = _SAFETENSORS_ITEMSIZE[dtype]
+    if not shape or not 0 <= start <= stop <= shape[0] or (stop - start, *shape[1:]) != tuple(out.shape):
+        raise ValueError(
+            f"{path}: tensor '{name}' has shape {tuple(shape)}; its rows [{start}, {stop}) do not fit "
+            f"a tensor of shape {tuple(out.shape)}"
+        )
+    row_bytes = max(1, math.prod(shape[1:]) * itemsize)
+    rows_per_chunk = max(1, chunk_bytes // row_bytes)
+    for first in range(start, stop, rows_per_chunk):
+        last = min(stop, first + rows_per_chunk)
         with safe_open(path, framework="pt") as f:
-            for name in names:
-                params[name].copy_(f.get_tensor(name))
+            out[first - start : last - start].copy_(f.get_slice(name)[first:last])
+    return (stop - start) * row_bytes
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,9 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 LOAD_KEY = re.compile(r"moe/layer_(\d+)/load/expert_(\d+)")
+# icl/<label>/<n>-shot/<metric> (training/icl_eval.py) and the gauntlet's icl/metrics/eval_gauntlet/<name>
+ICL_KEY = re.compile(r"icl/(?!metrics/)([^/]+/\d+-shot)/\w+")
+GAUNTLET_KEY = re.compile(r"icl/metrics/eval_gauntlet/(.+)")
 
 
 @dataclass
@@ -190,8 +193,36 @@ def plot_expert_load(m: RunMetrics):
     return fig
 
 
+def plot_icl(m: RunMetrics):
+    """ICL accuracy of every task (and the gauntlet's scores) against tokens seen."""
+    tasks = [k for k in m.keys("icl/") if ICL_KEY.fullmatch(k)]
+    gauntlet = [k for k in m.keys("icl/metrics/eval_gauntlet/") if GAUNTLET_KEY.fullmatch(k)]
+    if not tasks:
+        return None
+    x_key = "tokens" if any(r.get("tokens") for r in m.rows) else "batch"
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key in tasks:
+        ax.plot(*m.series(key, x_key), "o-", markersize=4, label=ICL_KEY.fullmatch(key).group(1))
+    for key in gauntlet:
+        ax.plot(
+            *m.series(key, x_key),
+            "s--",
+            markersize=4,
+            label=f"gauntlet {GAUNTLET_KEY.fullmatch(key).group(1)}",
+        )
+    ax.set(
+        title="In-context learning (icl_tasks)",
+        xlabel="tokens seen" if x_key == "tokens" else "batch",
+        ylabel="accuracy (gauntlet: above chance)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
 PLOTS = (
     ("loss", plot_loss),
+    ("icl_accuracy", plot_icl),
     ("learning_rate", plot_lr),
     ("throughput", plot_throughput),
     ("data_mix", plot_data_mix),
@@ -203,12 +234,21 @@ def summarize(m: RunMetrics) -> dict[str, float | int | None]:
     last = m.rows[-1]
     evals = m.series("metrics/eval/LanguageCrossEntropy")[1]
     train = m.series("loss/train/total")[1]
-    return {
+    summary = {
         "batches": last.get("batch"),
         "tokens": last.get("tokens"),
         "final_train_loss": train[-1] if train else None,
         "best_eval_loss": min(evals) if evals else None,
     }
+    for key in m.keys("icl/"):  # the latest score of every ICL task and gauntlet category
+        match = ICL_KEY.fullmatch(key) or GAUNTLET_KEY.fullmatch(key)
+        values = m.series(key)[1]
+        if match and values:
+            name = match.group(1) if key.startswith("icl/metrics/") else key.removeprefix("icl/")
+            summary[f"ICL {'gauntlet ' if key.startswith('icl/metrics/') else ''}{name}"] = round(
+                values[-1], 4
+            )
+    return summary
 
 
 def render_html(run_folder: Path, summary: dict, pngs: list[Path]) -> str:

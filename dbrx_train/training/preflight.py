@@ -23,6 +23,7 @@ from dbrx_train.config.run import TrainConfig
 from dbrx_train.config.schema import ConfigError
 from dbrx_train.data.loaders import validate_loader_config
 from dbrx_train.data.streaming_shm import release_stale_shared_memory
+from dbrx_train.eval.icl_suite import read_icl_tasks
 from dbrx_train.model.hf import check_hf_folder
 from dbrx_train.model.lora import adapter_shapes
 from dbrx_train.model.lora_export import peft_unsupported
@@ -42,6 +43,7 @@ def check_config(cfg: TrainConfig, device: str, world_size: int) -> None:
     check_load_path(cfg)
     check_lora(cfg)
     check_data(cfg)
+    read_icl_tasks(cfg.icl_tasks or [])  # every task file, line by line
 
 
 def check_data(cfg: TrainConfig) -> None:
@@ -66,11 +68,6 @@ def check_pretrained(cfg: TrainConfig) -> None:
     folder = cfg.model.pretrained
     if folder is None:
         return
-    if cfg.model.init_device == "meta":
-        raise ConfigError(
-            "model.pretrained with init_device: meta is not supported (weights would be random-"
-            "initialised after sharding); use init_device: mixed (rank 0 loads, FSDP broadcasts) or cpu"
-        )
     try:
         check_hf_folder(folder, cfg.model.dbrx)
     except (ValueError, FileNotFoundError) as e:
@@ -216,6 +213,10 @@ def check_init_device(cfg: TrainConfig, device: str) -> None:
         raise ConfigError(
             f"model.init_device: {init_device} needs FSDP (fsdp_config) to materialise the weights"
         )
-    if init_device == "meta" and device != "gpu":
-        # Composer materialises meta modules on CUDA only; on CPU rank 0 can build and broadcast.
-        raise ConfigError("model.init_device: meta needs CUDA; on CPU use 'cpu' or 'mixed'")
+    if init_device == "meta" and device != "gpu" and cfg.model.pretrained is None:
+        # DTensor's random ops keep no per-shard RNG offsets on CPU: every rank would draw the same
+        # values into its shard (e.g. experts 8-15 copies of 0-7). Loading shards needs no RNG.
+        raise ConfigError(
+            "model.init_device: meta initialises random weights shard by shard, which needs CUDA; on CPU "
+            "use 'cpu' or 'mixed' (or meta with model.pretrained, which reads each shard from the folder)"
+        )

@@ -54,6 +54,7 @@ from dbrx_train.training.builders import (
 from dbrx_train.training.callbacks import BatchSeededRNG
 from dbrx_train.training.composer_model import DbrxComposerModel
 from dbrx_train.training.curriculum import build_train_data
+from dbrx_train.training.icl_eval import ICLEvaluation, build_icl_evaluation
 from dbrx_train.training.nonfinite import exit_if_stopped, guard_of
 from dbrx_train.training.parallelize import (
     apply_expert_parallelism,
@@ -70,6 +71,7 @@ from dbrx_train.training.preflight import (
     resolve_device,
     resolve_precision,
 )
+from dbrx_train.training.pretrained_shards import load_pretrained_shards
 
 log = logging.getLogger("dbrx_train")
 
@@ -117,6 +119,7 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
     base = base_record(cfg.model.pretrained) if cfg.model.peft_config is not None else None
     check_resume_base(start, base)  # a LoRA checkpoint holds no base: model.pretrained must be its own
     write_resolved_config(resolved, run_folder)
+    icl = build_icl_evaluation(cfg, layout)
 
     model = build_model(cfg)
     if cfg.model.peft_config is not None:
@@ -136,6 +139,9 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
     if cfg.fsdp is not None:
         mark_fsdp_units(model)
         parallelism = build_parallelism_config(cfg.fsdp, device_type)
+    shards = None
+    if cfg.model.init_device == "meta" and cfg.model.pretrained:  # each rank reads its shard, in Trainer()
+        shards = load_pretrained_shards(model, cfg.model.pretrained, device_type)
     composer_model = DbrxComposerModel(model)
     optimizer = build_optimizer(cfg, [p for p in composer_model.parameters() if p.requires_grad])
     check_checkpoint_space(cfg, Path(run_folder), model, start)
@@ -182,6 +188,7 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
             callbacks=[
                 *build_callbacks(cfg, run_folder),
                 *data_callbacks,
+                *([icl] if icl is not None else []),
                 BatchSeededRNG(cfg.seed),
                 preemption,
                 checkpoints,  # saves after every other callback has updated its state
@@ -196,17 +203,22 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
             load_strict_model_weights=cfg.model.peft_config is None,
             dist_timeout=cfg.dist_timeout,
         )
+    if shards is not None:
+        shards.check_done()
     trainer.logger.log_hyperparameters(resolved)  # the whole resolved config, e.g. into W&B's run config
     if already_finished(trainer):
         finish_without_training(trainer, hf_export, start)
         return trainer
     started = time.monotonic()
-    if cfg.eval_first and evaluators and int(trainer.state.timestamp.batch) == 0:
-        trainer.eval()  # a baseline before the first step (not again when resuming)
+    if cfg.eval_first and int(trainer.state.timestamp.batch) == 0:  # a baseline (not again when resuming)
+        if evaluators:
+            trainer.eval()
+        if icl is not None:
+            icl.evaluate(trainer.state, trainer.logger)
     trainer.fit()
     guard = guard_of(trainer)
     stopped_early = preemption.stopped_at_batch is not None or (guard is not None and guard.stopped_at_batch)
-    print_summary(trainer, run_folder, time.monotonic() - started, stopped_early=bool(stopped_early))
+    print_summary(trainer, run_folder, time.monotonic() - started, stopped_early=bool(stopped_early), icl=icl)
     exit_if_stopped(trainer)  # a non-finite loss stopped the run: say where and why, exit code 3
     if preemption.stopped_at_batch is not None:
         if dist.get_global_rank() == 0:
@@ -312,7 +324,14 @@ def write_resolved_config(resolved: dict, run_folder: str) -> None:
     OmegaConf.save(OmegaConf.create(resolved), folder / "config.yaml")
 
 
-def print_summary(trainer: Trainer, run_folder: str, seconds: float, *, stopped_early: bool = False) -> None:
+def print_summary(
+    trainer: Trainer,
+    run_folder: str,
+    seconds: float,
+    *,
+    stopped_early: bool = False,
+    icl: ICLEvaluation | None = None,
+) -> None:
     """What a user looks for at the end: how far, how good, where the checkpoints and report are."""
     if dist.get_global_rank() != 0:
         return
@@ -325,6 +344,8 @@ def print_summary(trainer: Trainer, run_folder: str, seconds: float, *, stopped_
     ]
     if "loss/train/total" in losses:
         lines.append(f"  final train loss: {losses['loss/train/total']:.4f}")
+    if icl is not None:
+        lines += icl.summary_lines()
     folder = Path(run_folder)
     checkpoints = [c.name for c in list_checkpoints(folder)]
     lines.append(f"  run folder: {folder}")

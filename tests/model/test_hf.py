@@ -208,3 +208,22 @@ def test_tokenizer_special_tokens_and_chat_template(exported_tokenizer):
     assert text == render_chat(messages, add_generation_prompt=True)
     ids = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     assert list(ids) == ours.encode_chat(messages, add_generation_prompt=True)[0]
+
+
+def test_read_hf_rows_reads_row_ranges_in_chunks_and_casts(tmp_path):
+    from safetensors.torch import save_file
+
+    from dbrx_train.model.hf import read_hf_rows, weight_files
+
+    full = torch.randn(10, 3).to(torch.bfloat16)
+    save_file({"w": full}, tmp_path / SINGLE_FILE)
+    files = weight_files(tmp_path)
+    out = torch.full((7, 3), float("nan"))
+    # 2 rows (12 bytes) per chunk: 4 chunks, the last one short.
+    assert read_hf_rows(files, "w", 2, 9, out, chunk_bytes=12) == 7 * 3 * 2
+    assert torch.equal(out, full[2:9].float())
+    assert read_hf_rows(files, "w", 10, 10, torch.empty(0, 3)) == 0  # an empty last shard
+    with pytest.raises(
+        ValueError, match=r"model\.safetensors: tensor 'w' has shape \(10, 3\); its rows \[8, 11\)"
+    ):
+        read_hf_rows(files, "w", 8, 11, torch.empty(3, 3))

@@ -30,6 +30,7 @@ SMALL = [
     "callbacks.speed_monitor.window_size=2",
     "optimizer.lr=5e-3",
     "scheduler.t_warmup=2ba",
+    "icl_subset_num_batches=1",  # the YAML's ICL suite: one batch per task per evaluation
 ]
 
 
@@ -102,6 +103,9 @@ def test_one_rank_run_trains_logs_and_checkpoints(one_rank_run):
         assert key in last, key
     assert 0 < last["throughput/device/mfu"] < 1
     assert any("metrics/eval/LanguageCrossEntropy" in r for r in rows)
+    icl = [r for r in rows if "icl/pydoc_topic/0-shot/InContextLearningMultipleChoiceAccuracy" in r]
+    assert [r["batch"] for r in icl] == [7, 14]  # the default ICL suite at each eval_interval
+    assert "icl/metrics/eval_gauntlet/default_average" in icl[-1]
     # MoE health every 10 batches (callbacks.expert_load default), per layer
     moe = rows[9]
     for layer in (0, 1):
