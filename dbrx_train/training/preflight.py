@@ -100,6 +100,13 @@ def check_lora(cfg: TrainConfig) -> None:
                 "fsdp_config.expert_parallel_degree does not work with model.peft_config (LoRA); set it to null: "
                 "FSDP then shards the experts and their adapters over all ranks"
             )
+        if cfg.model.init_device == "meta":
+            # The per-shard loader (training/pretrained_shards.py) fills base tensors from the folder;
+            # the adapters are in no folder and it has no initialisation for them yet.
+            raise ConfigError(
+                "model.init_device: meta does not work with model.peft_config (LoRA) yet: the per-shard loader "
+                "cannot initialise the adapters; use init_device: mixed (rank 0 reads the base, then shards it)"
+            )
         hf = cfg.callbacks.hf_export
         problem = peft_unsupported(peft.spec)
         if hf is not None and hf.adapters != "merged" and problem is not None:

@@ -125,6 +125,11 @@ def tiny_base(tmp_path_factory) -> Path:
             "fsdp_config.expert_parallel_degree does not work with model.peft_config",
         ),
         (
+            ["model.init_device=meta"],
+            2,
+            "model.init_device: meta does not work with model.peft_config (LoRA) yet",
+        ),
+        (
             ["callbacks.hf_export.adapters=peft"],
             1,
             "callbacks.hf_export.adapters: peft: a PEFT adapter folder cannot",
