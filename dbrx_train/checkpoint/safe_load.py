@@ -26,20 +26,24 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
 
+from dbrx_train import compat
 from dbrx_train.checkpoint.store import CheckpointError
 
-# The only non-tensor types Composer's state needs (timestamps' wall-clock times, the torch version,
-# numpy's RNG state). torch.load(weights_only=True) accepts these and refuses everything else.
-SAFE_GLOBALS: list[Any] = [
-    datetime.timedelta,
-    torch.torch_version.TorchVersion,
-    np.ndarray,
-    np.dtype,
-    np._core.multiarray._reconstruct,
-    type(np.dtype(np.uint32)),
-    type(np.dtype(np.int64)),
-    type(np.dtype(np.float64)),
-]
+
+def allowed_globals() -> list[Any]:
+    """The only non-tensor types Composer's state needs (timestamps' wall-clock times, the torch
+    version, numpy's RNG state). torch.load(weights_only=True) accepts these and refuses the rest."""
+    compat.check("numpy_reconstruct")
+    return [
+        datetime.timedelta,
+        torch.torch_version.TorchVersion,
+        np.ndarray,
+        np.dtype,
+        np._core.multiarray._reconstruct,
+        type(np.dtype(np.uint32)),
+        type(np.dtype(np.int64)),
+        type(np.dtype(np.float64)),
+    ]
 
 
 _DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
@@ -74,6 +78,7 @@ def dcp_data_files(folder: Path) -> set[str]:
 
 class SafeFileSystemReader(FileSystemReader):
     def read_metadata(self) -> Metadata:
+        compat.check("dcp_read_metadata")
         with open(Path(self.path) / ".metadata", "rb") as f:
             metadata = DcpMetadataUnpickler(f).load()
         metadata.storage_meta = metadata.storage_meta or dcp.metadata.StorageMeta()
@@ -128,7 +133,7 @@ class stub_pickle_module:  # noqa: N801 (stands in for the `pickle` module in to
 
 def _load_restricted(blob: bytes | io.BufferedIOBase, where: str) -> None:
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with torch.serialization.safe_globals(allowed_globals()):
             torch.load(blob if not isinstance(blob, bytes) else io.BytesIO(blob), weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
@@ -143,25 +148,25 @@ def _load_restricted(blob: bytes | io.BufferedIOBase, where: str) -> None:
 @contextlib.contextmanager
 def restricted_loading() -> Iterator[None]:
     """While Composer loads a checkpoint, nothing in it can run code, even if the files changed after
-    check_no_code: every torch.load is weights_only with SAFE_GLOBALS (DCP's byte entries and Composer's
+    check_no_code: every torch.load is weights_only with `allowed_globals()` (DCP's byte entries and Composer's
     .pt are read with weights_only=False otherwise), and DCP's `.metadata` goes through the restricted
     unpickler instead of pickle.load."""
     from torch.distributed.checkpoint import filesystem
 
-    real_load, real_pickle = torch.load, filesystem.pickle
+    real_load = torch.load
 
     def load(*args: Any, **kwargs: Any) -> Any:
         kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with torch.serialization.safe_globals(allowed_globals()):
             return real_load(*args, **kwargs)
 
     restricted_pickle = types.SimpleNamespace(**vars(pickle))
     restricted_pickle.load = lambda f, **kwargs: DcpMetadataUnpickler(f).load()
-    torch.load, filesystem.pickle = load, restricted_pickle
-    try:
+    with (
+        compat.swapped("dcp_restricted_pickle", torch, load=load),
+        compat.swapped("dcp_restricted_pickle", filesystem, pickle=restricted_pickle),
+    ):
         yield
-    finally:
-        torch.load, filesystem.pickle = real_load, real_pickle
 
 
 def check_no_code(load_path: Path) -> None:

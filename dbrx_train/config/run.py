@@ -27,8 +27,6 @@ from dbrx_train.data.text import TextLoaderConfig
 from dbrx_train.model import DbrxConfig
 from dbrx_train.model.compile import COMPILE_REGIONS
 
-TIME_UNITS = ("ba", "ep", "tok", "sp", "dur")
-
 
 @dataclass
 class ModelConfig:

@@ -38,10 +38,9 @@ from dbrx_train.data.text import (
     check_local_streams,
 )
 from dbrx_train.data.token_mds import SHARD_HASHES, iter_samples, read_index
-from dbrx_train.data.tokenizer import DBRX_ADDED_TOKENS, DBRX_VOCAB_SIZE, DbrxTokenizer, load_tokenizer
+from dbrx_train.data.tokenizer import DbrxTokenizer, load_tokenizer
+from dbrx_train.vocab import DBRX_VOCAB_SIZE, IGNORE_INDEX, PAD_TOKEN_ID
 
-IGNORE_INDEX = -100  # the label of a position that is not trained (HF / PyTorch convention)
-PAD_TOKEN_ID = DBRX_ADDED_TOKENS["<|pad|>"]
 COLUMNS = {"input_ids": "ndarray:int32", "labels": "ndarray:int32"}
 TRUNCATION_POLICIES = ("truncate", "skip", "error")
 HOW_TO_MAKE_CHAT_DATA = (

@@ -18,6 +18,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from transformers import PreTrainedTokenizerFast
 from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
 
+from dbrx_train import compat
 from dbrx_train.data.chat import CHAT_TEMPLATE
 from dbrx_train.data.tokenizer import CL100K_PATTERN, DbrxTokenizer, load_tokenizer
 
@@ -45,6 +46,7 @@ def _merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 
 def build_hf_tokenizer(tokenizer: DbrxTokenizer | None = None) -> PreTrainedTokenizerFast:
     tokenizer = tokenizer or load_tokenizer()
+    compat.check("tiktoken_mergeable_ranks")
     ranks = tokenizer.encoding._mergeable_ranks
     byte_to_char = bytes_to_unicode()
 

@@ -186,11 +186,3 @@ def plan_segments(
             samples = split_samples(rounded, (piece_end - piece_start) * global_batch_size)
             segments.append(Segment(piece_start, piece_end, rounded, samples))
     return segments
-
-
-def segment_index(segments: list[Segment], batch: int) -> int:
-    """The segment that trains batch index `batch` (0-based)."""
-    for i, segment in enumerate(segments):
-        if segment.start_batch <= batch < segment.end_batch:
-            return i
-    raise ValueError(f"batch {batch} lies outside the curriculum (0 to {segments[-1].end_batch})")

@@ -25,7 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from dbrx_train.data.token_mds import INDEX_FILE, check_token_mds, write_token_mds
-from dbrx_train.data.tokenizer import DBRX_VOCAB_SIZE, DbrxTokenizer, load_tokenizer
+from dbrx_train.data.tokenizer import DbrxTokenizer, load_tokenizer
+from dbrx_train.vocab import DBRX_VOCAB_SIZE
 
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
 DOCUMENTS_PER_TASK = 64  # documents sent to a worker at a time: big enough to amortise pickling

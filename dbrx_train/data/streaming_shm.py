@@ -50,6 +50,8 @@ from streaming.base.shared.prefix import (
 )
 from streaming.base.world import World
 
+from dbrx_train import compat
+
 SHM_DIR = Path("/dev/shm")
 PROC_DIR = Path("/proc")
 _SEGMENT = re.compile(rf"^(\d{{6}})_({'|'.join(map(re.escape, SHM_TO_CLEAN))})$")
@@ -178,9 +180,5 @@ def _register(
 @contextlib.contextmanager
 def exclusive_shm_prefix() -> Iterator[None]:
     """While building a StreamingDataset: its prefix comes from `register_shm_prefix`."""
-    original = streaming_dataset.get_shm_prefix
-    streaming_dataset.get_shm_prefix = register_shm_prefix
-    try:
+    with compat.swapped("streaming_shm_prefix", streaming_dataset, get_shm_prefix=register_shm_prefix):
         yield
-    finally:
-        streaming_dataset.get_shm_prefix = original

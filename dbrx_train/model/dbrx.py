@@ -25,6 +25,7 @@ from torch import nn
 
 from dbrx_train.model.config import DbrxConfig
 from dbrx_train.model.moe import DbrxFFN, ExpertGLU
+from dbrx_train.vocab import IGNORE_INDEX
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,9 +327,6 @@ class CausalLMOutput(NamedTuple):
     aux_loss: torch.Tensor  # moe_loss_weight * load-balancing loss averaged over layers; 0-dim
     router_logits: tuple[torch.Tensor, ...] | None  # per layer (N, E), when output_router_logits
     past_key_values: KVCache | None = None  # the (updated) cache, when one was used
-
-
-IGNORE_INDEX = -100
 
 
 def shift_labels(labels_BT: torch.Tensor) -> torch.Tensor:

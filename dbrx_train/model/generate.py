@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from dbrx_train.model.dbrx import DbrxForCausalLM, KVCache
-from dbrx_train.model.hf import EOS_TOKEN_IDS
+from dbrx_train.vocab import EOS_TOKEN_IDS
 
 # What fills left padding and the rows of finished sequences: any id works (it is masked out or
 # never read), 0 exists in every vocabulary.

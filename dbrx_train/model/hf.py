@@ -29,18 +29,14 @@ from tqdm import tqdm
 
 from dbrx_train.model.config import DbrxAttentionConfig, DbrxConfig, DbrxFFNConfig
 from dbrx_train.model.dbrx import DbrxForCausalLM
+from dbrx_train.vocab import EOS_TOKEN_IDS, PAD_TOKEN_ID
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-GENERATION_CONFIG_FILE = "generation_config.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size="5GB"
 # The dtypes an export may be written in, by the names configs and scripts use.
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-
-# Generation stops at either end of text or end of a chat turn (as databricks/dbrx-instruct).
-EOS_TOKEN_IDS = (100257, 100279)  # <|endoftext|>, <|im_end|>
-PAD_TOKEN_ID = 100277  # <|pad|>
 
 _SAFETENSORS_DTYPES = {
     torch.float32: "F32",

@@ -9,9 +9,10 @@ from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 
 from dbrx_train.model import DbrxForCausalLM
-from dbrx_train.model.dbrx import IGNORE_INDEX, shift_labels
+from dbrx_train.model.dbrx import shift_labels
 from dbrx_train.model.lora import is_adapter
 from dbrx_train.model.stats import flops_per_token
+from dbrx_train.vocab import IGNORE_INDEX
 
 
 class DbrxComposerModel(ComposerModel):

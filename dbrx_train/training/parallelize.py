@@ -15,6 +15,7 @@ from composer.utils import dist
 from composer.utils.parallelism import FSDP2Config, ParallelismConfig
 from torch.distributed.device_mesh import init_device_mesh
 
+from dbrx_train import compat
 from dbrx_train.config.run import FSDPConfig, TrainConfig
 from dbrx_train.config.schema import ConfigError
 from dbrx_train.model import DbrxForCausalLM
@@ -169,15 +170,12 @@ def average_gradients_on_gloo() -> None:
     """
     from torch.distributed.fsdp._fully_shard import _fsdp_collectives as collectives
 
-    original = collectives._get_gradient_divide_factors
-    if getattr(original, "_dbrx_gloo_average", False):
-        return
-
     def divide_factors(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type=""):
         if torch.distributed.get_backend(reduce_scatter_group) == "gloo":
             # What the original returns for fp16: a pre- and a post-divide around ReduceOp.SUM.
             return original(reduce_scatter_group, all_reduce_group, torch.float16, device_type)
         return original(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type)
 
-    divide_factors._dbrx_gloo_average = True
-    collectives._get_gradient_divide_factors = divide_factors
+    original = compat.replace(
+        "fsdp2_gloo_average", collectives, "_get_gradient_divide_factors", divide_factors
+    )

@@ -29,6 +29,7 @@ from composer.utils import dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Placement
 
+from dbrx_train import compat
 from dbrx_train.model import DbrxForCausalLM
 from dbrx_train.model.dbrx import RotaryEmbedding
 from dbrx_train.model.hf import read_hf_rows, weight_files
@@ -155,15 +156,12 @@ def route_meta_init_to_shard_loaders() -> None:
     `prepare_distributed.parallelize_composer_model` calls it by this module-level name."""
     from composer.distributed import param_init, prepare_distributed
 
-    current = prepare_distributed.meta_init
-    if current is _meta_init:
-        return
-    if current is not param_init.meta_init:
-        raise RuntimeError(
-            "composer.distributed.prepare_distributed.meta_init is not Composer 0.32.1's own function; "
-            "dbrx-train's meta init (training/pretrained_shards.py) must be checked against this version"
+    if prepare_distributed.meta_init not in (param_init.meta_init, _meta_init):
+        raise compat.CompatError(
+            "composer.distributed.prepare_distributed.meta_init is not Composer's own function: something "
+            "else replaced it; dbrx-train's meta init (training/pretrained_shards.py) cannot run with it"
         )
-    prepare_distributed.meta_init = _meta_init
+    compat.replace("composer_meta_init", prepare_distributed, "meta_init", _meta_init)
 
 
 def _meta_init(module: nn.Module, param_init_fn: Callable[[nn.Module], None] | None = None) -> None:

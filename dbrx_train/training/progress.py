@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from composer.loggers import ProgressBarLogger
 
+from dbrx_train import compat
+
 # metric -> (label in the bar, formatter)
 EXTRA = {
     "throughput/device/tokens_per_sec": ("tok/s", lambda v: f"{v:,.0f}"),
@@ -14,6 +16,10 @@ EXTRA = {
 
 
 class TrainingProgressBar(ProgressBarLogger):
+    def __init__(self, *args, **kwargs) -> None:
+        compat.check("composer_progress_bar")  # its bars' private attributes, below
+        super().__init__(*args, **kwargs)
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         super().log_metrics(metrics, step)
         bar = self.train_pbar

@@ -9,7 +9,8 @@ import pytest
 import tiktoken
 
 from dbrx_train.data import tokenizer as tokenizer_module
-from dbrx_train.data.tokenizer import DBRX_VOCAB_SIZE, cl100k_bpe_path, load_bpe_ranks, load_tokenizer
+from dbrx_train.data.tokenizer import cl100k_bpe_path, load_bpe_ranks, load_tokenizer
+from dbrx_train.vocab import DBRX_VOCAB_SIZE
 
 TEXTS = [
     topics["if"],
