@@ -2,11 +2,12 @@
 
     python scripts/convert_to_hf.py runs/dbrx-tiny/ep0-ba120 runs/dbrx-tiny/hf-ba120 \\
         [--config runs/dbrx-tiny/config.yaml] [--dtype bf16|fp32|fp16] [--max-shard-size BYTES] [--no-tokenizer]
-        [--no-verify] [--drop-expert-bias --heldout data/default/prose/val]
+        [--no-verify] [--drop-expert-bias --heldout data/default/prose/val] [--adapters merged|peft] [--base FOLDER]
 
-The checkpoint is a sharded folder (`ep0-baN/`, any number of ranks) or `ep0-baN/rank0.pt`; the
-model config comes from the run folder's config.yaml unless --config is given. Runs on one
-process, reading and writing one tensor at a time (see dbrx_train/checkpoint/composer_weights.py).
+The checkpoint is a sharded folder (`ep0-baN/`, any number of ranks), `ep0-baN/rank0.pt`, or a run
+folder (its newest checkpoint); the model config comes from the run folder's config.yaml unless
+--config is given. Runs on one process, reading and writing one tensor at a time (see
+dbrx_train/checkpoint/composer_weights.py).
 
 The checkpoint is first checked against its manifest (sizes and sha256; --no-verify skips that).
 The export is written beside the output folder and replaces it only when complete, so a failed
@@ -17,6 +18,12 @@ A model trained with bias balancing (model.ffn_config.moe_bias_update_rate) rout
 biases that HF DBRX has no place for: its export is refused unless --drop-expert-bias, which then
 loads the whole model on this process, routes the first samples of --heldout (a pretraining MDS
 folder of held-out text) with and without the biases and prints how much the top-k choices change.
+
+A LoRA run's checkpoint (model.peft_config) holds only adapters; its base is the run's
+model.pretrained (or --base). --adapters merged (default) writes a plain DBRX folder with the adapters
+folded in; --adapters peft writes a PEFT adapter folder (adapter_config.json +
+adapter_model.safetensors) for `peft.PeftModel.from_pretrained(<the base in transformers>, OUT)`,
+which can hold attention adapters (Wqkv, out_proj) only.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dbrx_train.atomic import FolderKind, check_replaceable, replacing
+from dbrx_train.checkpoint.adapters import load_adapters
 from dbrx_train.checkpoint.composer_weights import (
     check_shapes,
     load_model,
@@ -38,15 +46,19 @@ from dbrx_train.checkpoint.composer_weights import (
     verify_checkpoint,
 )
 from dbrx_train.checkpoint.saver import describe_error
+from dbrx_train.config.peft import RunModel
+from dbrx_train.config.schema import ConfigError
 from dbrx_train.data.token_mds import iter_samples, read_index, sample_token_ids
 from dbrx_train.model.dbrx import describe_topk_change, topk_change_without_expert_bias
 from dbrx_train.model.hf import (
     CONFIG_FILE,
     DEFAULT_MAX_SHARD_BYTES,
     EXPORT_DTYPES,
+    check_hf_folder,
     save_hf_folder,
     without_expert_bias,
 )
+from dbrx_train.model.lora_export import peft_unsupported, save_merged_folder, write_peft_folder
 
 HF_EXPORT = FolderKind(
     f"an HF export (it has no {CONFIG_FILE})", lambda folder: (folder / CONFIG_FILE).is_file()
@@ -92,12 +104,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--heldout", help="pretraining MDS folder to measure what dropping the biases changes"
     )
+    parser.add_argument(
+        "--adapters",
+        choices=("merged", "peft"),
+        default="merged",
+        help="LoRA checkpoints: a DBRX folder with the adapters folded in, or a PEFT adapter folder",
+    )
+    parser.add_argument(
+        "--base", help="LoRA checkpoints: the base HF folder (default: the run's model.pretrained)"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     try:
         config_path = Path(args.config) if args.config else run_config_path(args.checkpoint)
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} does not exist; pass the run's config.yaml with --config")
+        run = RunModel(config_path)
+        if run.peft is not None:
+            convert_adapters(args, run)
+            return
+        if args.adapters == "peft":
+            raise ValueError(f"{args.checkpoint} is not a LoRA checkpoint (its run has no model.peft_config)")
         config = read_model_config(config_path)
         if not args.no_verify and (warning := verify_checkpoint(args.checkpoint)) is not None:
             print(f"convert_to_hf: warning: {warning}", file=sys.stderr)
@@ -112,7 +139,12 @@ def main(argv: list[str] | None = None) -> None:
                 )
             report_topk_change(args.checkpoint, config_path, args.heldout)
         check_replaceable(out, overwrite=True, kind=HF_EXPORT, inputs=[Path(args.checkpoint)])
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # CheckpointError is a ValueError
+    except (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        ConfigError,
+    ) as e:  # CheckpointError: a ValueError
         print(f"convert_to_hf: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     try:
@@ -131,6 +163,33 @@ def main(argv: list[str] | None = None) -> None:
         print(f"convert_to_hf: could not write {out} ({describe_error(e)}); it is unchanged", file=sys.stderr)
         raise SystemExit(1) from None
     print(f"convert_to_hf: wrote {out}")
+
+
+def convert_adapters(args: argparse.Namespace, run: RunModel) -> None:
+    """A LoRA checkpoint: merged into its base, or as a PEFT folder; refusals before anything is written."""
+    spec = run.peft.spec
+    base = args.base or run.pretrained
+    if args.adapters == "peft" and (problem := peft_unsupported(spec)) is not None:
+        raise ValueError(f"--adapters peft: {problem} (--adapters merged)")
+    check_hf_folder(
+        base, run.dbrx
+    )  # the base must have the run's shapes: names the first tensor that differs
+    adapters = load_adapters(args.checkpoint, run.dbrx, spec)
+    dtype = EXPORT_DTYPES[args.dtype]
+    if args.adapters == "peft":
+        write_peft_folder(args.out, spec, adapters, str(base), dtype)
+    else:
+        save_merged_folder(
+            args.out,
+            run.dbrx,
+            base,
+            spec,
+            adapters,
+            dtype,
+            args.max_shard_size,
+            tokenizer=not args.no_tokenizer,
+        )
+    print(f"convert_to_hf: wrote {args.out} ({args.adapters}, base {base})")
 
 
 if __name__ == "__main__":

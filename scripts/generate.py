@@ -9,6 +9,9 @@ DBRX's ChatML (with its default system prompt unless --no-system-prompt) and add
 header. A Composer checkpoint (sharded folder `ep0-baN/` or `ep0-baN/rank0.pt`) takes its model
 config from the run folder's config.yaml, or from --config, and is first checked against its
 manifest (sizes and sha256; --no-verify skips that).
+
+A LoRA run's checkpoint holds adapters only: they are applied on the fly to the run's base
+(model.pretrained, or --base), or folded into its weights first with --merge-adapters (faster).
 """
 
 from __future__ import annotations
@@ -20,9 +23,13 @@ from pathlib import Path
 
 import torch
 
-from dbrx_train.checkpoint.composer_weights import load_model, verify_checkpoint
+from dbrx_train.checkpoint.adapters import load_adapted_model
+from dbrx_train.checkpoint.composer_weights import load_model, run_config_path, verify_checkpoint
+from dbrx_train.config.peft import RunModel
+from dbrx_train.config.schema import ConfigError
 from dbrx_train.data.tokenizer import load_tokenizer
 from dbrx_train.model.generate import SamplingConfig, generate
+from dbrx_train.model.hf import CONFIG_FILE
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,6 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-verify", action="store_true", help="skip checking a Composer checkpoint against its manifest"
     )
+    parser.add_argument(
+        "--merge-adapters", action="store_true", help="LoRA: fold the adapters into the weights"
+    )
+    parser.add_argument("--base", help="LoRA: the base HF folder (default: the run's model.pretrained)")
     args = parser.parse_args(argv)
 
     try:
@@ -60,8 +71,8 @@ def main(argv: list[str] | None = None) -> None:
             warning = verify_checkpoint(args.model)
             if warning is not None:
                 print(f"generate: warning: {warning}", file=sys.stderr)
-        model = load_model(args.model, args.config)
-    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
+        model = load(args)
+    except (ValueError, FileNotFoundError, ConfigError) as e:  # CheckpointError is a ValueError
         print(f"generate: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     tokenizer = load_tokenizer()
@@ -88,6 +99,17 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps({"prompt": prompt, "completion": text, "ids": ids}))
         else:
             print(f"--- {prompt}\n{text}")
+
+
+def load(args: argparse.Namespace) -> torch.nn.Module:
+    """An HF folder, a Composer checkpoint, or a LoRA run's checkpoint on its base."""
+    path = Path(args.model)
+    if not (path.is_dir() and (path / CONFIG_FILE).is_file()):
+        config = Path(args.config) if args.config else run_config_path(path)
+        run = RunModel(config) if config.is_file() else None
+        if run is not None and run.peft is not None:
+            return load_adapted_model(path, run, args.base, merge=args.merge_adapters)
+    return load_model(args.model, args.config)
 
 
 if __name__ == "__main__":

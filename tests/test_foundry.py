@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from dbrx_train.config.foundry import FOUNDRY_KEYS, PENDING, expanded_keys
+from dbrx_train.config.foundry import FOUNDRY_KEYS, expanded_keys
 from dbrx_train.config.run import TrainConfig, batch_layout, load_config, parse_config
 from dbrx_train.config.schema import ConfigError, has_key
 from dbrx_train.model import DbrxForCausalLM
@@ -113,15 +113,6 @@ def test_foundry_dbrx_full_ft_yaml_validates_and_sizes_the_132b_model(dbrx_132b,
 
 
 def test_foundry_dbrx_lora_ft_yaml_validates(dbrx_132b, data_dir, tmp_path):
-    if not has_key(TrainConfig, "model.peft_config"):  # LoRA lands with its own branch
-        # Refused with what it would become, never dropped into a full fine-tune at LoRA's lr.
-        with pytest.raises(
-            ConfigError, match=r"'model.peft_config' \(LLM Foundry: LoRA adapters\): this build"
-        ):
-            load_config(LORA, paths(dbrx_132b, data_dir, tmp_path))
-        pytest.skip(
-            "model.peft_config (LoRA) is not a config key in this build yet; it lands with the LoRA work"
-        )
     cfg = load_config(LORA, paths(dbrx_132b, data_dir, tmp_path))
     assert cfg.model.peft_config is not None and cfg.optimizer.lr == 1e-4
     stats = model_stats().stats(str(LORA), paths(dbrx_132b, data_dir, tmp_path), 16)
@@ -275,7 +266,7 @@ def test_the_foundry_table_agrees_with_the_schema():
     refused while the schema means them); every outcome is one of the four."""
     for key, entry in expanded_keys().items():
         assert entry.outcome in ("same", "ignored", "renamed", "unsupported")
-        if entry.outcome == "same" and key not in PENDING and not key.endswith(".dataset.max_seq_len"):
+        if entry.outcome == "same" and not key.endswith(".dataset.max_seq_len"):
             assert has_key(TrainConfig, key), (
                 key
             )  # (a dataset's max_seq_len must equal the run's: checked, dropped)

@@ -11,12 +11,16 @@ is always complete (a crash or a full disk leaves only a temporary, removed at t
 It runs after the CheckpointManager (train.py), so a failed export never costs the checkpoint of
 its batch; its error reaches every rank (no rank waits for a rank 0 that failed) and the run stops
 with one line naming the folder.
+
+A LoRA run gathers only its adapters; rank 0 folds them into the base read from `model.pretrained`
+(`ba{N}/`, a plain DBRX folder) and/or writes them as a PEFT folder (`ba{N}/adapters/`).
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from composer.core import Callback, Event, State
@@ -30,10 +34,23 @@ from dbrx_train.checkpoint.rank_zero import RankError, on_rank0
 from dbrx_train.checkpoint.store import TMP_PREFIX, temp_folder
 from dbrx_train.model.dbrx import describe_topk_change, topk_change_without_expert_bias
 from dbrx_train.model.hf import EXPORT_DTYPES, ExpertBiasError, save_hf_folder
+from dbrx_train.model.lora import LoraSpec
+from dbrx_train.model.lora_export import save_merged_folder, write_peft_folder
+
+PEFT_SUBFOLDER = "adapters"
 
 
 class HFExportError(RuntimeError):
     """An HF export could not be written; training checkpoints (written before it) are unaffected."""
+
+
+class AdapterExport(NamedTuple):
+    """How a LoRA run exports (callbacks.hf_export.adapters)."""
+
+    spec: LoraSpec
+    base_folder: str  # model.pretrained: the frozen base the adapters are folded into
+    merged: bool  # ba{N}/: a plain DBRX folder with the adapters folded in
+    peft: bool  # ba{N}/adapters/: a PEFT adapter folder
 
 
 class HFExport(Callback):
@@ -45,10 +62,12 @@ class HFExport(Callback):
         max_shard_bytes: int = 5 * 1024**3,
         tokenizer: bool = True,
         drop_expert_bias: bool = False,
+        adapters: AdapterExport | None = None,
     ):
         self.folder = Path(folder)
         self.drop_expert_bias = drop_expert_bias
         self._heldout: dict | None = None  # the first eval batch, for the top-k change of dropping biases
+        self.adapters = adapters
         self.dtype = EXPORT_DTYPES[dtype]
         self.max_shard_bytes = max_shard_bytes
         self.tokenizer = tokenizer
@@ -85,7 +104,8 @@ class HFExport(Callback):
         if biased and self._heldout is not None:
             self._report_topk_change(state, batch)
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state_dict = get_model_state_dict(state.model, options=options)  # collective: all ranks
+        # Collective: all ranks. Only the adapters for a LoRA run (DbrxComposerModel.state_dict).
+        state_dict = get_model_state_dict(state.model, options=options)
         out = self.export_folder(batch)
         try:
             on_rank0(lambda: self._write(out, state.model.model.config, state_dict))
@@ -108,16 +128,31 @@ class HFExport(Callback):
         # The ComposerModel holds our DbrxForCausalLM as `.model`: drop that prefix.
         weights = {name.removeprefix("model."): t for name, t in state_dict.items()}
         try:
-            save_hf_folder(
-                tmp,
-                config,
-                {name: t.shape for name, t in weights.items()},
-                weights.__getitem__,
-                self.dtype,
-                self.max_shard_bytes,
-                self.tokenizer,
-                self.drop_expert_bias,
-            )
+            lora = self.adapters
+            if lora is None:
+                save_hf_folder(
+                    tmp,
+                    config,
+                    {name: t.shape for name, t in weights.items()},
+                    weights.__getitem__,
+                    self.dtype,
+                    self.max_shard_bytes,
+                    self.tokenizer,
+                    self.drop_expert_bias,
+                )
+            if lora is not None and lora.merged:
+                save_merged_folder(
+                    tmp,
+                    config,
+                    lora.base_folder,
+                    lora.spec,
+                    weights,
+                    self.dtype,
+                    self.max_shard_bytes,
+                    self.tokenizer,
+                )
+            if lora is not None and lora.peft:
+                write_peft_folder(tmp / PEFT_SUBFOLDER, lora.spec, weights, lora.base_folder, self.dtype)
             swap_in(tmp, out)  # fsynced; replaces the same batch exported again (a run resumed at its end)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -67,8 +67,11 @@ class CheckpointManager(Callback):
         keep: int,
         config: dict[str, Any],
         remote: RemoteCheckpoints | None = None,
+        base_model: dict[str, Any] | None = None,
     ):
         self.run_folder = Path(run_folder)
+        # A LoRA run's checkpoints leave out the frozen base: the manifest names it (checkpoint/adapters.py).
+        self.base_model = base_model
         self.remote = remote  # also upload every checkpoint there (all are kept in the store)
         self.should_save = create_interval_scheduler(save_interval)
         self.keep = keep
@@ -152,6 +155,8 @@ class CheckpointManager(Callback):
             "files": files,
             "config": self.config,
         }
+        if self.base_model is not None:
+            manifest["base_model"] = self.base_model
         try:
             deleted = on_rank0(lambda: self._commit(folder, Path(tmp), name, manifest))
         except RankError as e:

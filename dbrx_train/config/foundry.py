@@ -240,12 +240,6 @@ FOUNDRY_KEYS: tuple[FoundryKey, ...] = (
     K("loggers.tensorboard", "unsupported", "log to W&B (loggers.wandb) and metrics.jsonl"),
 )
 del K
-# `same` keys whose feature this build may lack: when the schema does not define them, what to say
-# instead of "unknown key" (dropping one silently would make another run: a full fine-tune at LoRA's lr).
-PENDING = {
-    "model.peft_config": "this build has no LoRA support; without peft_config the run would be a full "
-    "fine-tune of every weight (at the LoRA recipe's learning rate), so it is refused rather than dropped",
-}
 FOUNDRY_KEYS_BY = {entry.key: entry for entry in FOUNDRY_KEYS}
 
 HF_CHECKPOINTER_DTYPES = {
@@ -318,10 +312,6 @@ def _table_outcomes(t: Translation, known: Callable[[str], bool]) -> None:
     """`ignored` keys dropped (and listed), `unsupported` ones refused, unless the schema has them."""
     for key, entry in expanded_keys().items():
         if known(key):
-            continue
-        if entry.outcome == "same" and key in PENDING:
-            if _pop(t.data, key)[0]:
-                t.problems.append(f"config key '{key}' (LLM Foundry: {entry.note}): {PENDING[key]}")
             continue
         if entry.outcome not in ("ignored", "unsupported"):
             continue

@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dbrx_train.config.foundry import Translation, translate
 from dbrx_train.config.icl import EvalGauntletConfig, ICLTaskConfig, check_gauntlet, expand_file_reference
+from dbrx_train.config.peft import PeftConfig
 from dbrx_train.config.schema import INVALID, ConfigError, Time, convert, has_key, to_dict
 from dbrx_train.data.finetuning import FinetuningLoaderConfig
 from dbrx_train.data.mixture import CurriculumConfig, plan_segments
@@ -43,6 +44,8 @@ class ModelConfig:
     # config.json supplies every architecture key the YAML omits; shape keys the YAML does give
     # (PRETRAINED_SHAPE_KEYS) must agree with it, other keys override it (e.g. moe_loss_weight).
     pretrained: str | None = None
+    # LoRA adapters on the frozen pretrained base (LLM Foundry's keys); null: full fine-tuning.
+    peft_config: PeftConfig | None = None
 
 
 # Keys that fix parameter shapes: a pretrained folder and the YAML must agree on them.
@@ -231,6 +234,10 @@ class HFExportConfig:
     # for. true: export without them and print how much the top-k choices change on the first eval batch (needs
     # an eval_loader); false: such a run is refused before it starts.
     drop_expert_bias: bool = False
+    # LoRA runs (model.peft_config). merged: ba{N}/ is a plain DBRX folder with the adapters folded in;
+    # peft: ba{N}/adapters/ is a PEFT adapter folder (adapter_config.json + adapter_model.safetensors,
+    # attention targets only: PEFT cannot adapt DBRX's fused experts); both: the two.
+    adapters: Literal["merged", "peft", "both"] = "merged"
 
     def problems(self) -> list[tuple[str, str]]:
         return (

@@ -52,7 +52,8 @@ class DbrxFFNConfig:
     ffn_hidden_size: int = 3584  # hidden width of each expert's GLU (per expert)
     moe_num_experts: int = 4  # experts per MoE layer (every layer's FFN is an MoE)
     moe_top_k: int = 1  # experts each token is routed to, in [1, moe_num_experts]
-    # Router input *= U(1 - eps, 1 + eps) while training; in (0, 1), null: no jitter.
+    # Router input *= U(1 - eps, 1 + eps) while training; in [0, 1), 0 or null: no jitter (the published
+    # dbrx-instruct config.json says 0).
     moe_jitter_eps: float | None = None
     # Weight of the load-balancing loss (mean over layers, 1 = balanced) added to the LM loss; 0: only logged.
     moe_loss_weight: float = 0.01
@@ -183,9 +184,12 @@ class DbrxConfig:
                     f"must be in [1, moe_num_experts={ffn.moe_num_experts}]; got {ffn.moe_top_k}",
                 )
             )
-        if ffn.moe_jitter_eps is not None and not 0.0 < ffn.moe_jitter_eps < 1.0:
+        if ffn.moe_jitter_eps is not None and not 0.0 <= ffn.moe_jitter_eps < 1.0:
             found.append(
-                ("ffn_config.moe_jitter_eps", f"must be in (0, 1) or null; got {ffn.moe_jitter_eps!r}")
+                (
+                    "ffn_config.moe_jitter_eps",
+                    f"must be in [0, 1) or null (0: no jitter); got {ffn.moe_jitter_eps!r}",
+                )
             )
         if ffn.moe_normalize_expert_weights is not None and not ffn.moe_normalize_expert_weights > 0:
             found.append(

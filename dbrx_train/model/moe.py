@@ -70,9 +70,10 @@ def route(
     uniform_assignment: bool = False,
     expert_bias_E: torch.Tensor | None = None,
 ) -> Routing:
-    """Pick top_k experts per token. Pass `jitter_eps` only while training. `expert_bias_E` (bias
-    balancing, DeepSeek-V3) shifts which experts are chosen, never the weights they are mixed with."""
-    if jitter_eps is not None:
+    """Pick top_k experts per token. Pass `jitter_eps` only while training (0 or None: no jitter).
+    `expert_bias_E` (bias balancing, DeepSeek-V3) shifts which experts are chosen, never the weights
+    they are mixed with."""
+    if jitter_eps:
         # Multiplicative noise on the router's input only (as MegaBlocks); the experts see clean x.
         noise_ND = torch.empty_like(x_ND).uniform_(1.0 - jitter_eps, 1.0 + jitter_eps)
         x_ND = x_ND * noise_ND

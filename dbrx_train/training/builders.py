@@ -18,7 +18,7 @@ from composer.optim import (
     LinearWithWarmupScheduler,
 )
 
-from dbrx_train.checkpoint.hf_export import HFExport
+from dbrx_train.checkpoint.hf_export import AdapterExport, HFExport
 from dbrx_train.config.run import SchedulerConfig, TrainConfig
 from dbrx_train.training.callbacks import TrainPerplexity
 from dbrx_train.training.console import ConsoleLine
@@ -152,6 +152,15 @@ def build_hf_export(cfg: TrainConfig, save_folder: str | None = None) -> HFExpor
     hf = cfg.callbacks.hf_export
     if hf is None:
         return None
+    peft = cfg.model.peft_config
+    adapters = None
+    if peft is not None:
+        adapters = AdapterExport(
+            peft.spec,
+            str(cfg.model.pretrained),
+            hf.adapters in ("merged", "both"),
+            hf.adapters in ("peft", "both"),
+        )
     return HFExport(
         hf_export_folder(cfg, save_folder),
         hf.save_interval,
@@ -159,6 +168,7 @@ def build_hf_export(cfg: TrainConfig, save_folder: str | None = None) -> HFExpor
         hf.max_shard_size,
         hf.tokenizer,
         hf.drop_expert_bias,
+        adapters,
     )
 
 

@@ -12,6 +12,7 @@ from composer.models import ComposerModel
 
 from dbrx_train.model import DbrxForCausalLM
 from dbrx_train.model.dbrx import RouterTotals, document_labels, shift_labels
+from dbrx_train.model.lora import is_adapter
 from dbrx_train.model.stats import flops_per_token
 from dbrx_train.vocab import IGNORE_INDEX
 
@@ -26,6 +27,10 @@ class DbrxComposerModel(ComposerModel):
     def __init__(self, model: DbrxForCausalLM):
         super().__init__()
         self.model = model
+        # A model with LoRA adapters saves and loads only them: checkpoints leave out the frozen base,
+        # which comes from model.pretrained again. Composer's own name for the switch, which it turns off
+        # while it broadcasts rank 0's whole model (init_device: mixed).
+        self.should_save_peft_only = any(is_adapter(name) for name, _ in model.named_parameters())
         self._eval_metrics = {
             "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
             "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
@@ -44,6 +49,26 @@ class DbrxComposerModel(ComposerModel):
             yield
         finally:
             self._router_only = False
+
+    def state_dict(self, *args, **kwargs) -> dict[str, Any]:
+        state = super().state_dict(*args, **kwargs)
+        if self.should_save_peft_only:
+            for name in [name for name in state if not is_adapter(name)]:
+                del state[name]
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """With adapters: the base is absent from checkpoints by design, but every adapter must be there."""
+        if not self.should_save_peft_only:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [name for name in result.missing_keys if is_adapter(name)]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(
+                f"the checkpoint does not hold this model's LoRA adapters: missing {missing[:3]}, "
+                f"unexpected {result.unexpected_keys[:3]}"
+            )
+        return result
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         return self.model(
@@ -83,4 +108,5 @@ class DbrxComposerModel(ComposerModel):
 
     def flops_per_batch(self, batch: dict[str, torch.Tensor]) -> int:
         batch_size, seq_len = batch["input_ids"].shape
-        return flops_per_token(self.model.config, seq_len) * batch_size * seq_len
+        frozen = self.should_save_peft_only  # LoRA: no gradients for the base weights
+        return flops_per_token(self.model.config, seq_len, frozen_weights=frozen) * batch_size * seq_len

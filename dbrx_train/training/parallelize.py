@@ -20,22 +20,47 @@ from dbrx_train.config.run import FSDPConfig, TrainConfig
 from dbrx_train.config.schema import ConfigError
 from dbrx_train.model import DbrxForCausalLM
 from dbrx_train.model.dbrx import DbrxBlock
+from dbrx_train.model.lora import adapter_modules, adapter_param_init
 
 
 def mark_fsdp_units(model: DbrxForCausalLM) -> None:
     """One FSDP unit and one activation-checkpointing unit per transformer block.
 
     Composer looks these functions up on the ComposerModel's child (our model); embeddings,
-    final norm and lm_head stay in the root unit.
+    final norm and lm_head stay in the root unit. LoRA adapters are FSDP units of their own (inside
+    their block's), so the frozen base may be held in another dtype (FSDP2 needs one per unit).
     """
+    adapters = {id(m) for m in adapter_modules(model)}
 
     def is_block(module) -> bool:
         return isinstance(module, DbrxBlock)
 
-    model.fsdp_wrap_fn = is_block
+    def is_unit(module) -> bool:
+        return is_block(module) or id(module) in adapters
+
+    model.fsdp_wrap_fn = is_unit
     model.activation_checkpointing_fn = is_block
     # For `init_device: meta`: Composer fills each still-meta module after sharding with this.
-    model.param_init_fn = model.init_module
+    model.param_init_fn = adapter_param_init(model) if adapters else model.init_module
+
+
+def hold_frozen_base(model: DbrxForCausalLM, fsdp: FSDPConfig | None, precision: str) -> torch.dtype | None:
+    """LoRA: keep the frozen base in the dtype FSDP computes in (bf16 under amp_bf16 with DEFAULT or PURE
+    mixed precision), halving its memory: it is never updated, so an fp32 master copy buys nothing.
+    The adapters, their gradients and optimizer state stay fp32. Returns the dtype set (None: unchanged)."""
+    from composer.core import Precision
+    from composer.distributed.fsdp2 import create_mixed_precision_policy
+
+    if fsdp is None:  # no FSDP cast: autocast would meet bf16 weights in fp32 ops
+        return None
+    dtype = create_mixed_precision_policy(Precision(precision), fsdp.mixed_precision).param_dtype
+    if dtype is None or dtype == torch.float32:
+        return None
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(dtype)
+    return dtype
 
 
 def build_parallelism_config(fsdp: FSDPConfig, device_type: str) -> ParallelismConfig:

@@ -17,6 +17,7 @@ import torch
 from composer.core import Time
 from composer.utils import dist
 
+from dbrx_train.checkpoint.adapters import adapter_mismatch, checkpoint_adapter_shapes
 from dbrx_train.checkpoint.space import checkpoint_space, export_space, saves_to_write
 from dbrx_train.checkpoint.start import Start
 from dbrx_train.config.run import TrainConfig
@@ -27,9 +28,11 @@ from dbrx_train.data.loaders import validate_loader_config
 from dbrx_train.data.streaming_shm import release_stale_shared_memory
 from dbrx_train.eval.icl_suite import read_icl_tasks
 from dbrx_train.model.hf import check_hf_folder
+from dbrx_train.model.lora import adapter_shapes
+from dbrx_train.model.lora_export import peft_unsupported
 from dbrx_train.training import cpu
 from dbrx_train.training.builders import hf_export_folder
-from dbrx_train.training.parallelize import check_expert_parallel
+from dbrx_train.training.parallelize import check_expert_parallel, expert_parallel_degree
 
 log = logging.getLogger("dbrx_train")
 
@@ -46,6 +49,7 @@ def check_config(cfg: TrainConfig, device: str, world_size: int) -> None:
         lambda: check_compile(cfg, device),
         lambda: check_pretrained(cfg),
         lambda: check_load_path(cfg),
+        lambda: check_lora(cfg),
         lambda: check_expert_bias_export(cfg),
         lambda: check_data(cfg),
         lambda: read_icl_tasks(cfg.icl_tasks or []),  # every task file, line by line
@@ -144,6 +148,57 @@ def check_load_path(cfg: TrainConfig) -> None:
     )
 
 
+def check_lora(cfg: TrainConfig) -> None:
+    """model.peft_config against the rest of the run, and any load_path's adapters against the run's."""
+    peft = cfg.model.peft_config
+    if peft is not None:
+        if cfg.model.pretrained is None:
+            raise ConfigError(
+                "model.peft_config trains adapters on a frozen base: set model.pretrained to the base's HF DBRX "
+                "folder (scripts/convert_to_hf.py writes one from a Composer checkpoint)"
+            )
+        if expert_parallel_degree(cfg.fsdp) > 1:
+            raise ConfigError(
+                "fsdp_config.expert_parallel_degree does not work with model.peft_config (LoRA); set it to null: "
+                "FSDP then shards the experts and their adapters over all ranks"
+            )
+        if cfg.model.init_device == "meta":
+            # The per-shard loader (training/pretrained_shards.py) fills base tensors from the folder;
+            # the adapters are in no folder and it has no initialisation for them yet.
+            raise ConfigError(
+                "model.init_device: meta does not work with model.peft_config (LoRA) yet: the per-shard loader "
+                "cannot initialise the adapters; use init_device: mixed (rank 0 reads the base, then shards it)"
+            )
+        hf = cfg.callbacks.hf_export
+        problem = peft_unsupported(peft.spec)
+        if hf is not None and hf.adapters != "merged" and problem is not None:
+            raise ConfigError(f"callbacks.hf_export.adapters: {hf.adapters}: {problem} (adapters: merged)")
+    path = cfg.load_path
+    if path is None or "://" in path or not Path(path).exists():
+        return
+    try:
+        found, has_base = checkpoint_adapter_shapes(path)
+    except (ValueError, FileNotFoundError, OSError):
+        return  # not a readable checkpoint: choose_start reports it, naming the file
+    if peft is None and found and not has_base:
+        raise ConfigError(
+            f"load_path {path} holds only LoRA adapters (its run had model.peft_config): set the same "
+            "model.peft_config and model.pretrained to continue from it, or write the merged model with "
+            "scripts/convert_to_hf.py and start from that (model.pretrained)"
+        )
+    if peft is None:
+        return
+    if not found:
+        raise ConfigError(
+            f"load_path {path} holds no LoRA adapters (a full checkpoint): a LoRA run reads its base from "
+            "model.pretrained; to start from this checkpoint, convert it with scripts/convert_to_hf.py and set "
+            "model.pretrained to the folder"
+        )
+    mismatch = adapter_mismatch(found, adapter_shapes(cfg.model.dbrx, peft.spec))
+    if mismatch is not None:
+        raise ConfigError(f"load_path {path} {mismatch}")
+
+
 def check_checkpoint_space(cfg: TrainConfig, run_folder: Path, model: torch.nn.Module, start: Start) -> None:
     """No room for even one checkpoint (or HF export): refuse before the first step. Too little for
     all that the run will write: warn."""
@@ -151,7 +206,7 @@ def check_checkpoint_space(cfg: TrainConfig, run_folder: Path, model: torch.nn.M
     checks = [
         checkpoint_space(
             run_folder,
-            parameters,
+            [p for p in parameters if p.requires_grad],  # a LoRA checkpoint leaves out the frozen base
             cfg.optimizer.name,
             cfg.save_num_checkpoints_to_keep,
             saves_to_write(cfg.max_duration, cfg.save_interval, start.batch),

@@ -19,6 +19,7 @@ from composer.core import Evaluator
 from composer.utils import dist, reproducibility
 from omegaconf import OmegaConf
 
+from dbrx_train.checkpoint.adapters import base_record, check_resume_base
 from dbrx_train.checkpoint.hf_export import HFExport, HFExportError
 from dbrx_train.checkpoint.rank_zero import on_rank0
 from dbrx_train.checkpoint.remote import RemoteCheckpoints
@@ -43,6 +44,7 @@ from dbrx_train.data.loaders import build_dataloader
 from dbrx_train.model import DbrxForCausalLM
 from dbrx_train.model.compile import compile_regions
 from dbrx_train.model.hf import load_hf_weights
+from dbrx_train.model.lora import apply_lora
 from dbrx_train.model.moe import MegaBlocksExperts
 from dbrx_train.model.stats import count_params
 from dbrx_train.report.run_report import write_report
@@ -65,6 +67,7 @@ from dbrx_train.training.parallelize import (
     apply_expert_parallelism,
     build_parallelism_config,
     expert_parallel_degree,
+    hold_frozen_base,
     mark_fsdp_units,
 )
 from dbrx_train.training.preemption import PreemptionHandler
@@ -189,12 +192,16 @@ def train_holding_lock(
 ) -> Trainer:
     try:
         start = choose_start(cfg, Path(run_folder), resolved, remote)
+        base = base_record(cfg.model.pretrained) if cfg.model.peft_config is not None else None
+        check_resume_base(start, base)  # a LoRA checkpoint holds no base: model.pretrained must be its own
     except (ConfigError, CheckpointError) as e:
         raise Refused(str(e)) from None
     write_resolved_config(resolved, run_folder)
     icl = build_icl_evaluation(cfg, layout)
 
     model = build_model(cfg)
+    if cfg.model.peft_config is not None:
+        adapt(model, cfg, precision)
     if cfg.compile_config is not None:  # before FSDP and activation checkpointing wrap it
         c = cfg.compile_config
         compile_regions(model, c.regions, mode=c.mode, dynamic=c.dynamic)
@@ -214,7 +221,7 @@ def train_holding_lock(
     if cfg.model.init_device == "meta" and cfg.model.pretrained:  # each rank reads its shard, in Trainer()
         shards = load_pretrained_shards(model, cfg.model.pretrained, device_type)
     composer_model = DbrxComposerModel(model)
-    optimizer = build_optimizer(cfg, composer_model.parameters())
+    optimizer = build_optimizer(cfg, [p for p in composer_model.parameters() if p.requires_grad])
     try:
         check_checkpoint_space(cfg, Path(run_folder), model, start)
     except ConfigError as e:
@@ -244,7 +251,7 @@ def train_holding_lock(
         raise Refused(str(e)) from None
 
     checkpoints = CheckpointManager(
-        run_folder, cfg.save_interval, cfg.save_num_checkpoints_to_keep, resolved, remote
+        run_folder, cfg.save_interval, cfg.save_num_checkpoints_to_keep, resolved, remote, base
     )
     preemption = PreemptionHandler()
     hf_export = build_hf_export(cfg, run_folder)
@@ -281,6 +288,8 @@ def train_holding_lock(
             save_folder=None,  # checkpoints are written and committed by CheckpointManager
             load_path=start.load_path,  # chosen and verified by choose_start (also for autoresume)
             load_weights_only=start.weights_only,
+            # A LoRA checkpoint holds no base weights; DbrxComposerModel.load_state_dict checks its adapters.
+            load_strict_model_weights=cfg.model.peft_config is None,
             dist_timeout=cfg.dist_timeout,
         )
     if shards is not None:
@@ -374,6 +383,33 @@ def build_model(cfg: TrainConfig) -> DbrxForCausalLM:
         cfg.model.dbrx.ffn_config.moe_backend,
     )
     return model
+
+
+def adapt(model: DbrxForCausalLM, cfg: TrainConfig, precision: str) -> None:
+    """model.peft_config: freeze the base, add the adapters, and say what trains and how."""
+    peft = cfg.model.peft_config
+    megablocks = isinstance(model.transformer.blocks[0].ffn.experts, MegaBlocksExperts)
+    apply_lora(model, peft.spec)
+    base_dtype = hold_frozen_base(model, cfg.fsdp, precision)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info(
+        "LoRA r=%d lora_alpha=%g on %s: %s trainable of %s parameters (%.3f%%); frozen base in %s",
+        peft.r,
+        peft.lora_alpha,
+        ", ".join(peft.target_modules),
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+        base_dtype or "its own dtype (fp32)",
+    )
+    if peft.expert_targets:
+        log.info(
+            "LoRA: adapted experts (%s) run the torch path, per-expert matmuls under autograd, for the base "
+            "and the adapters alike%s",
+            ", ".join(peft.expert_targets),
+            "; MegaBlocks' grouped GEMMs are not used for them" if megablocks else "",
+        )
 
 
 def write_resolved_config(resolved: dict, run_folder: str) -> None:

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_cluster  # noqa: E402
 import bench_cpu  # noqa: E402
+import bench_planner  # noqa: E402
 import bench_timing  # noqa: E402
 from bench_timing import Timing, machine_line, paired_ratio, peak_matmul_flops  # noqa: E402
 
@@ -162,7 +163,10 @@ def run(quick: bool = False, threads: int = 2, out=print) -> dict:
     # 6. The step, the MoE layer and memory in bf16: amp_bf16 (CPU autocast, fp32 weights and AdamW)
     results["bf16"] = bf16_report(shape, quick, reps, matmul_n, train_rows[0]["ours_s"], out)
 
-    # 7. The 132B config on a GPU cluster, on paper
+    # 7. The memory planner (scripts/model_stats.py) against a measured peak, full and LoRA
+    results["planner"] = bench_planner.run(quick=quick, out=out)
+
+    # 8. The 132B config on a GPU cluster, on paper
     results["cluster"] = cluster_report(out)
     return results
 

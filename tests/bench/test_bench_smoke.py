@@ -45,6 +45,9 @@ def test_quick_bench_prints_well_formed_numbers():
     assert all(positive(t) for t in bf16["moe_layer"].values())
     assert bf16["moe_layer_max_diff"] < 0.1  # the same computation up to bf16 rounding
     assert all(positive(bf16["memory"][f"{k}_ratio"]) for k in ("total", "step", "saved"))
+    for row in results["planner"].values():  # model_stats' estimate against a measured peak, full and LoRA
+        assert all(positive(row[k]) for k in ("planned_bytes", "measured_bytes", "ratio"))
+    assert results["planner"]["lora"]["trainable"] < results["planner"]["full"]["trainable"]
     assert len(results["cluster"]) == len(bench_cluster.GPU_COUNTS)
 
 
