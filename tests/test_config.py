@@ -207,7 +207,7 @@ def test_nested_model_errors_keep_the_model_prefix_and_the_valid_keys():
     assert str(raised.value) == (
         f"{TINY}: unknown config key 'model.n_layer' (did you mean 'n_layers'?); valid keys under 'model': "
         "attn_config, d_model, emb_pdrop, ffn_config, init_device, initializer_range, max_seq_len, n_heads, "
-        "n_layers, name, output_router_logits, pretrained, resid_pdrop, tie_word_embeddings, vocab_size"
+        "n_layers, name, output_router_logits, peft_config, pretrained, resid_pdrop, tie_word_embeddings, vocab_size"
     )
 
 
