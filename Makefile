@@ -48,7 +48,7 @@ sample: setup
 
 # The fault suite's real launches (~4-5 min) stay out of `make test` to fit CI's 20 minutes.
 test: setup
-	$(PY) -m pytest -q -m "not fault_launches"
+	$(PY) -m pytest -q -m "not fault_launches" --durations=25
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
