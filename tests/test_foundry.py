@@ -117,6 +117,7 @@ def test_foundry_dbrx_lora_ft_yaml_validates(dbrx_132b, data_dir, tmp_path):
     assert cfg.model.peft_config is not None and cfg.optimizer.lr == 1e-4
     stats = model_stats().stats(str(LORA), paths(dbrx_132b, data_dir, tmp_path), 16)
     assert abs(stats["total_params"] / 131.6e9 - 1) < 0.005
+    assert stats["fine_tuning"] == "lora" and 0 < stats["trainable_fraction"] < 0.01, stats
 
 
 @pytest.fixture(scope="module")
