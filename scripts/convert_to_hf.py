@@ -46,7 +46,7 @@ from dbrx_train.checkpoint.composer_weights import (
     verify_checkpoint,
 )
 from dbrx_train.checkpoint.saver import describe_error
-from dbrx_train.config.peft import RunModel
+from dbrx_train.config.run import RunModel
 from dbrx_train.config.schema import ConfigError
 from dbrx_train.data.token_mds import iter_samples, read_index, sample_token_ids
 from dbrx_train.model.dbrx import describe_topk_change, topk_change_without_expert_bias

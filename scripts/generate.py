@@ -25,7 +25,7 @@ import torch
 
 from dbrx_train.checkpoint.adapters import load_adapted_model
 from dbrx_train.checkpoint.composer_weights import load_model, run_config_path, verify_checkpoint
-from dbrx_train.config.peft import RunModel
+from dbrx_train.config.run import RunModel
 from dbrx_train.config.schema import ConfigError
 from dbrx_train.data.tokenizer import load_tokenizer
 from dbrx_train.model.generate import SamplingConfig, generate

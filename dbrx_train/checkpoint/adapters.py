@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from dbrx_train.checkpoint.composer_weights import newest_in_run_folder, read_composer_checkpoint
-from dbrx_train.config.peft import RunModel
+from dbrx_train.config.run import RunModel
 from dbrx_train.config.schema import ConfigError
 from dbrx_train.model.config import DbrxConfig
 from dbrx_train.model.dbrx import DbrxForCausalLM

@@ -7,8 +7,6 @@ A YAML from Foundry's DBRX LoRA recipe (`peft_type: LORA`, `task_type: CAUSAL_LM
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from dbrx_train.config.schema import closest_key
 from dbrx_train.model.lora import EXPERT_TARGETS, LORA_TARGETS, LoraSpec
@@ -60,17 +58,3 @@ class PeftConfig:
     @property
     def expert_targets(self) -> list[str]:
         return [t for t in self.target_modules if t in EXPERT_TARGETS]
-
-
-class RunModel:
-    """What a run's resolved config.yaml says about its model: architecture, base folder, adapters."""
-
-    def __init__(self, config_yaml: str | Path):
-        from dbrx_train.config.run import load_model_config, load_yaml
-        from dbrx_train.config.schema import build
-
-        self.dbrx = load_model_config(config_yaml)
-        model: dict[str, Any] = load_yaml(config_yaml).get("model") or {}
-        self.pretrained: str | None = model.get("pretrained")
-        peft = model.get("peft_config")
-        self.peft: PeftConfig | None = None if peft is None else build(PeftConfig, peft, "model.peft_config")

@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from dbrx_train.config.foundry import Translation, translate
 from dbrx_train.config.icl import EvalGauntletConfig, ICLTaskConfig, check_gauntlet, expand_file_reference
 from dbrx_train.config.peft import PeftConfig
-from dbrx_train.config.schema import INVALID, ConfigError, Time, convert, has_key, to_dict
+from dbrx_train.config.schema import INVALID, ConfigError, Time, build, convert, has_key, to_dict
 from dbrx_train.data.finetuning import FinetuningLoaderConfig
 from dbrx_train.data.mixture import CurriculumConfig, plan_segments
 from dbrx_train.data.text import TextLoaderConfig
@@ -595,3 +595,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
 def resolved_dict(cfg: TrainConfig) -> dict[str, Any]:
     """The config as plain dicts in the YAML's shape, for config.yaml/W&B."""
     return to_dict(cfg)
+
+
+class RunModel:
+    """What a run's resolved config.yaml says about its model: architecture, base folder, adapters."""
+
+    def __init__(self, config_yaml: str | Path):
+        self.dbrx = load_model_config(config_yaml)
+        model: dict[str, Any] = load_yaml(config_yaml).get("model") or {}
+        self.pretrained: str | None = model.get("pretrained")
+        peft = model.get("peft_config")
+        self.peft: PeftConfig | None = None if peft is None else build(PeftConfig, peft, "model.peft_config")

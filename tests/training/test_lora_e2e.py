@@ -20,7 +20,7 @@ import transformers
 from dbrx_train.checkpoint.adapters import load_adapted_model
 from dbrx_train.checkpoint.composer_weights import read_composer_checkpoint
 from dbrx_train.checkpoint.store import list_checkpoints, verify_files
-from dbrx_train.config.peft import RunModel
+from dbrx_train.config.run import RunModel
 from dbrx_train.model.hf import CONFIG_FILE
 from dbrx_train.model.lora import adapter_shapes, is_adapter
 from dbrx_train.model.lora_export import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
