@@ -8,7 +8,7 @@ SEQ_LEN := 128
 # pip extras of the editable install: the tests need `eval` too (lm-eval-harness, for its parity test).
 EXTRAS ?= dev,eval
 
-.PHONY: setup data pretrain finetune finetune-lora sample train test test-fast test-fault-launches bench docs lint format clean
+.PHONY: setup data pretrain finetune finetune-lora sample train test test-fast test-extended bench docs lint format clean
 
 setup: $(STAMP)
 
@@ -48,13 +48,14 @@ sample: setup
 
 # The fault suite's real launches (~4-5 min) stay out of `make test` to fit CI's 20 minutes.
 test: setup
-	$(PY) -m pytest -q -m "not fault_launches" --durations=25
+	$(PY) -m pytest -q -m "not extended" --durations=25
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-test-fault-launches: setup
-	$(PY) -m pytest -q tests/faults -m fault_launches
+# The longest runs, left out of `make test` for CI's time (pyproject's `extended` marker says which).
+test-extended: setup
+	$(PY) -m pytest -q -m extended
 
 # CPU benchmarks against peers measured in the same run + the 132B cluster estimate (docs/performance.md).
 bench: setup

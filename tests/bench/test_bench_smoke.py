@@ -4,6 +4,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench"
 sys.path.insert(0, str(BENCH))
 
@@ -15,6 +17,7 @@ def positive(x) -> bool:
     return isinstance(x, float | int) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.extended  # CI time (pyproject: extended)
 def test_quick_bench_prints_well_formed_numbers():
     lines = []
     results = run.run(quick=True, threads=2, out=lines.append)

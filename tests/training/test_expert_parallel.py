@@ -251,6 +251,7 @@ def test_a_plain_fsdp_checkpoint_resumes_with_expert_parallelism(ep_runs, defaul
     assert_same_weights(exported(tmp_path / "resumed"), exported(root / "fsdp"))
 
 
+@pytest.mark.extended  # CI time (pyproject: extended); the 2-rank EP tests run in make test
 @pytest.mark.slow
 def test_expert_parallel_on_four_ranks_shards_each_expert_over_two(default_corpus, tmp_path):
     """ep 2 of 4 ranks: each expert lives on 2 ranks (FSDP over "expert_dp"), which average its

@@ -169,6 +169,7 @@ def test_two_rank_fsdp_run_shards_and_trains(two_rank_run):
     assert len(shards) == 2, shards
 
 
+@pytest.mark.extended  # CI time (pyproject: extended); tests/model/test_compile.py checks every region against eager
 @pytest.mark.slow
 def test_compiled_regions_train_like_eager_under_two_rank_fsdp(two_rank_run, default_corpus, tmp_path):
     """compile_config under FSDP2 on 2 ranks (parameters swapped between shards and full tensors
@@ -216,6 +217,7 @@ def test_report_of_a_real_run(one_rank_run):
     assert "best_eval_loss" in page
 
 
+@pytest.mark.extended  # CI time (pyproject: extended); test_two_rank_fsdp_run_shards_and_trains runs 2 ranks
 @pytest.mark.slow
 def test_readme_two_rank_command_trains_with_a_calm_console(default_corpus, tmp_path):
     """README: `composer -n 2 train.py yamls/pretrain/dbrx-tiny.yaml`, with only the data folder, the run
