@@ -61,11 +61,12 @@ def check_replaceable(out: Path, *, overwrite: bool, kind: FolderKind, inputs: I
 def fsync_tree(folder: Path) -> None:
     """Every file and folder under `folder`, then `folder` itself, on disk."""
     for path in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)):
-        _fsync(path)
-    _fsync(folder)
+        fsync_path(path)
+    fsync_path(folder)
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory so that a rename inside it survives power loss."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -104,7 +105,7 @@ def swap_in(tmp: Path, out: Path) -> None:
             old.rename(out)
             raise
         shutil.rmtree(old)
-    _fsync(out.parent)
+    fsync_path(out.parent)
 
 
 @contextlib.contextmanager

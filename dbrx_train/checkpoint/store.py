@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dbrx_train.atomic import fsync_path
+
 MANIFEST = "manifest.json"
 FORMAT = "dbrx-train-checkpoint/1"
 TMP_PREFIX = ".tmp-"
@@ -62,15 +64,6 @@ class Checkpoint:
 # ---------------------------------------------------------------------------------------------
 # Durable writes
 # ---------------------------------------------------------------------------------------------
-def fsync_path(path: Path) -> None:
-    """fsync a file, or a directory so that a rename inside it survives power loss."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
     with open(tmp, "w") as f:
