@@ -25,6 +25,7 @@ from dbrx_train.data.text import TextDatasetConfig, TextLoaderConfig
 from dbrx_train.training.train import main
 from tests.bad_inputs import shard_cases as cases
 from tests.bad_inputs.shard_cases import BAD, SEQ, VOCAB
+from tests.run_env import run_env
 from tests.training.test_train_e2e import ROOT, SMALL, TINY
 
 PROSE = "train_loader.dataset.streams.prose"
@@ -152,7 +153,7 @@ def test_missing_folder_and_missing_local_remote(good_root, tmp_path, capsys):
 
 def run_to_exit(cmd: list[str], timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
     """Run `cmd` in its own session; it must exit within `timeout` and leave no process behind."""
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    env = run_env(2)  # one or two ranks
     start = time.monotonic()
     proc = subprocess.Popen(
         cmd,

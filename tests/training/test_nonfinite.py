@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import re
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from dbrx_train.model.hf import save_pretrained
 from dbrx_train.training.composer_model import DbrxComposerModel
 from dbrx_train.training.lion import DecoupledLionW
 from dbrx_train.training.nonfinite import EXIT_CODE, NonFiniteLossGuard, describe, exit_if_stopped
+from tests.run_env import run_env
 from tests.training.test_train_e2e import ROOT, SMALL, TINY, read_metrics
 
 POISON = 7  # its embedding row is +inf: any sequence holding it has a NaN loss
@@ -232,7 +232,7 @@ def launch(nproc: int, run_dir: Path, *overrides: str) -> subprocess.CompletedPr
     """Like test_train_e2e.launch, but a failed run is returned, not raised."""
     cmd = [sys.executable, "-m", "composer.cli.launcher", "-n", str(nproc), str(ROOT / "train.py"), str(TINY)]
     cmd += [f"save_folder={run_dir}", *SMALL, *overrides]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": str(max(1, 2 // nproc))}
+    env = run_env(nproc)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.run_env import run_env
 from tests.training.test_train_e2e import ROOT, SMALL, TINY, read_metrics
 
 RELIABLE = [
@@ -63,17 +64,13 @@ def command(
     ]
 
 
-def environment(nproc: int) -> dict[str, str]:
-    return {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": str(max(1, 2 // nproc))}
-
-
 def run(
     nproc: int, run_dir: Path | str, data_root: Path, *overrides: str, cwd: Path = ROOT, **kwargs
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
         command(nproc, run_dir, data_root, *overrides),
         cwd=cwd,
-        env=environment(nproc),
+        env=run_env(nproc),
         capture_output=True,
         text=True,
         timeout=600,
@@ -95,7 +92,7 @@ def start(nproc: int, run_dir: Path, data_root: Path, *overrides: str, logs: Pat
     return subprocess.Popen(
         command(nproc, run_dir, data_root, *overrides, launcher_logs=logs),
         cwd=ROOT,
-        env=environment(nproc),
+        env=run_env(nproc),
         stdout=open(logs / "launcher.out", "w"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -251,7 +248,7 @@ def test_ctrl_c_saves_a_checkpoint_then_the_same_command_resumes_bit_exact(
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
-        env=environment(nproc),
+        env=run_env(nproc),
         stdout=out_file,
         stderr=subprocess.STDOUT,
         start_new_session=True,
