@@ -30,12 +30,12 @@ from dbrx_train.config.run import load_config
 from dbrx_train.config.schema import ConfigError
 from dbrx_train.data.token_mds import write_token_mds
 from dbrx_train.model import DbrxForCausalLM
-from dbrx_train.model.config import DbrxAttentionConfig, DbrxConfig, DbrxFFNConfig
 from dbrx_train.model.hf import save_pretrained
 from dbrx_train.training.composer_model import DbrxComposerModel
 from dbrx_train.training.lion import DecoupledLionW
 from dbrx_train.training.nonfinite import EXIT_CODE, NonFiniteLossGuard, describe, exit_if_stopped
 from tests.run_env import run_env
+from tests.tiny_models import tiny_dbrx
 from tests.training.test_train_e2e import ROOT, SMALL, TINY, read_metrics
 
 POISON = 7  # its embedding row is +inf: any sequence holding it has a NaN loss
@@ -48,17 +48,7 @@ OPTIMIZERS = {
 
 
 def poisoned_model() -> DbrxForCausalLM:
-    config = DbrxConfig(
-        d_model=32,
-        n_heads=2,
-        n_layers=1,
-        max_seq_len=16,
-        vocab_size=64,
-        attn_config=DbrxAttentionConfig(kv_n_heads=1, clip_qkv=8.0),
-        ffn_config=DbrxFFNConfig(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2),
-    )
-    torch.manual_seed(0)
-    model = DbrxForCausalLM(config)
+    model = tiny_dbrx()
     model.init_weights()
     with torch.no_grad():
         model.transformer.wte.weight[POISON] = math.inf
