@@ -266,6 +266,8 @@ def test_ctrl_c_saves_a_checkpoint_then_the_same_command_resumes_bit_exact(
         out[-3000:]
     )
     assert "Ctrl-C received; terminating training processes." in out  # the launcher's own line
+    # no end-of-run evaluation after a stop: the launcher SIGKILLs ranks still busy 30 s after Ctrl-C
+    assert "[eval @ batch" not in out, out[-3000:]
     assert "Traceback" not in out + ranks and "KeyboardInterrupt" not in out + ranks
 
     run_ok(nproc, run_dir, default_corpus)
@@ -378,6 +380,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(reference, de
     [saved] = checkpoints(run_dir)
     stopped = int(saved.split("-ba")[1])
     assert 2 <= stopped < 8 and f"after batch {stopped}" in out[0]
+    assert "[eval @ batch" not in out[0]  # no end-of-run evaluation within the grace period
 
     run_ok(2, run_dir, default_corpus)
     assert losses(run_dir) == losses(reference[2])
