@@ -109,17 +109,7 @@ def run(quick: bool = False, threads: int = 2, out=print) -> dict:
     for batch in (shape.batch,) if quick else (shape.batch, 4 * shape.batch):
         mem = bench_cpu.bench_memory(shape._replace(batch=batch), threads)
         out(f"batch {batch} x {shape.seq_len}")
-        for name, m in mem.items():
-            out(
-                f"  {name:4s} rest {m['rest_mib']:6.0f} MiB  peak {m['total_mib']:6.0f}  "
-                f"step {m['step_mib']:6.0f}  saved by forward {m['saved_mib']:6.0f}"
-            )
-        ratios = {k: mem["ours"][f"{k}_mib"] / mem["hf"][f"{k}_mib"] for k in ("total", "step", "saved")}
-        out(
-            f"  ours/hf: peak {ratios['total']:.2f}x, step {ratios['step']:.2f}x, "
-            f"saved {ratios['saved']:.2f}x (goal <= 0.8x)"
-        )
-        results["memory"][batch] = {**mem, **{f"{k}_ratio": v for k, v in ratios.items()}}
+        results["memory"][batch] = report_memory(mem, out, goal=" (goal <= 0.8x)")
     out(f"  method: {bench_cpu.MEMORY_METHOD}")
 
     # 4. Scaling
@@ -236,15 +226,22 @@ def bf16_report(shape, quick: bool, reps: int, matmul_n: int, ours_fp32_s: float
     out("\n== peak memory of a bf16 training step (autocast; fp32 weights, gradients and AdamW state) ==")
     mem = bench_cpu.bench_memory(shape, torch.get_num_threads(), dtype=bf16)
     out(f"batch {shape.batch} x {shape.seq_len}")
+    results["memory"] = report_memory(mem, out)
+    return results
+
+
+def report_memory(mem: dict[str, dict[str, float]], out, goal: str = "") -> dict:
+    """Print one `bench_memory` result (ours and hf, in MiB) and ours/hf per measure; returns both."""
     for name, m in mem.items():
         out(
             f"  {name:4s} rest {m['rest_mib']:6.0f} MiB  peak {m['total_mib']:6.0f}  "
             f"step {m['step_mib']:6.0f}  saved by forward {m['saved_mib']:6.0f}"
         )
     ratios = {k: mem["ours"][f"{k}_mib"] / mem["hf"][f"{k}_mib"] for k in ("total", "step", "saved")}
-    out(f"  ours/hf: peak {ratios['total']:.2f}x, step {ratios['step']:.2f}x, saved {ratios['saved']:.2f}x")
-    results["memory"] = {**mem, **{f"{k}_ratio": v for k, v in ratios.items()}}
-    return results
+    out(
+        f"  ours/hf: peak {ratios['total']:.2f}x, step {ratios['step']:.2f}x, saved {ratios['saved']:.2f}x{goal}"
+    )
+    return {**mem, **{f"{k}_ratio": v for k, v in ratios.items()}}
 
 
 def cluster_report(out=print) -> list[list[str]]:
