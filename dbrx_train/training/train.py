@@ -379,7 +379,7 @@ def build_model(cfg: TrainConfig, moe_backend: MoEBackend) -> DbrxForCausalLM:
     counts = count_params(cfg.model.dbrx)
     log.info("DBRX model: %.2fM total / %.2fM active parameters", counts.total / 1e6, counts.active / 1e6)
     log.info(
-        "MoE experts: %r (model.ffn_config.moe_backend: %s)",
+        "MoE experts: %r, from model.ffn_config.moe_backend: %s",
         moe_backend,
         cfg.model.dbrx.ffn_config.moe_backend,
     )
