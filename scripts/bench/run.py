@@ -34,6 +34,20 @@ def fmt(t: Timing) -> str:
     return f"{t.median * 1e3:8.1f} ms [{t.low * 1e3:.0f}-{t.high * 1e3:.0f}]"
 
 
+def per_token(t: dict[str, Timing], tokens: int) -> str:
+    """Ours and transformers' time per token of one setting, and the speed-up."""
+    us = {name: t[name].median / tokens * 1e6 for name in ("ours", "hf")}
+    speedup = t["hf"].median / t["ours"].median
+    return f"ours {us['ours']:7.1f} us/token  hf {us['hf']:7.1f} us/token  ours/hf speed-up {speedup:.2f}x"
+
+
+def versus(times: dict[str, Timing], peer: str, what: str, out) -> None:
+    """One line per variant: its time and its ratio to `peer`'s, measured in the same run."""
+    width = max(map(len, times))
+    for name, t in times.items():
+        out(f"  {name:{width}s} {fmt(t)}  {t.median / times[peer].median:.2f}x {what}")
+
+
 def run(quick: bool = False, threads: int = 2, out=print) -> dict:
     torch.set_num_threads(threads)
     shape = bench_cpu.TOY if quick else bench_cpu.MID
@@ -117,18 +131,12 @@ def run(quick: bool = False, threads: int = 2, out=print) -> dict:
     out(f"\n== scaling: train fwd+bwd, {shape.tokens} tokens per batch, sequence length grows ==")
     seq = bench_cpu.bench_seq_scaling(shape, seq_lens, reps=2 if quick else 3)
     for T, t in seq.items():
-        out(
-            f"  T={T:5d}  ours {t['ours'].median / shape.tokens * 1e6:7.1f} us/token  "
-            f"hf {t['hf'].median / shape.tokens * 1e6:7.1f} us/token  ours/hf speed-up {t['hf'].median / t['ours'].median:.2f}x"
-        )
+        out(f"  T={T:5d}  {per_token(t, shape.tokens)}")
     expert_counts = [4] if quick else [4, 8, 16, 32, 64]
     out(f"== scaling: MoE layer fwd+bwd, top-{shape.top_k} and F fixed (same active FLOPs), experts grow ==")
     exp = bench_cpu.bench_expert_scaling(shape, expert_counts, reps=2 if quick else 5)
     for E, t in exp.items():
-        out(
-            f"  E={E:3d}  ours {t['ours'].median / shape.tokens * 1e6:7.1f} us/token  "
-            f"hf {t['hf'].median / shape.tokens * 1e6:7.1f} us/token  ours/hf speed-up {t['hf'].median / t['ours'].median:.2f}x"
-        )
+        out(f"  E={E:3d}  {per_token(t, shape.tokens)}")
     results["seq_scaling"] = {T: {k: v.median for k, v in t.items()} for T, t in seq.items()}
     results["expert_scaling"] = {E: {k: v.median for k, v in t.items()} for E, t in exp.items()}
 
@@ -138,16 +146,14 @@ def run(quick: bool = False, threads: int = 2, out=print) -> dict:
         f"\n== document masking: train fwd+bwd, {shape.tokens} tokens, rows of packed documents vs plain causal =="
     )
     masking = bench_cpu.bench_document_masking(shape, doc_lens, reps=2 if quick else 5)
-    for name, t in masking.items():
-        out(f"  {name:18s} {fmt(t)}  {t.median / masking['plain causal'].median:.2f}x the plain step")
+    versus(masking, "plain causal", "the plain step", out)
     results["document_masking"] = {name: t.median for name, t in masking.items()}
     microbatches = 2 if quick else 4
     out(
         f"== moe_loss_scope: fwd+bwd over {microbatches} microbatches, global (+ its routing pass) vs microbatch =="
     )
     scope = bench_cpu.bench_loss_scope(shape, microbatches, reps=2 if quick else 5)
-    for name, t in scope.items():
-        out(f"  {name:10s} {fmt(t)}  {t.median / scope['microbatch'].median:.2f}x microbatch")
+    versus(scope, "microbatch", "microbatch", out)
     results["loss_scope"] = {name: t.median for name, t in scope.items()}
 
     # 6. The step, the MoE layer and memory in bf16: amp_bf16 (CPU autocast, fp32 weights and AdamW)
