@@ -204,7 +204,9 @@ def test_two_rank_run_stops_at_a_same_size_corrupt_shard(good_root, rows, tmp_pa
         *NO_ICL,
         "max_duration=40ba",
     ]
-    proc, seconds = run_to_exit(cmd)
+    # A rank left waiting would wait for dist_timeout (600 s); 300 s leaves a busy machine (two test
+    # workers, two ranks starting up) room to start both ranks, fail and stop.
+    proc, seconds = run_to_exit(cmd, timeout=300)
     # Rank 0 writes to stderr, the launcher prints another rank's output to stdout; whichever rank
     # fails first, the launcher stops the other (see test_bad_yaml.py).
     output = proc.stdout + proc.stderr
@@ -212,7 +214,7 @@ def test_two_rank_run_stops_at_a_same_size_corrupt_shard(good_root, rows, tmp_pa
     assert_names(
         output, ("dbrx-train: ", PROSE, f"shard {BAD}.mds / {BAD}.mds.zstd", "could not be prepared")
     )
-    assert seconds < 120
+    assert seconds < 300
 
 
 @pytest.mark.slow
