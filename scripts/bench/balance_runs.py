@@ -26,6 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dbrx_train.config.schema import parse_time
+
 ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = {
     "microbatch": [],
@@ -43,7 +45,7 @@ def read_rows(run: Path) -> list[dict]:
 
 def run_variant(name: str, out: Path, data: Path, max_duration: str) -> Path:
     run = out / name
-    batches = int(max_duration.removesuffix("ba"))
+    batches = parse_time(max_duration, "--max-duration", units=("ba",)).value
     if any(r.get("batch") == batches and "metrics/eval/LanguageCrossEntropy" in r for r in read_rows(run)):
         return run
     cmd = [
