@@ -41,7 +41,7 @@ def read_rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def run_variant(name: str, out: Path, data: Path, max_duration: str) -> Path:
+def run_variant(name: str, out: Path, data: Path, max_duration: str, vocab_size: int | None) -> Path:
     run = out / name
     batches = int(max_duration.removesuffix("ba"))
     if any(r.get("batch") == batches and "metrics/eval/LanguageCrossEntropy" in r for r in read_rows(run)):
@@ -64,6 +64,11 @@ def run_variant(name: str, out: Path, data: Path, max_duration: str) -> Path:
         "device_train_microbatch_size=4",
         "loggers.wandb=null",
         "console_log_interval=10ba",
+        "callbacks.expert_load={log_interval: 5}",
+        # the table is about training: no ICL suite at the end (its own minutes on 2 cores)
+        "icl_tasks=null",
+        "eval_gauntlet=null",
+        *([f"model.vocab_size={vocab_size}"] if vocab_size else []),
         *VARIANTS[name],
     ]
     print(f"balance_runs: {name}: {' '.join(VARIANTS[name]) or 'defaults'}", flush=True)
@@ -75,7 +80,10 @@ def run_variant(name: str, out: Path, data: Path, max_duration: str) -> Path:
 
 
 def summarize(run: Path) -> dict[str, float]:
-    rows = read_rows(run)
+    merged: dict[int, dict] = {}  # Composer may write a batch's metrics over several rows
+    for row in read_rows(run):
+        merged.setdefault(row["batch"], {}).update(row)
+    rows = [merged[b] for b in sorted(merged)]
     last = rows[-1]["batch"]
     half = [r for r in rows if r["batch"] > last // 2]
     logged = [r for r in half if "moe/max_over_mean" in r]
@@ -122,11 +130,18 @@ def main(argv: list[str] | None = None) -> None:
         default="120ba",
         help="training length of every variant (NNba; 120ba: the tiny pretraining)",
     )
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        help="model.vocab_size for a corpus whose token ids were folded below it (tests/small_vocab.py); "
+        "default: the YAML's 100352",
+    )
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     args = parser.parse_args(argv)
     out = Path(args.out)
     results = {
-        name: summarize(run_variant(name, out, Path(args.data), args.max_duration)) for name in args.variants
+        name: summarize(run_variant(name, out, Path(args.data), args.max_duration, args.vocab_size))
+        for name in args.variants
     }
     print(table(results))
 
