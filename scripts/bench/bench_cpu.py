@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import json
 import os
@@ -463,12 +464,27 @@ def accumulated_step(
     return step
 
 
-def bench_loss_scope(shape: Shape, microbatches: int, reps: int) -> dict[str, Timing]:
-    """The step cost of moe_loss_scope global (its routing pass) against microbatch, same tokens."""
+def balancing_variant(shape: Shape, base: DbrxForCausalLM, **ffn: float) -> DbrxForCausalLM:
+    """`base`'s weights under other router-balancing settings (a bias model starts with a zero bias)."""
+    config = shape.config()
+    config.ffn_config = dataclasses.replace(config.ffn_config, **ffn)
+    model = DbrxForCausalLM(config).train()
+    model.load_state_dict(base.state_dict(), strict=False)
+    return model
+
+
+def bench_balancing(shape: Shape, microbatches: int, reps: int) -> dict[str, Timing]:
+    """The step cost of each router-balancing option against the default (moe_loss_scope microbatch),
+    same weights and tokens: global (its routing pass), z-loss 1e-3, bias balancing 1e-3 (top-k on the
+    biased probabilities; its update after the step, L x E signs and an all-reduce, is not timed)."""
     model = build_ours(shape)
     x = batch_of(shape)
+    z_loss = balancing_variant(shape, model, moe_z_loss_weight=1e-3)
+    bias = balancing_variant(shape, model, moe_bias_update_rate=1e-3)
     fns = {
-        scope: accumulated_step(model, x, microbatches, scope == "global")
-        for scope in ("microbatch", "global")
+        "microbatch": accumulated_step(model, x, microbatches, step_wide=False),
+        "global": accumulated_step(model, x, microbatches, step_wide=True),
+        "z-loss": accumulated_step(z_loss, x, microbatches, step_wide=False),
+        "bias": accumulated_step(bias, x, microbatches, step_wide=False),
     }
     return interleaved(fns, reps=reps, warmup=1)
