@@ -9,6 +9,7 @@ was made at a 1024-token vocabulary, on the same corpus with its token ids folde
     .venv/bin/python -c "from pathlib import Path; from tests.small_vocab import fold_corpus; \
         fold_corpus(Path('data/default'), Path('data/default-vocab1024'))"
     .venv/bin/python scripts/bench/balance_runs.py --data data/default-vocab1024 --vocab-size 1024
+    (and again with --seed 18 --out runs/balance-seed18, --seed 19 --out runs/balance-seed19)
 
 Each variant is `yamls/pretrain/dbrx-tiny.yaml` (16 experts top-4, moe_loss_weight 0.05) on one rank
 with `device_train_microbatch_size` 4, so a step of 16 samples is 4 microbatches (where per-microbatch
