@@ -166,6 +166,8 @@ def test_keeping_every_checkpoint_still_drops_superseded_copies(tmp_path):
         ("8ba", {"batch": 6}, False),
         ("2ep", {"epoch": 2}, True),
         ("1000tok", {"token": 999}, False),
+        ("0.5dur", {"batch": 8}, False),  # a fraction of the run: the manifest cannot say
+        (None, {"batch": 8}, False),
     ],
 )
 def test_a_checkpoint_knows_whether_its_run_finished(tmp_path, max_duration, position, finished):

@@ -60,6 +60,18 @@ def test_cli_overrides_apply_and_are_typed():
         ("global_train_batch_size=abc", r"'global_train_batch_size' must be an integer"),
         ("optimizer.name=adam", r"'optimizer.name' must be one of .*decoupled_adamw"),
         ("max_duration=ten", r"'max_duration' must be a Composer time string"),
+        # Composer's own parser reads every time string: whole counts, no negative, no wall-clock units.
+        (
+            "max_duration=1.5ba",
+            r"'max_duration' must be a Composer time string such as '100ba'.*; got '1.5ba'",
+        ),
+        ("save_interval=-5ba", r"'save_interval' must be a Composer time string"),
+        ("eval_interval=2h", r"'eval_interval' must be a Composer time string"),
+        (
+            "console_log_interval=10sp",
+            r"'console_log_interval' must be a Composer time string such as '10ba' or '10ep'",
+        ),
+        ("console_log_interval=0ep", r"'console_log_interval' must be more than 0"),
         ("model.n_heads=5", r"'model.d_model' must be divisible by n_heads \(5\)"),
         ("fsdp_config.sharding_strategy=FULL", r"FULL_SHARD"),
         (

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dbrx_train.atomic import fsync_path
+from dbrx_train.config.schema import ConfigError, parse_time
 
 MANIFEST = "manifest.json"
 FORMAT = "dbrx-train-checkpoint/1"
@@ -35,6 +36,8 @@ REPLACED_INFIX = ".replaced-"
 REJECTED_NOTE = "rejected.txt"  # inside a `.corrupt` folder: why it was moved aside
 MONOLITH_FILE = "rank0.pt"  # an unsharded (no FSDP) checkpoint inside its folder
 NAME_RE = re.compile(r"^ep(\d+)-ba(\d+)$")
+# The manifest's position counters (saver.py writes them), by Composer time unit.
+MANIFEST_COUNTERS = {"ba": "batch", "ep": "epoch", "sp": "sample", "tok": "token"}
 _CHUNK = 8 << 20
 
 
@@ -257,8 +260,8 @@ def reached_max_duration(checkpoint: Checkpoint) -> bool:
     """Whether the checkpoint is the end of its run: its position reached the max_duration its manifest's
     config asked for (so a rerun would have nothing to train)."""
     config = checkpoint.manifest.get("config") or {}
-    match = re.fullmatch(r"\s*(\d+)(ba|ep|sp|tok)\s*", str(config.get("max_duration", "")))
-    if match is None:
+    try:
+        max_duration = parse_time(config.get("max_duration"), "max_duration", units=tuple(MANIFEST_COUNTERS))
+    except ConfigError:  # none, or in dur: the manifest's counters cannot say
         return False
-    field = {"ba": "batch", "ep": "epoch", "sp": "sample", "tok": "token"}[match.group(2)]
-    return int(checkpoint.manifest.get(field, -1)) >= int(match.group(1))
+    return int(checkpoint.manifest.get(MANIFEST_COUNTERS[max_duration.unit.value], -1)) >= max_duration.value

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from dbrx_train.config.schema import ConfigError, parse_time
+
 Outcome = Literal["same", "ignored", "renamed", "unsupported"]
 LOADERS = ("train_loader", "eval_loader")
 
@@ -551,16 +553,19 @@ def _curriculum(cl: Any, t: Translation) -> None:
     phases: list[dict[str, Any]] = []
     start, unit, why = 0.0, None, None
     for index, (duration, dataset) in enumerate(datamixes):
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:e\d+)?)(tok|ba|sp)\s*", str(duration))
+        try:
+            time = parse_time(duration, "callbacks.curriculum_learning duration", units=("tok", "ba", "sp"))
+        except ConfigError:
+            time = None
         if not isinstance(dataset, dict) or not isinstance(dataset.get("streams"), dict):
             why = why or f"datamix {index} has no `streams`"
             continue
         if index and set(dataset) != {"streams"}:
             why = why or f"datamix {index} changes more than its streams ({', '.join(sorted(dataset))})"
-        if not match or unit not in (None, match.group(2)):
+        if time is None or unit not in (None, time.unit.value):
             why = why or f"duration {duration!r} is not in the tok, ba or sp of the others"
             continue
-        unit = match.group(2)
+        unit = time.unit.value
         mix = {}
         for name, stream in dataset["streams"].items():
             stream = dict(stream or {})
@@ -572,7 +577,7 @@ def _curriculum(cl: Any, t: Translation) -> None:
             streams[name] = stream
             mix[name] = 1.0 if weight is None else weight
         phases.append({"start": f"{_number(start)}{unit}", "mix": mix})
-        start += float(match.group(1))
+        start += time.value
     curriculum = {"interpolation": "step", "phases": phases}
     if why:
         equivalent = {"train_loader": {"dataset": {"streams": streams}}, "curriculum": curriculum}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dbrx_train.config.schema import closest_key
+from dbrx_train.config.schema import closest_key, did_you_mean
 from dbrx_train.model.lora import EXPERT_TARGETS, LORA_TARGETS, LoraSpec
 
 
@@ -43,11 +43,9 @@ class PeftConfig:
             )
         for target in self.target_modules:
             if target not in LORA_TARGETS:
-                hint = closest_key(target, LORA_TARGETS)
                 raise ValueError(
-                    f"target_modules: unknown target {target!r}"
-                    + (f" (did you mean {hint!r}?)" if hint else "")
-                    + f"; DBRX's LoRA targets are {', '.join(LORA_TARGETS)}"
+                    f"target_modules: unknown target {target!r}{did_you_mean(closest_key(target, LORA_TARGETS))}; "
+                    f"DBRX's LoRA targets are {', '.join(LORA_TARGETS)}"
                 )
         self.target_modules = list(dict.fromkeys(self.target_modules))
 

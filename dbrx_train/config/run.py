@@ -9,10 +9,9 @@ once, each naming its dotted key (and the closest valid key for typos).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -20,12 +19,15 @@ from omegaconf.errors import OmegaConfBaseException
 from dbrx_train.config.foundry import Translation, translate
 from dbrx_train.config.icl import EvalGauntletConfig, ICLTaskConfig, check_gauntlet, expand_file_reference
 from dbrx_train.config.peft import PeftConfig
-from dbrx_train.config.schema import INVALID, ConfigError, Time, build, convert, has_key, to_dict
+from dbrx_train.config.schema import INVALID, ConfigError, Time, build, convert, has_key, parse_time, to_dict
 from dbrx_train.data.finetuning import FinetuningLoaderConfig
 from dbrx_train.data.mixture import CurriculumConfig, plan_segments
 from dbrx_train.data.text import TextLoaderConfig
 from dbrx_train.model import DbrxConfig
 from dbrx_train.model.compile import COMPILE_REGIONS
+
+if TYPE_CHECKING:
+    from composer.core import Time as ComposerTime
 
 
 @dataclass
@@ -482,17 +484,23 @@ def _curriculum_problems(cfg: TrainConfig) -> list[str]:
     return []
 
 
+def console_interval(value: str) -> ComposerTime:
+    """console_log_interval as a Composer Time: a positive number of batches or epochs."""
+    interval = parse_time(value, "console_log_interval", units=("ba", "ep"))
+    if interval.value == 0:
+        raise ConfigError(
+            f"config key 'console_log_interval' must be more than 0 (e.g. '10ba' or '1ep'); got {value!r}"
+        )
+    return interval
+
+
 def cross_problems(cfg: TrainConfig) -> list[str]:
     """Checks across keys, once every section has been built."""
     found = []
-    if (
-        not re.fullmatch(r"\s*\d+(ba|ep)\s*", cfg.console_log_interval)
-        or cfg.console_log_interval.strip()[0] == "0"
-    ):
-        found.append(
-            f"config key 'console_log_interval' must be a number of batches or epochs such as '10ba' or '1ep'; "
-            f"got {cfg.console_log_interval!r}"
-        )
+    try:
+        console_interval(cfg.console_log_interval)
+    except ConfigError as e:
+        found += e.problems
     if cfg.max_seq_len <= 0:
         found.append(f"config key 'max_seq_len' must be positive; got {cfg.max_seq_len}")
     elif cfg.model.dbrx.max_seq_len < cfg.max_seq_len:

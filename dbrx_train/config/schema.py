@@ -19,14 +19,17 @@ import re
 import types
 import typing
 from collections.abc import Iterable
-from typing import Any, NewType, TypeVar, Union
+from typing import TYPE_CHECKING, Any, NewType, TypeVar, Union
+
+if TYPE_CHECKING:
+    from composer.core import Time as ComposerTime
 
 T = TypeVar("T")
 
-# A Composer time string such as '100ba', '1ep', '1000000tok', '500sp' or '0.5dur'; checked as a type,
-# so a bad one is reported whatever else is wrong in the file.
+# A Composer time string such as '100ba', '1ep', '1000000tok', '500sp' or '0.5dur'; checked as a type
+# (by `parse_time`), so a bad one is reported whatever else is wrong in the file.
 Time = NewType("Time", str)
-TIME_PATTERN = re.compile(r"\s*\d+(\.\d+)?(e\d+)?(ba|ep|tok|sp|dur)\s*")
+TIME_EXAMPLES = "'100ba', '1ep', '1000000tok', '500sp' or '0.5dur'"
 
 
 class ConfigError(ValueError):
@@ -45,6 +48,29 @@ def describe(problems: list[str], source: str | None = None) -> str:
         return f"{source}: {first}" if source and source not in first else first
     head = f"{source}: " if source else ""
     return f"{head}{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems)
+
+
+def parse_time(
+    value: object, key: str, units: tuple[str, ...] = ("ba", "ep", "tok", "sp", "dur")
+) -> ComposerTime:
+    """A time string read by Composer's own parser (`composer.core.Time.from_timestring`, what the
+    Trainer reads it with), in one of `units` and not negative; a ConfigError naming the key and the
+    value otherwise. Composer is imported here, not at the top: model/ builds its config with this
+    module and never imports Composer (nor needs a time)."""
+    from composer.core import Time as ComposerTime
+
+    try:
+        if not isinstance(value, str):
+            raise TypeError(value)
+        time = ComposerTime.from_timestring(value.strip())
+    except (TypeError, ValueError):  # also a fractional count: '1.5ba' (TypeError)
+        time = None
+    if time is None or time.unit.value not in units or time.value < 0:
+        examples = TIME_EXAMPLES if len(units) == 5 else " or ".join(f"'10{u}'" for u in units)
+        raise ConfigError(
+            f"config key '{key}' must be a Composer time string such as {examples}; got {value!r}"
+        )
+    return time
 
 
 # Names people reach for that are spelled differently here, whatever the section: checked before
@@ -112,13 +138,16 @@ def closest_key(key: str, valid: Iterable[str]) -> str | None:
     return None
 
 
+def did_you_mean(hint: str | None) -> str:
+    """How a message offers the likely meant name (`closest_key`), or nothing."""
+    return f" (did you mean {hint!r}?)" if hint else ""
+
+
 def unknown_key(path: str, key: str, valid: Iterable[str]) -> str:
     """The problem line for an unknown key: its dotted path, a hint, and the keys that are valid there."""
     valid = sorted(valid)
     where = f"{path}.{key}" if path else key
-    hint = closest_key(key, valid)
-    msg = f"unknown config key '{where}'"
-    msg += f" (did you mean '{hint}'?)" if hint else ""
+    msg = f"unknown config key '{where}'{did_you_mean(closest_key(key, valid))}"
     return f"{msg}; valid keys{' under ' + repr(path) if path else ''}: {', '.join(valid)}"
 
 
@@ -127,7 +156,7 @@ def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     if tp is Time:
-        return "a Composer time string such as '100ba', '1ep', '1000000tok', '500sp' or '0.5dur'"
+        return f"a Composer time string such as {TIME_EXAMPLES}"
     if tp in _SCALARS:
         return _SCALARS[tp][1]
     if typing.get_origin(tp) is typing.Literal:
@@ -169,10 +198,9 @@ def convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         return _convert_union(args, value, path, problems)
     if origin is typing.Literal:
         if value not in args:
-            hint = _closest_choice(value, args)
             problems.append(
                 f"config key '{path}' must be one of {', '.join(repr(a) for a in args)}; got {value!r}"
-                + (f" (did you mean {hint!r}?)" if hint else "")
+                + did_you_mean(_closest_choice(value, args))
             )
             return INVALID
         return value
@@ -206,8 +234,10 @@ def convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         ]
         return INVALID if any(item is INVALID for item in items) else tuple(items)
     if tp is Time:
-        if not isinstance(value, str) or not TIME_PATTERN.fullmatch(value):
-            problems.append(f"config key '{path}' must be {_type_name(Time)}; got {value!r}")
+        try:
+            parse_time(value, path)
+        except ConfigError as e:
+            problems += e.problems
             return INVALID
         return value
     scalar = _SCALARS.get(tp)

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from streaming import MDSWriter, StreamingDataLoader
+from streaming import StreamingDataLoader
 from torch.utils.data import default_collate
 from tqdm import tqdm
 
@@ -41,7 +41,7 @@ from dbrx_train.data.text import (
     build_streaming_loader,
     check_local_streams,
 )
-from dbrx_train.data.token_mds import SHARD_HASHES, iter_samples, read_index
+from dbrx_train.data.token_mds import iter_samples, read_index, write_mds
 from dbrx_train.data.tokenizer import DbrxTokenizer, load_tokenizer
 from dbrx_train.vocab import DBRX_VOCAB_SIZE, IGNORE_INDEX, PAD_TOKEN_ID
 
@@ -511,28 +511,16 @@ def _write_conversations(
             summary.truncated += fitted is not example
             yield fitted
 
-    rows = pack_examples(examples(), max_seq_len, max_per_row) if pack else examples()
-    writer = MDSWriter(
-        columns=PACKED_COLUMNS if pack else COLUMNS,
-        out=str(tmp),
-        compression=compression,
-        hashes=SHARD_HASHES,
-        size_limit=size_limit,
-    )
-    try:
+    def samples() -> Iterator[dict[str, np.ndarray]]:
+        rows = pack_examples(examples(), max_seq_len, max_per_row) if pack else examples()
         for example in tqdm(rows, desc="fine-tuning samples", unit=" samples", disable=None):
-            sample = {"input_ids": example.input_ids, "labels": example.labels}
-            if pack:
-                sample[SEQUENCE_ID] = example.sequence_id
-            writer.write(sample)
-            summary.samples += 1
             summary.tokens += len(example.input_ids)
             summary.trained_tokens += example.trained_tokens
-    except BaseException:
-        # Not `with MDSWriter(...)`: its __exit__ would write an index for a partial dataset.
-        writer.cancel_future_jobs()
-        raise
-    writer.finish()
+            sample = {"input_ids": example.input_ids, "labels": example.labels}
+            yield {**sample, SEQUENCE_ID: example.sequence_id} if pack else sample
+
+    columns = PACKED_COLUMNS if pack else COLUMNS
+    summary.samples = write_mds(samples(), tmp, columns, compression=compression, size_limit=size_limit)
     summary.seconds = time.perf_counter() - start
     if summary.samples == 0:
         raise ValueError(f"no usable conversation among {summary.rows} rows; nothing was written to {out}")

@@ -23,13 +23,10 @@ Each segment draws its samples afresh from each stream (seeded by run seed + seg
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from dbrx_train.config.schema import closest_key
-
-TIME_PATTERN = re.compile(r"\s*(\d+(?:\.\d+)?(?:e\d+)?)(ba|sp|tok|dur|ep)\s*")
+from dbrx_train.config.schema import closest_key, did_you_mean, parse_time
 
 
 @dataclass
@@ -62,47 +59,39 @@ class Segment:
         return self.end_batch - self.start_batch
 
 
-def _time_value(key: str, value: str) -> tuple[float, str]:
-    match = TIME_PATTERN.fullmatch(str(value))
-    if not match:
-        raise ValueError(
-            f"{key} must be a time such as '100ba', '5000sp', '2000000tok' or '0.5dur'; got {value!r}"
-        )
-    return float(match.group(1)), match.group(2)
+def _per_batch(unit: str, global_batch_size: int, max_seq_len: int) -> int:
+    """How many of a count unit (ba, sp, tok) one batch holds."""
+    return {"ba": 1, "sp": global_batch_size, "tok": global_batch_size * max_seq_len}[unit]
 
 
 def total_batches(max_duration: str, *, global_batch_size: int, max_seq_len: int) -> int:
     """max_duration in batches (Composer stops at the first batch that reaches it)."""
-    number, unit = _time_value("max_duration", max_duration)
-    if unit in ("ep", "dur"):
+    time = parse_time(max_duration, "max_duration")
+    if time.unit.value in ("ep", "dur"):
         raise ValueError(
             f"a curriculum needs max_duration in ba, sp or tok (each mix segment is one epoch); got {max_duration!r}"
         )
-    per_batch = {"ba": 1, "sp": global_batch_size, "tok": global_batch_size * max_seq_len}[unit]
-    return math.ceil(number / per_batch)
+    return math.ceil(time.value / _per_batch(time.unit.value, global_batch_size, max_seq_len))
 
 
 def to_batches(key: str, value: str, *, total: int, global_batch_size: int, max_seq_len: int) -> int:
     """A phase boundary in whole batches, rounded down."""
-    number, unit = _time_value(key, value)
-    if unit == "ep":
+    time = parse_time(value, key)
+    if time.unit.value == "ep":
         raise ValueError(f"{key}: epochs are not a unit for curriculum times (each mix segment is one epoch)")
-    if unit == "dur":
-        if number > 1:
+    if time.unit.value == "dur":
+        if time.value > 1:
             raise ValueError(f"{key}: a fraction of max_duration must lie in [0, 1]; got {value!r}")
-        return math.floor(number * total + 1e-9)
-    per_batch = {"ba": 1, "sp": global_batch_size, "tok": global_batch_size * max_seq_len}[unit]
-    return math.floor(number / per_batch + 1e-9)
+        return math.floor(time.value * total + 1e-9)
+    return math.floor(time.value / _per_batch(time.unit.value, global_batch_size, max_seq_len) + 1e-9)
 
 
 def _normalised(key: str, mix: dict[str, float], streams: list[str]) -> dict[str, float]:
     for name, weight in mix.items():
         if name not in streams:
-            hint = closest_key(name, streams)
             raise ValueError(
                 f"{key}.{name}: no such stream in train_loader.dataset.streams"
-                + (f" (did you mean {hint!r}?)" if hint else "")
-                + f"; streams: {streams}"
+                f"{did_you_mean(closest_key(name, streams))}; streams: {streams}"
             )
         if not weight >= 0:
             raise ValueError(f"{key}.{name} is {weight}; mix weights must be >= 0")

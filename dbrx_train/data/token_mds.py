@@ -39,17 +39,19 @@ HOW_TO_MAKE_DATA = (
 )
 
 
-def write_token_mds(
-    samples: Iterable[np.ndarray],
+def write_mds(
+    samples: Iterable[dict[str, Any]],
     out: str | Path,
+    columns: dict[str, str],
     *,
     compression: str | None = "zstd",
     size_limit: int | str = 1 << 26,
 ) -> int:
-    """Write 1-D int32 token arrays as an MDS dataset in `out` (which must be empty or absent).
-    Returns the number of samples written. On error no index.json is written."""
+    """Write samples ({column: value}, `columns` giving each column's MDS encoding) as an MDS dataset
+    in `out` (which must be empty or absent), each shard's SHARD_HASHES in index.json. Returns the
+    number of samples written. On error no index.json is written. Every writer of MDS data uses it."""
     writer = MDSWriter(
-        columns={TOKENS_COLUMN: TOKENS_ENCODING},
+        columns=columns,
         out=str(out),
         compression=compression,
         hashes=SHARD_HASHES,
@@ -57,8 +59,8 @@ def write_token_mds(
     )
     num_samples = 0
     try:
-        for tokens in samples:
-            writer.write({TOKENS_COLUMN: tokens})
+        for sample in samples:
+            writer.write(sample)
             num_samples += 1
     except BaseException:
         # Not `with MDSWriter(...)`: its __exit__ writes index.json even on error, which would
@@ -67,6 +69,19 @@ def write_token_mds(
         raise
     writer.finish()
     return num_samples
+
+
+def write_token_mds(
+    samples: Iterable[np.ndarray],
+    out: str | Path,
+    *,
+    compression: str | None = "zstd",
+    size_limit: int | str = 1 << 26,
+) -> int:
+    """Write 1-D int32 token arrays as an MDS dataset of one `tokens` column (see `write_mds`)."""
+    rows = ({TOKENS_COLUMN: tokens} for tokens in samples)
+    columns = {TOKENS_COLUMN: TOKENS_ENCODING}
+    return write_mds(rows, out, columns, compression=compression, size_limit=size_limit)
 
 
 def sample_token_ids(sample: dict[str, Any]) -> np.ndarray:

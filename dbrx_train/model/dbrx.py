@@ -34,7 +34,15 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from dbrx_train import compat
 from dbrx_train.model.config import DbrxConfig
-from dbrx_train.model.moe import DbrxFFN, DbrxRouter, ExpertGLU, RouterStats, StepTotals
+from dbrx_train.model.moe import (
+    DbrxFFN,
+    DbrxRouter,
+    ExpertGLU,
+    MoEBackend,
+    RouterStats,
+    StepTotals,
+    resolve_moe_backend,
+)
 from dbrx_train.vocab import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -331,11 +339,11 @@ class BlockOutput(NamedTuple):
 
 
 class DbrxBlock(nn.Module):
-    def __init__(self, config: DbrxConfig):
+    def __init__(self, config: DbrxConfig, moe_backend: MoEBackend):
         super().__init__()
         self.resid_pdrop = config.resid_pdrop
         self.norm_attn_norm = DbrxNormAttentionNorm(config)
-        self.ffn = DbrxFFN(config.d_model, config.ffn_config)
+        self.ffn = DbrxFFN(config.d_model, config.ffn_config, moe_backend)
 
     def forward(
         self,
@@ -379,12 +387,12 @@ class RouterTotals(NamedTuple):
 
 
 class DbrxModel(nn.Module):
-    def __init__(self, config: DbrxConfig):
+    def __init__(self, config: DbrxConfig, moe_backend: MoEBackend):
         super().__init__()
         self.emb_pdrop = config.emb_pdrop
         self.attn_pdrop = config.attn_config.attn_pdrop
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(DbrxBlock(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(DbrxBlock(config, moe_backend) for _ in range(config.n_layers))
         self.norm_f = nn.LayerNorm(config.d_model, bias=False)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.attn_config.rope_theta)
 
@@ -488,11 +496,16 @@ def causal_lm_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.T
 
 
 class DbrxForCausalLM(nn.Module):
-    def __init__(self, config: DbrxConfig):
+    def __init__(self, config: DbrxConfig, moe_backend: MoEBackend | None = None):
+        """`moe_backend`: the experts' backend, resolved by the caller for the device the model will run
+        on (training/ does, with the run's device); None: `ffn_config.moe_backend` on this machine."""
         super().__init__()
         config.validate()
         self.config = config
-        self.transformer = DbrxModel(config)
+        if moe_backend is None:
+            moe_backend = resolve_moe_backend(config.ffn_config.moe_backend)
+        self.moe_backend = moe_backend  # every layer's experts were built by it
+        self.transformer = DbrxModel(config, moe_backend)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight

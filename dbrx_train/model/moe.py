@@ -16,9 +16,10 @@ The torch backend runs gather -> expert_glu -> combine as one autograd.Function,
 whose hand-written backward saves less and copies less than autograd through the three steps (see
 its docstring); the steps themselves stay the readable reference it is tested against.
 
-The experts' backend ("torch" on any device; "megablocks" on CUDA) is chosen once in `build_experts`;
-every backend keeps its parameters in the same `ExpertGLU` (`mlp.w1`, `mlp.v1`, `mlp.w2`, each
-(E*F, D) as in HF DBRX) so checkpoints move between backends. Routing (`DbrxRouter`, `route`) and the
+The experts' backend (`TorchBackend` on any device; `MegaBlocksBackend` on CUDA) is chosen once per
+model from `ffn_config.moe_backend` (`resolve_moe_backend`), and every layer builds its experts with
+that object. Every backend keeps its parameters in the same `ExpertGLU` (`mlp.w1`, `mlp.v1`,
+`mlp.w2`, each (E*F, D) as in HF DBRX) so checkpoints move between backends. Routing (`DbrxRouter`, `route`) and the
 router losses are shared by every backend. The losses are returned with the FFN output, so they flow
 through autograd and module outputs, never through a global list.
 
@@ -496,15 +497,15 @@ class MegaBlocksExperts(TorchExperts):
     MegaBlocks' global loss list, so there is nothing to clear between steps).
 
     grouped_gemm computes in bf16 only: the experts run in bf16 under autocast (`precision:
-    amp_bf16`) or with bf16 parameters (FSDP's mixed precision). Asked for by name (`strict`), other
-    dtypes or devices are an error; chosen by "auto", a call the kernels cannot take (fp32, or the
-    model still on the CPU) runs the torch backend's code on the same parameters instead.
+    amp_bf16`) or with bf16 parameters (FSDP's mixed precision). A call the kernels cannot take (see
+    `MegaBlocksBackend.unsupported`) is an error when the backend was asked for by name, and runs the
+    torch backend's code on the same parameters when it was chosen by "auto" (`torch_fallback`).
     """
 
-    def __init__(self, d_model: int, ffn_config: DbrxFFNConfig, strict: bool = True):
+    def __init__(self, d_model: int, ffn_config: DbrxFFNConfig, backend: MegaBlocksBackend):
         super().__init__(d_model, ffn_config)
-        self.strict = strict
-        self.kernels = load_megablocks_kernels()
+        self.backend = backend
+        self.kernels = backend.kernels
         # Bits the radix sort needs for expert ids (as MegaBlocks' `sort_end_bit`).
         self.sort_end_bit = max(math.ceil(math.log2(ffn_config.moe_num_experts)), 1)
 
@@ -515,13 +516,13 @@ class MegaBlocksExperts(TorchExperts):
 
     def forward(self, x_ND: torch.Tensor, routing: Routing) -> torch.Tensor:
         dtype = self.compute_dtype(x_ND)
-        if dtype == torch.bfloat16 and x_ND.device.type == "cuda":
+        why_not = self.backend.unsupported(x_ND.device.type, dtype)
+        if why_not is None:
             return self.megablocks_forward(x_ND, routing, dtype)
-        if self.strict:
+        if not self.backend.torch_fallback:
             raise ValueError(
-                "ffn_config.moe_backend 'megablocks' computes the experts in bf16 on CUDA (grouped_gemm "
-                f"supports nothing else), got {dtype} on {x_ND.device.type}: train with precision amp_bf16, "
-                "or set ffn_config.moe_backend to 'torch'"
+                f"ffn_config.moe_backend: megablocks {why_not}, got {dtype} on {x_ND.device.type}: train with "
+                "precision amp_bf16 on a GPU, or use moe_backend torch"
             )
         return super().forward(x_ND, routing)
 
@@ -547,6 +548,61 @@ class MegaBlocksExperts(TorchExperts):
             return ops.scatter(y_MD, indices_M, bin_ids_M, weights_M, bins_E, top_k)
 
 
+# ---------------------------------------------------------------------------------------------
+# Backends: `moe_backend` is read once per model (`resolve_moe_backend`); every layer gets the object
+# ---------------------------------------------------------------------------------------------
+class TorchBackend:
+    """Dropless experts in plain PyTorch (`TorchExperts`): exact on any device, in any dtype."""
+
+    name = "torch"
+    torch_fallback = True  # the torch code is this backend: expert parallelism and LoRA run it as it is
+
+    def experts(self, d_model: int, ffn_config: DbrxFFNConfig) -> TorchExperts:
+        return TorchExperts(d_model, ffn_config)
+
+    def unsupported(self, device_type: str, dtype: torch.dtype) -> str | None:
+        return None
+
+    def __repr__(self) -> str:
+        return "torch (plain PyTorch, any device and dtype)"
+
+
+class MegaBlocksBackend:
+    """MegaBlocks' CUDA kernels (`MegaBlocksExperts`). `torch_fallback` (chosen by "auto"): calls the
+    kernels cannot take, and expert parallelism, run the torch backend's code on the same parameters;
+    False (asked for by name): they are an error."""
+
+    name = "megablocks"
+
+    def __init__(self, torch_fallback: bool):
+        self.torch_fallback = torch_fallback
+
+    @functools.cached_property
+    def kernels(self) -> MegaBlocksKernels:
+        """Imported when the first layer is built, not when the backend is chosen: a config can be
+        checked for a GPU run on a machine without the [gpu] extra."""
+        return load_megablocks_kernels()
+
+    def experts(self, d_model: int, ffn_config: DbrxFFNConfig) -> MegaBlocksExperts:
+        return MegaBlocksExperts(d_model, ffn_config, self)
+
+    def unsupported(self, device_type: str, dtype: torch.dtype) -> str | None:
+        """Why the kernels cannot take a call on this device in this compute dtype (None: they can)."""
+        if device_type != "cuda":
+            return "runs CUDA kernels only"
+        if dtype != torch.bfloat16:
+            return "computes the experts in bf16 only (grouped_gemm has no other dtype)"
+        return None
+
+    def __repr__(self) -> str:
+        if self.torch_fallback:
+            return "megablocks (MegaBlocks' kernels for bf16 on CUDA, the torch code for other calls)"
+        return "megablocks (MegaBlocks' kernels, bf16 on CUDA only)"
+
+
+MoEBackend = TorchBackend | MegaBlocksBackend
+
+
 @functools.cache  # one import attempt (and at most one warning) per process, not one per layer
 def megablocks_import_error() -> str | None:
     """Why the megablocks backend cannot load here (None: it can). Not installed is the usual case;
@@ -564,32 +620,26 @@ def megablocks_import_error() -> str | None:
     return None
 
 
-def resolve_moe_backend(requested: str) -> str:
-    """Map "auto" to the backend this machine runs: "megablocks" on CUDA when the [gpu] extra imports
-    (its agreement tests passed on an H200, docs/performance.md), else "torch". "megablocks" by name
-    needs CUDA (and the [gpu] extra, which `load_megablocks_kernels` checks when the backend is built).
-    """
+def resolve_moe_backend(requested: str, device_type: str | None = None) -> MoEBackend:
+    """The one place `ffn_config.moe_backend` is read: the backend a model on `device_type` ("cuda" or
+    "cpu"; None: CUDA when this machine has it) runs. "auto" is megablocks on CUDA when the [gpu]
+    extra imports (its agreement tests passed on an H200, docs/performance.md), else torch;
+    "megablocks" by name needs CUDA (and the [gpu] extra, imported when the first layer is built)."""
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "torch":
+        return TorchBackend()
     if requested == "auto":
-        if not torch.cuda.is_available():
-            return "torch"
-        return "megablocks" if megablocks_import_error() is None else "torch"
-    if requested == "megablocks" and not torch.cuda.is_available():
-        raise ValueError(
-            "ffn_config.moe_backend is 'megablocks', which runs CUDA kernels, but this machine has "
-            "no CUDA device; set ffn_config.moe_backend to 'torch' (or 'auto')"
-        )
-    return requested
-
-
-def build_experts(d_model: int, ffn_config: DbrxFFNConfig) -> nn.Module:
-    """The one place a backend is chosen. Each backend maps (x_ND, Routing) -> out_ND and owns `.mlp`."""
-    backend = resolve_moe_backend(ffn_config.moe_backend)
-    if backend == "torch":
-        return TorchExperts(d_model, ffn_config)
-    if backend == "megablocks":
-        # From "auto", calls the kernels cannot take fall back to the torch code (fp32 generation, say).
-        return MegaBlocksExperts(d_model, ffn_config, strict=ffn_config.moe_backend == "megablocks")
-    raise ValueError(f"ffn_config.moe_backend must be one of auto|torch|megablocks, got {backend!r}")
+        usable = device_type == "cuda" and megablocks_import_error() is None
+        return MegaBlocksBackend(torch_fallback=True) if usable else TorchBackend()
+    if requested == "megablocks":
+        if device_type != "cuda":
+            raise ValueError(
+                f"ffn_config.moe_backend: megablocks runs CUDA kernels, but the model is on {device_type}; "
+                "use torch (or auto)"
+            )
+        return MegaBlocksBackend(torch_fallback=False)
+    raise ValueError(f"ffn_config.moe_backend must be one of auto|torch|megablocks; got {requested!r}")
 
 
 class MoEOutput(NamedTuple):
@@ -601,11 +651,11 @@ class MoEOutput(NamedTuple):
 
 
 class DbrxFFN(nn.Module):
-    def __init__(self, d_model: int, ffn_config: DbrxFFNConfig):
+    def __init__(self, d_model: int, ffn_config: DbrxFFNConfig, backend: MoEBackend):
         super().__init__()
         self.with_z_loss = ffn_config.moe_z_loss_weight > 0
         self.router = DbrxRouter(d_model, ffn_config)
-        self.experts = build_experts(d_model, ffn_config)
+        self.experts = backend.experts(d_model, ffn_config)
 
     def forward(
         self, x_ND: torch.Tensor, token_mask_N: torch.Tensor | None = None, totals: StepTotals | None = None

@@ -16,11 +16,12 @@ import math
 from typing import Any
 
 import torch
-from composer.core import State, Time, TimeUnit
+from composer.core import State, TimeUnit
 from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 from tqdm import tqdm
 
+from dbrx_train.config.run import console_interval
 from dbrx_train.eval.gauntlet import GAUNTLET_PREFIX
 from dbrx_train.eval.icl_suite import ICL_PREFIX
 from dbrx_train.training.icl_eval import SECONDS_KEY
@@ -31,16 +32,6 @@ TOKENS_PER_SEC = "throughput/tokens_per_sec"  # all ranks together
 MFU = "throughput/device/mfu"
 ETA_HOURS = "time/remaining_estimate"  # RuntimeEstimator, in hours
 MIX_PREFIX = "data/mix/"
-
-
-def console_interval(value: str) -> Time:
-    """console_log_interval as a Composer Time in batches or epochs (ValueError otherwise)."""
-    interval = Time.from_timestring(str(value).strip())
-    if interval.unit not in (TimeUnit.BATCH, TimeUnit.EPOCH) or interval.value <= 0:
-        raise ValueError(
-            f"must be a positive number of batches or epochs such as '10ba' or '1ep'; got {value!r}"
-        )
-    return interval
 
 
 def format_eta(hours: float) -> str:

@@ -25,7 +25,16 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from dbrx_train.model.moe import ExpertGLU, Routing, TorchExperts, combine, expert_glu, gather, sort_by_expert
+from dbrx_train.model.moe import (
+    ExpertGLU,
+    MegaBlocksExperts,
+    Routing,
+    TorchExperts,
+    combine,
+    expert_glu,
+    gather,
+    sort_by_expert,
+)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -139,7 +148,7 @@ def apply_expert_parallel(
     for module in list(model.modules()):
         experts = getattr(module, "experts", None)
         if isinstance(experts, TorchExperts) and not isinstance(experts, ExpertParallelExperts):
-            if getattr(experts, "strict", False):  # megablocks by name; "auto" may become torch here
+            if isinstance(experts, MegaBlocksExperts) and not experts.backend.torch_fallback:
                 raise ValueError(
                     "expert parallelism runs the torch backend's experts; set model.ffn_config.moe_backend: torch"
                 )

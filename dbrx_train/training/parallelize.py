@@ -121,10 +121,6 @@ def check_expert_parallel(cfg: TrainConfig, world_size: int) -> None:
         raise ConfigError(
             f"{key} needs model.init_device: cpu (every rank builds the weights, keeps its experts)"
         )
-    if cfg.model.dbrx.ffn_config.moe_backend == "megablocks":
-        raise ConfigError(
-            f"{key} runs the torch backend's experts; set model.ffn_config.moe_backend: torch (or auto)"
-        )
 
 
 def apply_expert_parallelism(

@@ -30,6 +30,7 @@ from dbrx_train.eval.icl_suite import read_icl_tasks
 from dbrx_train.model.hf import check_hf_folder
 from dbrx_train.model.lora import adapter_shapes
 from dbrx_train.model.lora_export import peft_unsupported
+from dbrx_train.model.moe import MoEBackend, resolve_moe_backend
 from dbrx_train.training import cpu
 from dbrx_train.training.builders import hf_export_folder
 from dbrx_train.training.parallelize import check_expert_parallel, expert_parallel_degree
@@ -37,14 +38,16 @@ from dbrx_train.training.parallelize import check_expert_parallel, expert_parall
 log = logging.getLogger("dbrx_train")
 
 
-def check_config(cfg: TrainConfig, device: str, world_size: int) -> None:
+def check_config(cfg: TrainConfig, device: str, world_size: int) -> MoEBackend:
     """The checks that need only the config and the machine; every one runs, and all the problems
-    found are raised together."""
+    found are raised together. Returns the experts' backend, resolved here once for the run's device:
+    train.py builds every MoE layer with it."""
+    backend: list[MoEBackend] = []
     checks = (
         lambda: check_durations(cfg),
         lambda: check_init_device(cfg, device),
         lambda: check_precision(cfg, device),
-        lambda: check_moe_backend(cfg, device),
+        lambda: backend.append(check_moe_backend(cfg, device)),
         lambda: check_expert_parallel(cfg, world_size),
         lambda: check_compile(cfg, device),
         lambda: check_pretrained(cfg),
@@ -62,6 +65,7 @@ def check_config(cfg: TrainConfig, device: str, world_size: int) -> None:
             problems += e.problems
     if problems:
         raise ConfigError(problems)
+    return backend[0]
 
 
 def check_expert_bias_export(cfg: TrainConfig) -> None:
@@ -256,29 +260,43 @@ def check_precision(cfg: TrainConfig, device: str) -> None:
         )
 
 
-def check_moe_backend(cfg: TrainConfig, device: str) -> None:
-    """The megablocks backend runs bf16 CUDA kernels (grouped_gemm has no other dtype): say so before
-    anything is built, rather than at the first forward."""
-    requested = cfg.model.dbrx.ffn_config.moe_backend
-    if requested == "auto" and device == "gpu" and resolve_precision(cfg, device) != "amp_bf16":
-        log.info(
-            "moe_backend auto: precision %s is not amp_bf16, so the experts run the torch backend's code "
-            "(MegaBlocks' grouped GEMMs are bf16 only)",
-            resolve_precision(cfg, device),
+# The dtype the experts compute in under each precision (autocast's, or the parameters').
+PRECISION_DTYPES = {"fp32": torch.float32, "amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}
+
+
+def check_moe_backend(cfg: TrainConfig, device: str) -> MoEBackend:
+    """Resolve model.ffn_config.moe_backend for the run's device, and refuse what its experts cannot
+    run (the megablocks kernels: bf16 on CUDA only) before anything is built, rather than at the first
+    forward. Returns the backend."""
+    try:
+        backend = resolve_moe_backend(
+            cfg.model.dbrx.ffn_config.moe_backend, "cuda" if device == "gpu" else "cpu"
         )
-    if requested != "megablocks":
-        return
-    if device != "gpu":
-        raise ConfigError(
-            "model.ffn_config.moe_backend: megablocks runs CUDA kernels but this run is on CPU; "
-            "use moe_backend: torch (or auto)"
-        )
+    except ValueError as e:
+        raise ConfigError(f"model.{e}") from None
     precision = resolve_precision(cfg, device)
-    if precision != "amp_bf16":
-        raise ConfigError(
-            f"model.ffn_config.moe_backend: megablocks computes the experts in bf16 only, but precision is "
-            f"{precision}; use precision: amp_bf16 (or auto), or moe_backend: torch"
+    why_not = backend.unsupported("cuda" if device == "gpu" else "cpu", PRECISION_DTYPES[precision])
+    problems = []
+    if why_not is not None and backend.torch_fallback:
+        log.info(
+            "moe_backend auto: %s %s, so with precision %s the experts run the torch backend's code",
+            backend.name,
+            why_not,
+            precision,
         )
+    elif why_not is not None:
+        problems.append(
+            f"model.ffn_config.moe_backend: {backend.name} {why_not}, but precision is {precision}; use "
+            f"precision: amp_bf16 (or auto), or moe_backend: torch"
+        )
+    if expert_parallel_degree(cfg.fsdp) > 1 and not backend.torch_fallback:
+        problems.append(
+            "fsdp_config.expert_parallel_degree runs the torch backend's experts; set "
+            "model.ffn_config.moe_backend: torch (or auto)"
+        )
+    if problems:
+        raise ConfigError(problems)
+    return backend
 
 
 def check_compile(cfg: TrainConfig, device: str) -> None:

@@ -45,7 +45,7 @@ from dbrx_train.model import DbrxForCausalLM
 from dbrx_train.model.compile import compile_regions
 from dbrx_train.model.hf import load_hf_weights
 from dbrx_train.model.lora import apply_lora
-from dbrx_train.model.moe import MegaBlocksExperts
+from dbrx_train.model.moe import MegaBlocksBackend, MoEBackend
 from dbrx_train.model.stats import count_params
 from dbrx_train.report.run_report import write_report
 from dbrx_train.training import fatal
@@ -98,14 +98,14 @@ def main(argv: list[str] | None = None) -> Trainer:
         cfg = load_config(argv[0], argv[1:])
         device = resolve_device(cfg)
         layout = batch_layout(cfg, dist.get_world_size(), device)
-        check_config(cfg, device, layout.world_size)
+        moe_backend = check_config(cfg, device, layout.world_size)
     except ConfigError as e:
         config_error_exit(e)
     if dist.get_global_rank() == 0:  # once, not once per rank
         for note in [*(cfg.foundry.notes() if cfg.foundry else []), *(f"warning: {n}" for n in layout.notes)]:
             print(f"dbrx-train: {note}", file=sys.stderr, flush=True)
     try:
-        return train(cfg, layout, device)
+        return train(cfg, layout, device, moe_backend)
     except Refused as e:
         fatal.end_run(str(e), 2, collective=True)
     except (ConfigError, CheckpointError) as e:
@@ -148,7 +148,7 @@ def config_error_exit(error: ConfigError) -> NoReturn:
     raise SystemExit(2)
 
 
-def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
+def train(cfg: TrainConfig, layout: BatchLayout, device: str, moe_backend: MoEBackend) -> Trainer:
     # Our own INFO lines (backend, checkpoints saved); Composer's and Streaming's only from WARNING up.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
@@ -176,7 +176,7 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str) -> Trainer:
     except RunLockError as e:
         raise Refused(str(e)) from None
     try:
-        return train_holding_lock(cfg, layout, device, precision, run_folder, resolved, remote)
+        return train_holding_lock(cfg, layout, device, precision, moe_backend, run_folder, resolved, remote)
     finally:
         lock.release()
 
@@ -186,6 +186,7 @@ def train_holding_lock(
     layout: BatchLayout,
     device: str,
     precision: str,
+    moe_backend: MoEBackend,
     run_folder: str,
     resolved: dict,
     remote: RemoteCheckpoints | None,
@@ -199,7 +200,7 @@ def train_holding_lock(
     write_resolved_config(resolved, run_folder)
     icl = build_icl_evaluation(cfg, layout)
 
-    model = build_model(cfg)
+    model = build_model(cfg, moe_backend)
     if cfg.model.peft_config is not None:
         adapt(model, cfg, precision)
     if cfg.compile_config is not None:  # before FSDP and activation checkpointing wrap it
@@ -358,14 +359,15 @@ def shared_run_name() -> str:
     return name[0]
 
 
-def build_model(cfg: TrainConfig) -> DbrxForCausalLM:
-    """Weights from the run seed, so every rank that builds them builds the same ones."""
+def build_model(cfg: TrainConfig, moe_backend: MoEBackend) -> DbrxForCausalLM:
+    """Weights from the run seed, so every rank that builds them builds the same ones; every MoE layer's
+    experts from `moe_backend` (resolved by preflight for the run's device)."""
     reproducibility.seed_all(cfg.seed)
     init_device = cfg.model.init_device
     on_meta = init_device == "meta" or (init_device == "mixed" and dist.get_global_rank() != 0)
     pretrained = cfg.model.pretrained
     with torch.device("meta" if on_meta or pretrained else "cpu"):
-        model = DbrxForCausalLM(cfg.model.dbrx)
+        model = DbrxForCausalLM(cfg.model.dbrx, moe_backend)
     if pretrained and not on_meta:
         # No random init to overwrite: allocate, fill the RoPE buffers, copy tensor by tensor.
         model.to_empty(device="cpu")
@@ -376,10 +378,9 @@ def build_model(cfg: TrainConfig) -> DbrxForCausalLM:
         model.init_weights()
     counts = count_params(cfg.model.dbrx)
     log.info("DBRX model: %.2fM total / %.2fM active parameters", counts.total / 1e6, counts.active / 1e6)
-    experts = model.transformer.blocks[0].ffn.experts
     log.info(
-        "MoE experts: %s backend (model.ffn_config.moe_backend: %s)",
-        "megablocks" if isinstance(experts, MegaBlocksExperts) else "torch",
+        "MoE experts: %r, from model.ffn_config.moe_backend: %s",
+        moe_backend,
         cfg.model.dbrx.ffn_config.moe_backend,
     )
     return model
@@ -388,7 +389,6 @@ def build_model(cfg: TrainConfig) -> DbrxForCausalLM:
 def adapt(model: DbrxForCausalLM, cfg: TrainConfig, precision: str) -> None:
     """model.peft_config: freeze the base, add the adapters, and say what trains and how."""
     peft = cfg.model.peft_config
-    megablocks = isinstance(model.transformer.blocks[0].ffn.experts, MegaBlocksExperts)
     apply_lora(model, peft.spec)
     base_dtype = hold_frozen_base(model, cfg.fsdp, precision)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -408,7 +408,9 @@ def adapt(model: DbrxForCausalLM, cfg: TrainConfig, precision: str) -> None:
             "LoRA: adapted experts (%s) run the torch path, per-expert matmuls under autograd, for the base "
             "and the adapters alike%s",
             ", ".join(peft.expert_targets),
-            "; MegaBlocks' grouped GEMMs are not used for them" if megablocks else "",
+            "; MegaBlocks' grouped GEMMs are not used for them"
+            if isinstance(model.moe_backend, MegaBlocksBackend)
+            else "",
         )
 
 

@@ -37,6 +37,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dbrx_train.config.schema import parse_time
+
 ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = {
     "microbatch": [],
@@ -56,7 +58,7 @@ def run_variant(
     name: str, out: Path, data: Path, max_duration: str, vocab_size: int | None, seed: int | None
 ) -> Path:
     run = out / name
-    batches = int(max_duration.removesuffix("ba"))
+    batches = parse_time(max_duration, "--max-duration", units=("ba",)).value
     if any(r.get("batch") == batches and "metrics/eval/LanguageCrossEntropy" in r for r in read_rows(run)):
         return run
     cmd = [

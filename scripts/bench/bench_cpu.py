@@ -281,7 +281,7 @@ def moe_layers(shape: Shape, seed: int = 0) -> dict[str, torch.nn.Module]:
     """Our FFN, our unfused steps, transformers' DbrxFFN (same weights) and the dense GLU."""
     ours_model, hf_model = build_pair(shape._replace(n_layers=1), seed)
     ours = ours_model.transformer.blocks[0].ffn
-    unfused = moe_lib.DbrxFFN(shape.d_model, ours_model.config.ffn_config)
+    unfused = moe_lib.DbrxFFN(shape.d_model, ours_model.config.ffn_config, ours_model.moe_backend)
     unfused.load_state_dict(ours.state_dict())
     unfused.experts.forward = unfused_forward(unfused.experts)
     hf = hf_model.transformer.blocks[0].ffn

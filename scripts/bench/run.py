@@ -35,6 +35,20 @@ def fmt(t: Timing) -> str:
     return f"{t.median * 1e3:8.1f} ms [{t.low * 1e3:.0f}-{t.high * 1e3:.0f}]"
 
 
+def per_token(t: dict[str, Timing], tokens: int) -> str:
+    """Ours and transformers' time per token of one setting, and the speed-up."""
+    us = {name: t[name].median / tokens * 1e6 for name in ("ours", "hf")}
+    speedup = t["hf"].median / t["ours"].median
+    return f"ours {us['ours']:7.1f} us/token  hf {us['hf']:7.1f} us/token  ours/hf speed-up {speedup:.2f}x"
+
+
+def versus(times: dict[str, Timing], peer: str, what: str, out) -> None:
+    """One line per variant: its time and its ratio to `peer`'s, measured in the same run."""
+    width = max(map(len, times))
+    for name, t in times.items():
+        out(f"  {name:{width}s} {fmt(t)}  {t.median / times[peer].median:.2f}x {what}")
+
+
 def run(quick: bool = False, threads: int = 2, out=print) -> dict:
     torch.set_num_threads(threads)
     shape = bench_cpu.TOY if quick else bench_cpu.MID
@@ -110,17 +124,7 @@ def run(quick: bool = False, threads: int = 2, out=print) -> dict:
     for batch in (shape.batch,) if quick else (shape.batch, 4 * shape.batch):
         mem = bench_cpu.bench_memory(shape._replace(batch=batch), threads)
         out(f"batch {batch} x {shape.seq_len}")
-        for name, m in mem.items():
-            out(
-                f"  {name:4s} rest {m['rest_mib']:6.0f} MiB  peak {m['total_mib']:6.0f}  "
-                f"step {m['step_mib']:6.0f}  saved by forward {m['saved_mib']:6.0f}"
-            )
-        ratios = {k: mem["ours"][f"{k}_mib"] / mem["hf"][f"{k}_mib"] for k in ("total", "step", "saved")}
-        out(
-            f"  ours/hf: peak {ratios['total']:.2f}x, step {ratios['step']:.2f}x, "
-            f"saved {ratios['saved']:.2f}x (goal <= 0.8x)"
-        )
-        results["memory"][batch] = {**mem, **{f"{k}_ratio": v for k, v in ratios.items()}}
+        results["memory"][batch] = report_memory(mem, out, goal=" (goal <= 0.8x)")
     out(f"  method: {bench_cpu.MEMORY_METHOD}")
 
     # 4. Scaling
@@ -128,18 +132,12 @@ def run(quick: bool = False, threads: int = 2, out=print) -> dict:
     out(f"\n== scaling: train fwd+bwd, {shape.tokens} tokens per batch, sequence length grows ==")
     seq = bench_cpu.bench_seq_scaling(shape, seq_lens, reps=2 if quick else 3)
     for T, t in seq.items():
-        out(
-            f"  T={T:5d}  ours {t['ours'].median / shape.tokens * 1e6:7.1f} us/token  "
-            f"hf {t['hf'].median / shape.tokens * 1e6:7.1f} us/token  ours/hf speed-up {t['hf'].median / t['ours'].median:.2f}x"
-        )
+        out(f"  T={T:5d}  {per_token(t, shape.tokens)}")
     expert_counts = [4] if quick else [4, 8, 16, 32, 64]
     out(f"== scaling: MoE layer fwd+bwd, top-{shape.top_k} and F fixed (same active FLOPs), experts grow ==")
     exp = bench_cpu.bench_expert_scaling(shape, expert_counts, reps=2 if quick else 5)
     for E, t in exp.items():
-        out(
-            f"  E={E:3d}  ours {t['ours'].median / shape.tokens * 1e6:7.1f} us/token  "
-            f"hf {t['hf'].median / shape.tokens * 1e6:7.1f} us/token  ours/hf speed-up {t['hf'].median / t['ours'].median:.2f}x"
-        )
+        out(f"  E={E:3d}  {per_token(t, shape.tokens)}")
     results["seq_scaling"] = {T: {k: v.median for k, v in t.items()} for T, t in seq.items()}
     results["expert_scaling"] = {E: {k: v.median for k, v in t.items()} for E, t in exp.items()}
 
@@ -248,15 +246,22 @@ def bf16_report(shape, quick: bool, reps: int, matmul_n: int, ours_fp32_s: float
     out("\n== peak memory of a bf16 training step (autocast; fp32 weights, gradients and AdamW state) ==")
     mem = bench_cpu.bench_memory(shape, torch.get_num_threads(), dtype=bf16)
     out(f"batch {shape.batch} x {shape.seq_len}")
+    results["memory"] = report_memory(mem, out)
+    return results
+
+
+def report_memory(mem: dict[str, dict[str, float]], out, goal: str = "") -> dict:
+    """Print one `bench_memory` result (ours and hf, in MiB) and ours/hf per measure; returns both."""
     for name, m in mem.items():
         out(
             f"  {name:4s} rest {m['rest_mib']:6.0f} MiB  peak {m['total_mib']:6.0f}  "
             f"step {m['step_mib']:6.0f}  saved by forward {m['saved_mib']:6.0f}"
         )
     ratios = {k: mem["ours"][f"{k}_mib"] / mem["hf"][f"{k}_mib"] for k in ("total", "step", "saved")}
-    out(f"  ours/hf: peak {ratios['total']:.2f}x, step {ratios['step']:.2f}x, saved {ratios['saved']:.2f}x")
-    results["memory"] = {**mem, **{f"{k}_ratio": v for k, v in ratios.items()}}
-    return results
+    out(
+        f"  ours/hf: peak {ratios['total']:.2f}x, step {ratios['step']:.2f}x, saved {ratios['saved']:.2f}x{goal}"
+    )
+    return {**mem, **{f"{k}_ratio": v for k, v in ratios.items()}}
 
 
 def cluster_report(out=print) -> list[list[str]]:

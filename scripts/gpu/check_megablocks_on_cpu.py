@@ -100,12 +100,12 @@ def check() -> None:
     from dbrx_train.model import DbrxFFNConfig
     from dbrx_train.model import moe as moe_lib
 
-    # CPU stand-ins for the backend's two CUDA checks: its forward tests device and dtype before
-    # calling the kernels' path, which is what runs here (in bf16, as under autocast on a GPU).
+    # CPU stand-in for the backend's CUDA check: its forward tests device and dtype before calling
+    # the kernels' path, which is what runs here (in bf16, as under autocast on a GPU). The backends
+    # are resolved for "cuda", the device the kernels are written for.
     moe_lib.MegaBlocksExperts.forward = lambda self, x, routing: self.megablocks_forward(
         x, routing, torch.bfloat16
     )
-    torch.cuda.is_available = lambda: True
 
     D, FF = 64, 96
     for E, K, N, act in ((8, 2, 50, "silu"), (8, 2, 50, "gelu"), (16, 4, 3, "silu"), (1, 1, 7, "silu")):
@@ -116,10 +116,9 @@ def check() -> None:
                 ffn_hidden_size=FF,
                 moe_num_experts=E,
                 moe_top_k=K,
-                moe_backend=backend,
                 ffn_act_fn={"name": act},
             )
-            ffns.append(moe_lib.DbrxFFN(D, cfg))
+            ffns.append(moe_lib.DbrxFFN(D, cfg, moe_lib.resolve_moe_backend(backend, "cuda")))
         ref, mb = ffns
         assert isinstance(mb.experts, moe_lib.MegaBlocksExperts)
         for p in ref.parameters():
@@ -182,6 +181,7 @@ def check_whole_model() -> None:
     """The backend inside the model: a torch-backend state_dict loads, loss and gradients agree."""
     from dbrx_train.config.schema import build
     from dbrx_train.model import DbrxConfig, DbrxForCausalLM
+    from dbrx_train.model.moe import resolve_moe_backend
 
     cfg = {
         "d_model": 64,
@@ -195,8 +195,9 @@ def check_whole_model() -> None:
     models = {}
     for backend in ("torch", "megablocks"):
         torch.manual_seed(0)
-        cfg["ffn_config"]["moe_backend"] = backend
-        models[backend] = DbrxForCausalLM(build(DbrxConfig, cfg)).train()
+        models[backend] = DbrxForCausalLM(
+            build(DbrxConfig, cfg), resolve_moe_backend(backend, "cuda")
+        ).train()
     models["megablocks"].load_state_dict(models["torch"].state_dict())
     ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
     losses = {}

@@ -75,6 +75,9 @@ def test_two_rank_launch_of_a_broken_yaml_prints_its_error_once_and_exits_2(tmp_
     assert "Traceback" not in output
 
 
+MB = "model.ffn_config.moe_backend"
+
+
 @pytest.mark.parametrize("precision", ["fp32", "amp_fp16"])
 def test_megablocks_backend_outside_bf16_is_refused_before_the_run(precision):
     """On a GPU run (device checked first on CPU, as the megablocks-on-cpu case shows)."""
@@ -85,10 +88,18 @@ def test_megablocks_backend_outside_bf16_is_refused_before_the_run(precision):
     path = CASES / "megablocks-on-cpu.yaml"
     cfg = load_config(str(path), ["device=auto", f"precision={precision}"])
     with pytest.raises(
-        ConfigError, match=f"megablocks computes the experts in bf16 only, but precision is {precision}"
+        ConfigError, match=rf"megablocks computes the experts in bf16 only .*, but precision is {precision}"
     ):
         check_moe_backend(cfg, "gpu")
-    check_moe_backend(load_config(str(path), ["device=auto", "precision=amp_bf16"]), "gpu")  # accepted
+    backend = check_moe_backend(load_config(str(path), ["device=auto", "precision=amp_bf16"]), "gpu")
+    assert backend.name == "megablocks" and not backend.torch_fallback  # accepted, resolved for the GPU
+    # Expert parallelism runs the torch backend's experts: megablocks by name is refused with it.
+    ep = ["device=auto", "precision=amp_bf16", "fsdp_config.expert_parallel_degree=2"]
+    with pytest.raises(ConfigError, match=r"expert_parallel_degree runs the torch backend's experts"):
+        check_moe_backend(
+            load_config(str(CASES / "expert-parallel-degree.yaml"), [*ep, f"{MB}=megablocks"]), "gpu"
+        )
+    check_moe_backend(load_config(str(CASES / "expert-parallel-degree.yaml"), [*ep, f"{MB}=auto"]), "gpu")
 
 
 def test_compile_on_cpu_without_a_cxx_compiler_is_refused_before_the_run(monkeypatch, tmp_path):
@@ -115,7 +126,6 @@ def test_compile_on_cpu_without_a_cxx_compiler_is_refused_before_the_run(monkeyp
         ),
         (["fsdp_config.sharding_strategy=HYBRID_SHARD"], 2, r"FULL_SHARD or SHARD_GRAD_OP, not HYBRID_SHARD"),
         (["model.init_device=mixed"], 2, r"needs model.init_device: cpu"),
-        (["model.ffn_config.moe_backend=megablocks"], 2, r"runs the torch backend's experts"),
     ],
 )
 def test_expert_parallel_misconfigurations_are_refused_before_the_run(overrides, world_size, message):

@@ -22,7 +22,7 @@ from dbrx_train.model.lora import (
     merged_weight,
 )
 from dbrx_train.model.lora_export import peft_unsupported, write_peft_folder
-from dbrx_train.model.moe import DbrxFFN
+from dbrx_train.model.moe import DbrxFFN, TorchBackend
 
 D, FF, E = 16, 24, 4
 
@@ -65,8 +65,8 @@ def dense_reference(
 @pytest.mark.parametrize("targets", [("w1", "v1", "w2"), ("v1",), ("w2",)])
 def test_expert_adapters_equal_a_dense_loop_with_merged_weights(targets):
     torch.manual_seed(0)
-    cfg = DbrxFFNConfig(ffn_hidden_size=FF, moe_num_experts=E, moe_top_k=2, moe_backend="torch")
-    ffn = DbrxFFN(D, cfg).double()
+    cfg = DbrxFFNConfig(ffn_hidden_size=FF, moe_num_experts=E, moe_top_k=2)
+    ffn = DbrxFFN(D, cfg, TorchBackend()).double()
     for p in ffn.parameters():
         torch.nn.init.normal_(p, std=0.3)
     spec = LoraSpec(targets, r=3, alpha=6.0)

@@ -21,10 +21,9 @@ def make_ffn(num_experts=16, top_k=2, normalize=1.0, seed=0, moe_backend="torch"
         moe_num_experts=num_experts,
         moe_top_k=top_k,
         moe_normalize_expert_weights=normalize,
-        moe_backend=moe_backend,
         **kwargs,
     )
-    ffn = DbrxFFN(D, cfg)
+    ffn = DbrxFFN(D, cfg, moe_lib.resolve_moe_backend(moe_backend))
     for p in ffn.parameters():
         torch.nn.init.normal_(p, std=0.3)
     return ffn
@@ -216,17 +215,33 @@ def test_ffn_returns_its_layers_aux_loss_and_router_logits():
 
 
 def test_backend_resolution():
-    assert moe_lib.resolve_moe_backend("torch") == "torch"
+    """`moe_backend` is read once, into an object every layer builds its experts with."""
+    assert type(moe_lib.resolve_moe_backend("torch")) is moe_lib.TorchBackend
+    assert type(moe_lib.resolve_moe_backend("auto", "cpu")) is moe_lib.TorchBackend
     # "auto": megablocks on CUDA with the [gpu] extra importable, the torch backend everywhere else.
     usable = torch.cuda.is_available() and moe_lib.megablocks_import_error() is None
-    assert moe_lib.resolve_moe_backend("auto") == ("megablocks" if usable else "torch")
+    auto = moe_lib.resolve_moe_backend("auto")
+    assert type(auto) is (moe_lib.MegaBlocksBackend if usable else moe_lib.TorchBackend)
+    assert auto.torch_fallback  # auto never refuses a call: the torch code takes what the kernels cannot
     expected = moe_lib.MegaBlocksExperts if usable else moe_lib.TorchExperts
     assert type(make_ffn(moe_backend="auto").experts) is expected
+    # By name, for a GPU run: chosen without importing MegaBlocks (a config is checked on any machine).
+    named = moe_lib.resolve_moe_backend("megablocks", "cuda")
+    assert type(named) is moe_lib.MegaBlocksBackend and not named.torch_fallback
+    assert "kernels" not in vars(named)
+    assert named.unsupported("cuda", torch.bfloat16) is None
+    assert "bf16 only" in named.unsupported("cuda", torch.float32)
+    assert "CUDA kernels" in named.unsupported("cpu", torch.bfloat16)
+    with pytest.raises(ValueError, match=r"moe_backend must be one of auto\|torch\|megablocks; got 'cuda'"):
+        moe_lib.resolve_moe_backend("cuda")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
 def test_megablocks_backend_without_cuda_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"moe_backend is 'megablocks'.*no CUDA device.*'torch'"):
+    with pytest.raises(
+        ValueError,
+        match=r"moe_backend: megablocks runs CUDA kernels, but the model is on cpu; use torch \(or auto\)",
+    ):
         make_ffn(moe_backend="megablocks")
 
 

@@ -13,7 +13,7 @@ import torch
 
 from dbrx_train.config.schema import build
 from dbrx_train.model import DbrxConfig, DbrxFFNConfig, DbrxForCausalLM
-from dbrx_train.model.moe import DbrxFFN, MegaBlocksExperts, TorchExperts
+from dbrx_train.model.moe import DbrxFFN, MegaBlocksExperts, TorchExperts, resolve_moe_backend
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="the megablocks backend needs a CUDA device"),
@@ -34,11 +34,10 @@ def ffn_pair(num_experts=16, top_k=4, act="silu", **kwargs) -> tuple[DbrxFFN, Db
             ffn_hidden_size=FF,
             moe_num_experts=num_experts,
             moe_top_k=top_k,
-            moe_backend=backend,
             ffn_act_fn={"name": act},
             **kwargs,
         )
-        made.append(DbrxFFN(D, cfg).cuda())
+        made.append(DbrxFFN(D, cfg, resolve_moe_backend(backend)).cuda())
     ref, mb = made
     for p in ref.parameters():
         torch.nn.init.normal_(p, std=0.05)
@@ -103,7 +102,10 @@ def test_uniform_expert_assignment_runs_balanced():
 
 def test_fp32_without_autocast_is_a_clear_error():
     _, mb = ffn_pair()
-    with pytest.raises(ValueError, match=r"moe_backend 'megablocks' computes the experts in bf16.*amp_bf16"):
+    with pytest.raises(
+        ValueError,
+        match=r"moe_backend: megablocks computes the experts in bf16 only.*float32 on cuda.*amp_bf16",
+    ):
         mb(torch.randn(8, D, device="cuda"))
 
 
@@ -111,18 +113,15 @@ def test_auto_picks_megablocks_and_falls_back_where_its_kernels_cannot_run():
     """moe_backend auto on CUDA with the [gpu] extra: the megablocks kernels for bf16 on CUDA, the torch
     backend's code on the same parameters for anything else (fp32 generation, a model still on CPU)."""
     torch.manual_seed(0)
-    cfgs = {
-        b: DbrxFFNConfig(ffn_hidden_size=FF, moe_num_experts=16, moe_top_k=4, moe_backend=b)
-        for b in ("torch", "megablocks", "auto")
-    }
-    ffns = {b: DbrxFFN(D, cfg) for b, cfg in cfgs.items()}
+    cfg = DbrxFFNConfig(ffn_hidden_size=FF, moe_num_experts=16, moe_top_k=4)
+    ffns = {b: DbrxFFN(D, cfg, resolve_moe_backend(b)) for b in ("torch", "megablocks", "auto")}
     for ffn in ffns.values():
         ffn.load_state_dict(ffns["torch"].state_dict())
     auto = ffns["auto"]
     assert (
         type(auto.experts) is MegaBlocksExperts
-        and not auto.experts.strict
-        and ffns["megablocks"].experts.strict
+        and auto.experts.backend.torch_fallback
+        and not ffns["megablocks"].experts.backend.torch_fallback
     )
     x = torch.randn(256, D)
     torch.testing.assert_close(auto(x).out_ND, ffns["torch"](x).out_ND, rtol=0, atol=0)  # on CPU: torch code

@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from dbrx_train.model import DbrxFFNConfig
-from dbrx_train.model.moe import DbrxFFN
+from dbrx_train.model.moe import DbrxFFN, TorchBackend
 
 D, FF = 32, 48
 
@@ -39,13 +39,11 @@ def _worker(
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         torch.manual_seed(0)  # the same weights on every rank
-        cfg = DbrxFFNConfig(
-            ffn_hidden_size=FF, moe_num_experts=num_experts, moe_top_k=top_k, moe_backend="torch"
-        )
-        ref = DbrxFFN(D, cfg)
+        cfg = DbrxFFNConfig(ffn_hidden_size=FF, moe_num_experts=num_experts, moe_top_k=top_k)
+        ref = DbrxFFN(D, cfg, TorchBackend())
         for p in ref.parameters():
             torch.nn.init.normal_(p, std=0.2)
-        ep_ffn = DbrxFFN(D, cfg)
+        ep_ffn = DbrxFFN(D, cfg, TorchBackend())
         ep_ffn.load_state_dict(ref.state_dict())
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
         holder = torch.nn.Module()

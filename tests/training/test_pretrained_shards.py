@@ -25,6 +25,7 @@ from dbrx_train.checkpoint.safe_load import SafeFileSystemReader
 from dbrx_train.config.run import load_config
 from dbrx_train.model import DbrxForCausalLM
 from dbrx_train.model.hf import INDEX_FILE, SINGLE_FILE, expected_shapes, load_pretrained, save_pretrained
+from dbrx_train.model.moe import TorchBackend
 from dbrx_train.training.pretrained_shards import shard_rows
 from dbrx_train.training.train import build_model
 from dbrx_train.training.train import main as train_main
@@ -129,7 +130,7 @@ def test_meta_load_reads_each_ranks_shard_and_equals_the_mixed_load(folder, defa
     model_mb /= 1e6
     # The reference: what rank 0 builds for `init_device: mixed` (FSDP then broadcasts it as is).
     mixed_cfg = load_config(TINY, [*MODEL, f"model.pretrained={folder}", "model.init_device=mixed"])
-    model = build_model(mixed_cfg).eval()
+    model = build_model(mixed_cfg, TorchBackend()).eval()
     tokens = torch.randint(0, 100352, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         mixed_logits = model(tokens).logits
