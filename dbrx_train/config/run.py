@@ -201,8 +201,8 @@ class LoggersConfig:
 @dataclass
 class SpeedMonitorConfig:
     window_size: int = 10  # batches averaged for the logged throughput and MFU
-    # FLOP/s of one device for MFU. "auto": Composer's table on known GPUs; on CPU a large fp32
-    # matmul is timed once at start-up. A number overrides both.
+    # FLOP/s of one device for MFU. "auto": Composer's table on known GPUs; on CPU a large matmul in
+    # the run's precision (fp32 or bf16) is timed once at start-up. A number overrides both.
     peak_flops: float | Literal["auto"] | None = "auto"
 
 
@@ -303,7 +303,7 @@ class TrainConfig:
     device_train_microbatch_size: int | Literal["auto"] | None = None
     device_eval_batch_size: int | None = None  # eval samples per device batch; null: the device train batch
     device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: gpu when CUDA is available, else cpu
-    # auto: amp_bf16 on GPU, fp32 on CPU; amp_bf16 also runs on CPU (fastest with AVX512-BF16/AMX)
+    # auto: amp_bf16 on GPU and on CPUs with AVX512-BF16/AMX (native bf16 matmul), else fp32
     precision: Literal["auto", "fp32", "amp_bf16", "amp_fp16"] = "auto"
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

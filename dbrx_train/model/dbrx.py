@@ -153,7 +153,7 @@ class DbrxAttention(nn.Module):
             v_BHTDh = v_BKTDh.repeat_interleave(H // K, dim=1)
         else:
             k_BHTDh, v_BHTDh = k_BKTDh, v_BKTDh
-        o_BHTDh = F.scaled_dot_product_attention(
+        o_BHTDh = attention_kernel(
             q_BHTDh,
             k_BHTDh,
             v_BHTDh,
@@ -162,6 +162,15 @@ class DbrxAttention(nn.Module):
             is_causal=mask_BTS is None,
         )
         return self.out_proj(o_BHTDh.transpose(1, 2).reshape(B, T, D))
+
+
+def attention_kernel(q, k, v, **kwargs) -> torch.Tensor:
+    """sdpa; on CPU in fp32 when the inputs are bf16 (autocast): torch 2.7's CPU flash-attention
+    backward is slower in bf16 than in fp32 (docs/performance.md), and fp32 is the more exact."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 class LayerKVCache(NamedTuple):

@@ -240,10 +240,12 @@ def resolve_device(cfg: TrainConfig) -> str:
 
 
 def resolve_precision(cfg: TrainConfig, device: str) -> str:
-    """precision: auto is amp_bf16 on GPUs and fp32 on CPUs. amp_bf16 runs on CPU when asked for
-    (training/cpu.py), but auto keeps fp32 there until `make train` in bf16 is measured to reach the
-    fp32 run's eval loss (issue 21: within 2%); that measurement has not been made yet."""
-    return cfg.precision if cfg.precision != "auto" else ("amp_bf16" if device == "gpu" else "fp32")
+    """precision: auto is amp_bf16 on GPUs and on CPUs that multiply bf16 natively (AVX512-BF16 or
+    AMX; training/cpu.py), fp32 on other CPUs, where bf16 is emulated and slower. On CPU, `make
+    train`'s pretraining in amp_bf16 ends within 2% of the fp32 run's eval loss (docs/performance.md)."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "amp_bf16" if device == "gpu" or cpu.native_bf16_matmul() else "fp32"
 
 
 def check_precision(cfg: TrainConfig, device: str) -> None:

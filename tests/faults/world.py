@@ -28,6 +28,7 @@ VOCAB, SEQ = 512, 16
 # the architecture: GQA, 4 experts top-2, one block; every checkpoint kept (a case checks each one's bytes);
 # no curriculum, so checkpoints are ep0-ba1, ep0-ba2.
 TINY_RUN = [
+    "precision=fp32",  # pinned, as test_train_e2e.SMALL
     f"max_seq_len={SEQ}",
     f"model.vocab_size={VOCAB}",
     "model.d_model=32",

@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dbrx_train.model import DbrxAttentionConfig, DbrxConfig, DbrxFFNConfig
-from dbrx_train.model.dbrx import DbrxAttention, RotaryEmbedding, apply_rope
+from dbrx_train.model.dbrx import DbrxAttention, RotaryEmbedding, apply_rope, attention_kernel
 
 
 def make_config(n_heads=4, kv_n_heads=2, clip_qkv=None, d_model=32, attn_pdrop=0.0, max_seq_len=16):
@@ -119,6 +120,24 @@ def test_attention_matches_naive_reference(n_heads, kv_n_heads, clip_qkv):
     got_grads = torch.autograd.grad(got, [x_fast, attn.Wqkv.weight, attn.out_proj.weight], grad_out)
     for g, e in zip(got_grads, expected_grads, strict=True):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_attention_on_cpu_runs_the_fp32_kernel_under_autocast():
+    """bf16 q/k/v on CPU (amp_bf16) go through sdpa in fp32 and come back bf16, gradients included:
+    exactly the fp32 kernel on the bf16 inputs, and autocast does not cast them back down."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 12, 8, generator=gen).bfloat16().requires_grad_(True) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attention_kernel(q, k, v, is_causal=True)
+    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    expected = F.scaled_dot_product_attention(q32, k32, v32, is_causal=True)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, expected.bfloat16())
+    grad = torch.randn(got.shape, generator=gen).bfloat16()
+    got_grads = torch.autograd.grad(got, (q, k, v), grad)
+    expected_grads = torch.autograd.grad(expected, (q32, k32, v32), grad.float())
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        assert g.dtype == torch.bfloat16 and torch.equal(g, e.bfloat16())
 
 
 def test_attention_is_causal():

@@ -76,6 +76,7 @@ def test_curriculum_mix_and_resume_on_other_world_size(default_corpus, tmp_path)
 
 # The fine-tuning runs' model: SMALL's sizes at DBRX's vocabulary (the loader pads with <|pad|> = 100277).
 FINETUNE_SMALL = [
+    "precision=fp32",  # pinned, as test_train_e2e.SMALL
     "max_seq_len=64",
     "model.d_model=64",
     "model.n_heads=4",

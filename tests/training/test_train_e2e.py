@@ -22,6 +22,7 @@ TINY = ROOT / "yamls/pretrain/dbrx-tiny.yaml"
 # starts nearer its floor (ln 1024 = 6.9 vs ln 100352 = 11.5), so the loss falls by 1 in ~10 batches.
 # W&B is off (its import costs ~2 s per rank); the runs of this file turn it on and check it.
 SMALL = [
+    "precision=fp32",  # pinned: auto is amp_bf16 on CPUs with AVX512-BF16/AMX; the tests check fp32 numerics
     "max_seq_len=64",
     f"model.vocab_size={SMALL_VOCAB}",
     "model.d_model=64",
