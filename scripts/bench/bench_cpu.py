@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import json
 import os
@@ -428,14 +429,16 @@ def bench_memory(shape: Shape, threads: int, dtype: torch.dtype | None = None) -
 
 
 def bench_document_masking(shape: Shape, doc_lens: list[int], reps: int) -> dict[str, Timing]:
-    """A training step on the same tokens, as plain causal rows and as rows of packed documents of
-    each length (sequence_id: block-diagonal attention, restarting positions; sdpa with a bool mask)."""
+    """fwd + bwd on the same tokens, as plain causal rows and as rows of packed documents of each
+    length (sequence_id: block-diagonal attention, restarting positions; sdpa with a bool mask). No
+    optimizer step: it would not change with masking, and one AdamW per peer would hold 4 copies of
+    its state (~3 GB more at MID)."""
     model = build_ours(shape)
     x = batch_of(shape)
-    fns = {"plain causal": train_step(model, x)}
+    fns = {"plain causal": train_step(model, x, optimizer=False)}
     for n in doc_lens:
         seq = (torch.arange(shape.seq_len) // n).expand(shape.batch, -1).contiguous()
-        fns[f"documents of {n}"] = train_step(model, x, sequence_id=seq)
+        fns[f"documents of {n}"] = train_step(model, x, optimizer=False, sequence_id=seq)
     return interleaved(fns, reps=reps, warmup=1)
 
 
@@ -463,12 +466,27 @@ def accumulated_step(
     return step
 
 
-def bench_loss_scope(shape: Shape, microbatches: int, reps: int) -> dict[str, Timing]:
-    """The step cost of moe_loss_scope global (its routing pass) against microbatch, same tokens."""
+def balancing_variant(shape: Shape, base: DbrxForCausalLM, **ffn: float) -> DbrxForCausalLM:
+    """`base`'s weights under other router-balancing settings (a bias model starts with a zero bias)."""
+    config = shape.config()
+    config.ffn_config = dataclasses.replace(config.ffn_config, **ffn)
+    model = DbrxForCausalLM(config).train()
+    model.load_state_dict(base.state_dict(), strict=False)
+    return model
+
+
+def bench_balancing(shape: Shape, microbatches: int, reps: int) -> dict[str, Timing]:
+    """The step cost of each router-balancing option against the default (moe_loss_scope microbatch),
+    same weights and tokens: global (its routing pass), z-loss 1e-3, bias balancing 1e-3 (top-k on the
+    biased probabilities; its update after the step, L x E signs and an all-reduce, is not timed)."""
     model = build_ours(shape)
     x = batch_of(shape)
+    z_loss = balancing_variant(shape, model, moe_z_loss_weight=1e-3)
+    bias = balancing_variant(shape, model, moe_bias_update_rate=1e-3)
     fns = {
-        scope: accumulated_step(model, x, microbatches, scope == "global")
-        for scope in ("microbatch", "global")
+        "microbatch": accumulated_step(model, x, microbatches, step_wide=False),
+        "global": accumulated_step(model, x, microbatches, step_wide=True),
+        "z-loss": accumulated_step(z_loss, x, microbatches, step_wide=False),
+        "bias": accumulated_step(bias, x, microbatches, step_wide=False),
     }
     return interleaved(fns, reps=reps, warmup=1)

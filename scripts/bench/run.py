@@ -4,6 +4,7 @@
     python scripts/bench/run.py --quick    # toy sizes, 2 repetitions: checks the code paths only
     python scripts/bench/run.py --json out.json   # also write every figure as JSON
     python scripts/bench/run.py --threads 1 --clock cpu   # on a loaded machine: CPU time, 1 thread
+    python scripts/bench/run.py --only signal   # only the step costs of document masking and router balancing
 
 Every ratio compares peers timed interleaved in this process (bench_timing); medians with the
 min-max range of the repetitions. Goals (issues 7 and 21) are printed next to the figures they judge.
@@ -141,20 +142,7 @@ def run(quick: bool = False, threads: int = 2, out=print) -> dict:
     results["expert_scaling"] = {E: {k: v.median for k, v in t.items()} for E, t in exp.items()}
 
     # 5. The training signal: document masking and step-wide router balancing
-    doc_lens = [shape.seq_len // 4] if quick else [shape.seq_len // 2, shape.seq_len // 8, 16]
-    out(
-        f"\n== document masking: train fwd+bwd, {shape.tokens} tokens, rows of packed documents vs plain causal =="
-    )
-    masking = bench_cpu.bench_document_masking(shape, doc_lens, reps=2 if quick else 5)
-    versus(masking, "plain causal", "the plain step", out)
-    results["document_masking"] = {name: t.median for name, t in masking.items()}
-    microbatches = 2 if quick else 4
-    out(
-        f"== moe_loss_scope: fwd+bwd over {microbatches} microbatches, global (+ its routing pass) vs microbatch =="
-    )
-    scope = bench_cpu.bench_loss_scope(shape, microbatches, reps=2 if quick else 5)
-    versus(scope, "microbatch", "microbatch", out)
-    results["loss_scope"] = {name: t.median for name, t in scope.items()}
+    results.update(signal_report(shape, quick, out))
 
     # 6. The step, the MoE layer and memory in bf16: amp_bf16 (CPU autocast, fp32 weights and AdamW)
     results["bf16"] = bf16_report(shape, quick, reps, matmul_n, train_rows[0]["ours_s"], out)
@@ -164,6 +152,32 @@ def run(quick: bool = False, threads: int = 2, out=print) -> dict:
 
     # 8. The 132B config on a GPU cluster, on paper
     results["cluster"] = cluster_report(out)
+    return results
+
+
+def signal_report(shape, quick: bool, out=print) -> dict:
+    """Issue 19's step costs: document masking against the plain causal step, each router-balancing
+    option against the default; the same tokens, peers interleaved, ratios per round (median [min-max])."""
+    results: dict = {}
+    doc_lens = [shape.seq_len // 4] if quick else [shape.seq_len // 2, shape.seq_len // 8, 16]
+    out(
+        f"\n== document masking: train fwd+bwd, {shape.tokens} tokens, rows of packed documents vs plain causal =="
+    )
+    masking = bench_cpu.bench_document_masking(shape, doc_lens, reps=2 if quick else 5)
+    for name, t in masking.items():
+        cost = paired_ratio(t, masking["plain causal"])
+        out(f"  {name:18s} {fmt(t)}  {cost.median:.2f}x the plain step [{cost.low:.2f}-{cost.high:.2f}]")
+    results["document_masking"] = {name: t.median for name, t in masking.items()}
+    microbatches = 2 if quick else 4
+    out(
+        f"== router balancing: fwd+bwd over {microbatches} microbatches, each option vs the default "
+        "(moe_loss_scope microbatch) =="
+    )
+    balancing = bench_cpu.bench_balancing(shape, microbatches, reps=2 if quick else 5)
+    for name, t in balancing.items():
+        cost = paired_ratio(t, balancing["microbatch"])
+        out(f"  {name:10s} {fmt(t)}  {cost.median:.2f}x microbatch [{cost.low:.2f}-{cost.high:.2f}]")
+    results["balancing"] = {name: t.median for name, t in balancing.items()}
     return results
 
 
@@ -280,9 +294,20 @@ def main() -> None:
         help="cpu: time by this process's CPU time, for a loaded machine (use with --threads 1)",
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument(
+        "--only",
+        choices=["signal"],
+        help="signal: only the step costs of document masking and the router-balancing options",
+    )
     args = parser.parse_args()
     bench_timing.clock = bench_timing.CLOCKS[args.clock]
-    results = run(quick=args.quick, threads=args.threads)
+    if args.only == "signal":
+        torch.set_num_threads(args.threads)
+        print(f"machine: {machine_line(args.threads)}")
+        shape = bench_cpu.TOY if args.quick else bench_cpu.MID
+        results = {"shape": shape._asdict(), **signal_report(shape, args.quick)}
+    else:
+        results = run(quick=args.quick, threads=args.threads)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
 

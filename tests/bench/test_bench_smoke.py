@@ -37,8 +37,8 @@ def test_quick_bench_prints_well_formed_numbers():
     assert len(results["document_masking"]) == 2 and all(
         positive(t) for t in results["document_masking"].values()
     )
-    assert set(results["loss_scope"]) == {"microbatch", "global"}
-    assert all(positive(t) for t in results["loss_scope"].values())
+    assert set(results["balancing"]) == {"microbatch", "global", "z-loss", "bias"}
+    assert all(positive(t) for t in results["balancing"].values())
     bf16 = results["bf16"]  # issue 21's rows: the same peers under bf16 autocast
     for row in bf16["train_step"]:
         assert all(

@@ -2,8 +2,10 @@
 mid-save, a size-limited disk, a damaged latest checkpoint, SIGTERM, Ctrl-C, elastic 2 <-> 1 resumes,
 and changed configs on resume.
 
-Every run uses dropout (all three kinds), so bit-exact per-batch losses after a resume show that
-every RNG, the optimizer, the schedule and the data position came back exactly.
+Every run uses dropout (all three kinds) and bias balancing (a router buffer that moves every step), so
+bit-exact per-batch losses after a resume show that every RNG, the optimizer, the schedule, the data
+position and the expert biases came back exactly; the 2-rank resumes also compare the biases of the
+checkpoints written after the resume with the uninterrupted run's, bit for bit.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from dbrx_train.checkpoint.composer_weights import read_composer_checkpoint
+from dbrx_train.model.hf import is_expert_bias
 from tests.run_env import run_env
 from tests.training.test_train_e2e import ROOT, SMALL, TINY, read_metrics
 
@@ -38,6 +43,7 @@ RELIABLE = [
     "model.resid_pdrop=0.1",
     "model.emb_pdrop=0.1",
     "model.attn_config.attn_pdrop=0.1",
+    "model.ffn_config.moe_bias_update_rate=0.01",
 ]
 
 
@@ -175,6 +181,20 @@ def checkpoints(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.iterdir() if p.name.startswith("ep"))
 
 
+def assert_same_expert_biases(run_dir: Path, want_dir: Path) -> None:
+    """Bias balancing resumed bit for bit: the checkpoints of `run_dir` at batches the uninterrupted run
+    also saved, the last one included, hold its biases of that batch (non-zero: they moved)."""
+    common = sorted(set(checkpoints(run_dir)) & set(checkpoints(want_dir)), key=batch_of)
+    assert common and common[-1] == checkpoints(want_dir)[-1]
+    for name in common:
+        got, want = (read_composer_checkpoint(d / name) for d in (run_dir, want_dir))
+        names = [n for n in want.shapes if is_expert_bias(n)]
+        assert len(names) == 2  # SMALL's 2 MoE layers
+        for n in names:
+            bias = want.get_tensor(n)
+            assert bias.abs().sum() > 0 and torch.equal(got.get_tensor(n), bias), (name, n)
+
+
 @pytest.fixture(scope="module")
 def reference(default_corpus, tmp_path_factory) -> dict[int, Path]:
     """Uninterrupted 8-batch runs on 1 and 2 ranks (every checkpoint kept, for the elastic tests)."""
@@ -272,6 +292,7 @@ def test_ctrl_c_saves_a_checkpoint_then_the_same_command_resumes_bit_exact(
 
     run_ok(nproc, run_dir, default_corpus)
     assert losses(run_dir) == losses(reference[nproc])
+    assert_same_expert_biases(run_dir, reference[nproc])
 
 
 @pytest.mark.slow
@@ -384,6 +405,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(reference, de
 
     run_ok(2, run_dir, default_corpus)
     assert losses(run_dir) == losses(reference[2])
+    assert_same_expert_biases(run_dir, reference[2])
 
 
 @pytest.mark.slow
