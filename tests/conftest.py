@@ -35,7 +35,6 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 # would run alone at the end while the other worker idles.
 LONGEST_FILES = [
     "tests/training/test_resume_e2e.py",
-    "tests/faults/test_fault_suite.py",
     "tests/training/test_expert_parallel.py",
     "tests/training/test_lora_e2e.py",
     "tests/training/test_train_e2e.py",
@@ -45,6 +44,7 @@ LONGEST_FILES = [
     "tests/training/test_hf_export.py",
     "tests/training/test_router_balance_e2e.py",
     "tests/training/test_curriculum_e2e.py",
+    "tests/faults/test_fault_suite.py",
     "tests/test_foundry.py",
     "tests/training/test_nonfinite.py",
     "tests/training/test_cpu_bf16.py",
