@@ -46,16 +46,21 @@ sample: setup
 	$(PY) scripts/generate.py --model runs/dbrx-tiny-chat --chat --no-system-prompt \
 		--max-new-tokens 24 --prompt 'Explain the "for" statement in Python.'
 
-# The fault suite's real launches (~4-5 min) stay out of `make test` to fit CI's 20 minutes.
+# Test processes: pytest-xdist workers, one test file per worker at a time (a file's module-scoped runs
+# are shared by its tests). Most of a test's time is one-core work (imports, process start-up), so two
+# workers on a 2-core machine finish sooner; `make test TEST_WORKERS=0` runs in one process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
+
+# The longest runs (pyproject's `extended` marker says which) stay out of `make test` for CI's time.
 test: setup
-	$(PY) -m pytest -q -m "not extended" --durations=25
+	$(PY) -m pytest -q $(XDIST) -m "not extended" --durations=25
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(XDIST) -m "not slow"
 
-# The longest runs, left out of `make test` for CI's time (pyproject's `extended` marker says which).
 test-extended: setup
-	$(PY) -m pytest -q -m extended
+	$(PY) -m pytest -q $(XDIST) -m extended
 
 # CPU benchmarks against peers measured in the same run + the 132B cluster estimate (docs/performance.md).
 bench: setup

@@ -4,12 +4,17 @@ vocabulary, and folded to a small one for the tests of training mechanics); smal
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+from filelock import FileLock
 
+from tests.run_env import threads_per_rank
 from tests.small_vocab import fold_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,24 +24,75 @@ ROOT = Path(__file__).resolve().parents[1]
 # run took 59 s of CPU instead of 87 s.
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
+# Under pytest-xdist (`make test`), each worker and every process it starts get the worker's share of
+# the cores (tests/run_env.py): two workers each running torch on every core only thrash.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(1)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# The longest test files, longest first (`pytest --durations=0`, summed per file). `make test` hands whole
+# files to its xdist workers in collection order (--no-loadscope-reorder): a long file handed out last
+# would run alone at the end while the other worker idles.
+LONGEST_FILES = [
+    "tests/training/test_resume_e2e.py",
+    "tests/training/test_expert_parallel.py",
+    "tests/training/test_lora_e2e.py",
+    "tests/training/test_train_e2e.py",
+    "tests/training/test_pretrained_shards.py",
+    "tests/training/test_disk_space.py",
+    "tests/training/test_icl_e2e.py",
+    "tests/training/test_hf_export.py",
+    "tests/training/test_router_balance_e2e.py",
+    "tests/training/test_curriculum_e2e.py",
+    "tests/faults/test_fault_suite.py",
+    "tests/test_foundry.py",
+    "tests/training/test_nonfinite.py",
+    "tests/training/test_cpu_bf16.py",
+    "tests/bad_inputs/test_bad_data.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    order = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: order.get(item.path.relative_to(ROOT).as_posix(), len(order)))
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """`build(folder)` once per test session: under pytest-xdist the workers share the first one's
+    result (every worker's temp folder sits inside the session's), the others wait for it."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent
+    out = root / "built-once" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = out.with_name(f"{name}.done")
+    with FileLock(str(out.with_name(f"{name}.lock"))):
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)  # a worker that failed half-way
+            build(out)
+            done.touch()
+    return out
+
 
 @pytest.fixture(scope="session")
 def real_vocab_corpus(tmp_path_factory) -> Path:
     """`data/default` as `make data` builds it (DBRX's tokenizer), at 64 tokens per sample, code capped.
     For tests that fine-tune, tokenize or generate text; they also set DBRX's `model.vocab_size`."""
-    out = tmp_path_factory.mktemp("corpus") / "default"
-    cmd = [
-        sys.executable,
-        str(ROOT / "data_prep/build_default_corpus.py"),
-        "--out",
-        str(out),
-        "--max-seq-len",
-        "64",
-        "--max-code-tokens",
-        "300000",
-    ]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
-    return out
+
+    def build(out: Path) -> None:
+        cmd = [
+            sys.executable,
+            str(ROOT / "data_prep/build_default_corpus.py"),
+            "--out",
+            str(out),
+            "--max-seq-len",
+            "64",
+            "--max-code-tokens",
+            "300000",
+        ]
+        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+
+    return built_once(tmp_path_factory, "default", build)
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +100,7 @@ def default_corpus(real_vocab_corpus, tmp_path_factory) -> Path:
     """`real_vocab_corpus` with its pretraining token ids folded below SMALL_VOCAB, which
     test_train_e2e.SMALL sets as `model.vocab_size`: runs and checkpoints ~20x smaller
     (tests/small_vocab.py says how, and what must keep the real vocabulary)."""
-    return fold_corpus(real_vocab_corpus, tmp_path_factory.mktemp("corpus") / "small_vocab")
+    return built_once(tmp_path_factory, "small_vocab", lambda out: fold_corpus(real_vocab_corpus, out))
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ once, keys with no effect are listed in one line, a model that is not DBRX is re
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from dbrx_train.config.schema import ConfigError, has_key
 from dbrx_train.model import DbrxForCausalLM
 from dbrx_train.model.hf import save_pretrained
 from dbrx_train.training.preflight import check_config
+from tests.run_env import run_env
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL, LORA = ROOT / "tests/foundry/dbrx-full-ft.yaml", ROOT / "tests/foundry/dbrx-lora-ft.yaml"
@@ -163,7 +163,7 @@ def test_foundry_yaml_trains_on_two_ranks_from_parquet_files(tiny_dbrx, data_dir
     trains and writes the HF export where Foundry's hf_checkpointer would (save_folder/huggingface)."""
     cmd = [sys.executable, "-m", "composer.cli.launcher", "-n", "2", str(ROOT / "train.py"), str(FULL)]
     cmd += [*small(tmp_path, tiny_dbrx, data_dir), "run_name=foundry-ft"]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    env = run_env(2)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]

@@ -90,6 +90,19 @@ class RotaryEmbedding(nn.Module):
         return self.cos_TR[positions_BT], self.sin_TR[positions_BT]
 
 
+class RopeTables:
+    """The cos/sin tables a block receives: a plain object, not tensors, so that FSDP2's mixed
+    precision (cast_forward_inputs) leaves them fp32. Cast to bf16 in the forward pass but not when
+    activation checkpointing recomputes the block (FSDP2 casts inputs only in the forward), they made
+    the recomputation differ (torch's CheckpointError), and bf16 tables lose RoPE's precision at
+    large positions."""
+
+    __slots__ = ("cos_TR", "sin_TR")
+
+    def __init__(self, cos_TR: torch.Tensor, sin_TR: torch.Tensor):
+        self.cos_TR, self.sin_TR = cos_TR, sin_TR
+
+
 def apply_rope(x_BTHDh: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (i, i + Dh/2): HF's rotate_half layout, so Wqkv weights are interchangeable."""
     x1, x2 = x_BTHDh.float().chunk(2, dim=-1)  # fp32: bf16 rotations drift at large positions
@@ -357,15 +370,14 @@ class DbrxBlock(nn.Module):
     def forward(
         self,
         x_BTD: torch.Tensor,
-        cos_TR: torch.Tensor,
-        sin_TR: torch.Tensor,
+        rope: RopeTables,
         mask_BTS: AttentionMask = None,
         cache: LayerKVCache | None = None,
         token_mask_N: torch.Tensor | None = None,
         totals: StepTotals | None = None,
     ) -> BlockOutput:
         B, T, D = x_BTD.shape
-        resid_BTD, normed_BTD = self.norm_attn_norm(x_BTD, cos_TR, sin_TR, mask_BTS, cache)
+        resid_BTD, normed_BTD = self.norm_attn_norm(x_BTD, rope.cos_TR, rope.sin_TR, mask_BTS, cache)
         moe = self.ffn(normed_BTD.reshape(B * T, D), token_mask_N, totals)
         ffn_BTD = moe.out_ND.view(B, T, D)
         h_BTD = resid_BTD + F.dropout(ffn_BTD, p=self.resid_pdrop, training=self.training)
@@ -438,6 +450,7 @@ class DbrxModel(nn.Module):
                 attention_mask_BT, position_ids_BT, cache, input_ids_BT
             )
             cos_TR, sin_TR = self.rotary.at(position_ids_BT)
+        rope = RopeTables(cos_TR, sin_TR)
         token_mask_N = None if token_mask_BT is None else token_mask_BT.reshape(B * T)
         h_BTD = F.dropout(self.wte(input_ids_BT), p=self.emb_pdrop, training=self.training)
         aux_loss = h_BTD.new_zeros((), dtype=torch.float32)
@@ -446,7 +459,7 @@ class DbrxModel(nn.Module):
         for i, block in enumerate(self.blocks):
             totals = None if router_totals is None else router_totals.layer(i, B)
             layer_cache = None if cache is None else cache.layer(i)
-            out = block(h_BTD, cos_TR, sin_TR, mask_BTS, layer_cache, token_mask_N, totals)
+            out = block(h_BTD, rope, mask_BTS, layer_cache, token_mask_N, totals)
             h_BTD, aux_loss, z_loss = out.h_BTD, aux_loss + out.aux_loss, z_loss + out.z_loss
             router_stats.append(out.router_stats)
             if output_router_logits:

@@ -15,8 +15,8 @@ from typing import NoReturn
 
 import torch
 from composer import Trainer
-from composer.core import Evaluator
-from composer.utils import dist, reproducibility
+from composer.core import Evaluator, Event
+from composer.utils import create_interval_scheduler, dist, reproducibility
 from omegaconf import OmegaConf
 
 from dbrx_train.checkpoint.adapters import base_record, check_resume_base
@@ -255,6 +255,8 @@ def train_holding_lock(
         run_folder, cfg.save_interval, cfg.save_num_checkpoints_to_keep, resolved, remote, base
     )
     preemption = PreemptionHandler()
+    if icl is not None:
+        icl.due = preemption.unless_stopped(icl.due)
     hf_export = build_hf_export(cfg, run_folder)
     # Composer loads start.load_path while building the Trainer: no pickled code from it can run.
     with restricted_loading():
@@ -264,7 +266,11 @@ def train_holding_lock(
             model=composer_model,
             train_dataloader=train_loader,
             eval_dataloader=evaluators or None,
-            eval_interval=cfg.eval_interval,
+            eval_interval=preemption.unless_stopped(
+                create_interval_scheduler(
+                    cfg.eval_interval, checkpoint_events=False, final_events={Event.FIT_END}
+                )
+            ),
             eval_subset_num_batches=cfg.eval_subset_num_batches,
             optimizers=optimizer,
             schedulers=build_scheduler(cfg.scheduler),

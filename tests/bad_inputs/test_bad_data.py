@@ -25,6 +25,7 @@ from dbrx_train.data.text import TextDatasetConfig, TextLoaderConfig
 from dbrx_train.training.train import main
 from tests.bad_inputs import shard_cases as cases
 from tests.bad_inputs.shard_cases import BAD, SEQ, VOCAB
+from tests.run_env import run_env
 from tests.training.test_train_e2e import ROOT, SMALL, TINY
 
 PROSE = "train_loader.dataset.streams.prose"
@@ -152,7 +153,7 @@ def test_missing_folder_and_missing_local_remote(good_root, tmp_path, capsys):
 
 def run_to_exit(cmd: list[str], timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
     """Run `cmd` in its own session; it must exit within `timeout` and leave no process behind."""
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    env = run_env(2)  # one or two ranks
     start = time.monotonic()
     proc = subprocess.Popen(
         cmd,
@@ -203,7 +204,9 @@ def test_two_rank_run_stops_at_a_same_size_corrupt_shard(good_root, rows, tmp_pa
         *NO_ICL,
         "max_duration=40ba",
     ]
-    proc, seconds = run_to_exit(cmd)
+    # A rank left waiting would wait for dist_timeout (600 s); 300 s leaves a busy machine (two test
+    # workers, two ranks starting up) room to start both ranks, fail and stop.
+    proc, seconds = run_to_exit(cmd, timeout=300)
     # Rank 0 writes to stderr, the launcher prints another rank's output to stdout; whichever rank
     # fails first, the launcher stops the other (see test_bad_yaml.py).
     output = proc.stdout + proc.stderr
@@ -211,7 +214,7 @@ def test_two_rank_run_stops_at_a_same_size_corrupt_shard(good_root, rows, tmp_pa
     assert_names(
         output, ("dbrx-train: ", PROSE, f"shard {BAD}.mds / {BAD}.mds.zstd", "could not be prepared")
     )
-    assert seconds < 120
+    assert seconds < 300
 
 
 @pytest.mark.slow

@@ -81,6 +81,8 @@ def test_cluster_estimate_is_consistent():
     assert bench_cluster.shard_group_bandwidth(8, a) > bench_cluster.shard_group_bandwidth(64, a)
 
 
+# CI time (pyproject: extended): ~60 s of torch.compile on CPU; the next test runs the bench's torch peer
+@pytest.mark.extended
 def test_quick_gpu_bench_runs_every_peer_it_can():
     """bench_gpu's code paths at toy size on whatever device is here; peers that cannot run say why."""
     import bench_gpu

@@ -20,9 +20,9 @@ from dbrx_train.eval.gauntlet import gauntlet_scores
 from dbrx_train.eval.icl_prompts import fewshot_indices, prepare_task
 from dbrx_train.eval.icl_scoring import generation_is_correct, normalize_answer, score_task
 from dbrx_train.eval.icl_suite import build_icl_suite, evaluate_suite, model_generate_fn, model_logits_fn
-from dbrx_train.model import DbrxConfig, DbrxForCausalLM
 from dbrx_train.model.generate import SamplingConfig, generate
 from tests.small_vocab import SMALL_VOCAB
+from tests.tiny_models import text_dbrx
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "yamls/pretrain/dbrx-tiny.yaml"
@@ -35,19 +35,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = DbrxConfig.from_dict(
-        {
-            "d_model": 64,
-            "n_heads": 4,
-            "n_layers": 2,
-            "max_seq_len": 96,
-            "vocab_size": 100352,
-            "attn_config": {"kv_n_heads": 2, "clip_qkv": 8.0},
-            "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
-        }
-    )
-    return DbrxForCausalLM(config).eval()
+    return text_dbrx(max_seq_len=96)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:

@@ -18,27 +18,11 @@ import torch
 
 pytest.importorskip("lm_eval", reason="needs the [eval] extra")
 
-from dbrx_train.model import DbrxConfig, DbrxForCausalLM  # noqa: E402
 from dbrx_train.model.hf import save_pretrained  # noqa: E402
+from tests.tiny_models import text_dbrx
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = "list dict tuple set string integer float module class function loop return yield import".split()
-
-
-def tiny_model() -> DbrxForCausalLM:
-    torch.manual_seed(0)
-    config = DbrxConfig.from_dict(
-        {
-            "d_model": 64,
-            "n_heads": 4,
-            "n_layers": 2,
-            "max_seq_len": 64,
-            "vocab_size": 100352,
-            "attn_config": {"kv_n_heads": 2, "clip_qkv": 8.0},
-            "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
-        }
-    )
-    return DbrxForCausalLM(config).eval()
 
 
 def write_tasks(folder: Path) -> None:
@@ -80,7 +64,7 @@ def parity(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval")
     os.environ["HF_DATASETS_CACHE"] = str(root / "hf-cache")  # the json builder's cache, not ~/.cache
     export = root / "hf"
-    save_pretrained(tiny_model(), export, dtype=torch.float32)
+    save_pretrained(text_dbrx(max_seq_len=64), export, dtype=torch.float32)
     write_tasks(root / "tasks")
     import lm_eval
     from lm_eval.models.huggingface import HFLM

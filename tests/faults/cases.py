@@ -21,6 +21,7 @@ from dbrx_train.checkpoint import store
 from tests.bad_inputs.test_bad_checkpoints import RunsCode, dcp_checkpoint, with_manifest
 from tests.faults.harness import Act, Case
 from tests.faults.world import ROOT, SEQ, World, copy, token_rows, train_args, write_stream
+from tests.run_env import run_env
 
 NO_AWS = {  # an s3:// URL without credentials, and no waiting for an instance metadata service
     "AWS_ACCESS_KEY_ID": "",
@@ -462,10 +463,6 @@ def launch(nproc: int, args: list[str], launcher: str = "composer.cli.launcher")
     return [sys.executable, "-m", launcher, "-n", str(nproc), str(ROOT / "train.py"), *args]
 
 
-def environment(**extra: str) -> dict[str, str]:
-    return {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **extra}
-
-
 class EndedEarly(RuntimeError):
     """The launched run exited before the moment the case waits for."""
 
@@ -497,7 +494,7 @@ def second_launch(w: World, tmp: Path) -> Act:
         first = subprocess.Popen(
             launch(1, args),
             cwd=ROOT,
-            env=environment(),
+            env=run_env(2),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -505,7 +502,7 @@ def second_launch(w: World, tmp: Path) -> Act:
         try:
             wait_for(lambda: batches_done(run) >= 1, first)
             second = subprocess.run(
-                launch(1, args), cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=600
+                launch(1, args), cwd=ROOT, env=run_env(2), capture_output=True, text=True, timeout=600
             )
             alive = first.poll() is None
         finally:
@@ -540,7 +537,7 @@ def second_ctrl_c(w: World, tmp: Path) -> Act:
         proc = subprocess.Popen(
             [sys.executable, str(ROOT / "train.py"), *args],
             cwd=ROOT,
-            env=environment(),
+            env=run_env(2),
             stdout=out.open("w"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -586,7 +583,7 @@ def two_ranks(make_args):
             proc = subprocess.run(
                 launch(2, args),
                 cwd=ROOT,
-                env=environment(),
+                env=run_env(2),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,

@@ -1,21 +1,24 @@
-"""The fault suite's tally, printed after the test session: how many cases ended each way."""
+"""The fault suite's tally, printed after the test session: how many cases ended each way.
+
+Each case records its outcome as a user property of its test report: reports reach the process that
+prints the summary also when pytest-xdist workers ran the cases."""
 
 from __future__ import annotations
 
-import pytest
+OUTCOME_PROPERTY = "fault_outcome"
+_outcomes: dict[str, str] = {}  # case name -> outcome, in the process that prints the summary
 
-TALLY = pytest.StashKey[dict]()  # case name -> outcome
 
-
-@pytest.fixture
-def tally(request) -> dict:
-    return request.config.stash.setdefault(TALLY, {})
+def pytest_runtest_logreport(report):
+    for key, value in report.user_properties:
+        if key == OUTCOME_PROPERTY:
+            name, outcome = value
+            _outcomes[name] = outcome
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     from tests.faults.harness import OUTCOMES
 
-    outcomes = config.stash.get(TALLY, {})
-    if outcomes:
-        counts = ", ".join(f"{o} {sum(1 for v in outcomes.values() if v == o)}" for o in OUTCOMES)
-        terminalreporter.write_line(f"fault suite: {len(outcomes)} cases: {counts}")
+    if _outcomes:
+        counts = ", ".join(f"{o} {sum(1 for v in _outcomes.values() if v == o)}" for o in OUTCOMES)
+        terminalreporter.write_line(f"fault suite: {len(_outcomes)} cases: {counts}")

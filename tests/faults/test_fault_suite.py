@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.cases import ALL
+from tests.faults.conftest import OUTCOME_PROPERTY
 from tests.faults.harness import OUTCOMES, Case, run_case
 from tests.faults.world import World, build_world
 
@@ -24,9 +25,9 @@ def marks(case: Case) -> list:
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=marks(c)) for c in ALL])
-def test_fault_ends_clean(case: Case, world: World, tmp_path: Path, capfd, tally):
+def test_fault_ends_clean(case: Case, world: World, tmp_path: Path, capfd, record_property):
     verdict = run_case(case, world, tmp_path, capfd)
-    tally[case.name] = verdict.outcome
+    record_property(OUTCOME_PROPERTY, (case.name, verdict.outcome))  # tallied by tests/faults/conftest.py
     assert verdict.outcome in OUTCOMES
     assert verdict.outcome == "clean", f"{case.name} ({case.kind}): {verdict.outcome}\n{verdict.detail}"
 

@@ -17,28 +17,13 @@ from torch.utils.data import DataLoader
 
 from dbrx_train.config.run import load_config
 from dbrx_train.config.schema import ConfigError
-from dbrx_train.model import DbrxForCausalLM
-from dbrx_train.model.config import DbrxAttentionConfig, DbrxConfig, DbrxFFNConfig
 from dbrx_train.training import cpu
 from dbrx_train.training.composer_model import DbrxComposerModel
 from dbrx_train.training.preflight import check_precision, resolve_precision
+from tests.tiny_models import tiny_dbrx
 from tests.training.test_hf_export import hf_tensors
 from tests.training.test_resume_e2e import run_ok
 from tests.training.test_train_e2e import TINY, read_metrics
-
-
-def tiny_model() -> DbrxForCausalLM:
-    config = DbrxConfig(
-        d_model=32,
-        n_heads=2,
-        n_layers=1,
-        max_seq_len=16,
-        vocab_size=64,
-        attn_config=DbrxAttentionConfig(kv_n_heads=1, clip_qkv=8.0),
-        ffn_config=DbrxFFNConfig(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2),
-    )
-    torch.manual_seed(0)
-    return DbrxForCausalLM(config)
 
 
 class Dtypes(Callback):
@@ -63,7 +48,7 @@ class Dtypes(Callback):
 def test_composer_trains_and_evaluates_amp_bf16_on_cpu_under_autocast():
     cpu.enable_amp_bf16_on_cpu()
     cpu.enable_amp_bf16_on_cpu()  # idempotent
-    model = tiny_model()
+    model = tiny_dbrx()
     ids = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         expected_first_loss = model(ids[:4], labels=ids[:4]).loss.item()

@@ -25,6 +25,7 @@ from dbrx_train.model.hf import CONFIG_FILE
 from dbrx_train.model.lora import adapter_shapes, is_adapter
 from dbrx_train.model.lora_export import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from dbrx_train.training.train import main as train_main
+from tests.run_env import run_env
 from tests.training.dbrx_instruct_fixture import tiny_instruct_folder
 from tests.training.test_hf_export import assert_same_weights, hf_tensors
 from tests.training.test_resume_e2e import kill_session, last_batch, session_gone, wait_until
@@ -78,17 +79,11 @@ def command(
     ]
 
 
-def environment(nproc: int) -> dict[str, str]:
-    import os
-
-    return {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": str(max(1, 2 // nproc))}
-
-
 def run_ok(nproc: int, *args, **kwargs) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         command(nproc, *args, **kwargs),
         cwd=ROOT,
-        env=environment(nproc),
+        env=run_env(nproc),
         capture_output=True,
         text=True,
         timeout=600,
@@ -213,7 +208,7 @@ def test_sigkill_then_autoresume_gives_the_same_losses_bit_for_bit(
     proc = subprocess.Popen(
         command(2, LORA_RECIPE, bases["base"], default_corpus, run_dir, *RELIABLE),
         cwd=ROOT,
-        env=environment(2),
+        env=run_env(2),
         stdout=open(logs / "out.txt", "w"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
         start_new_session=True,

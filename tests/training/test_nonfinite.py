@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import re
 import subprocess
 import sys
@@ -31,11 +30,12 @@ from dbrx_train.config.run import load_config
 from dbrx_train.config.schema import ConfigError
 from dbrx_train.data.token_mds import write_token_mds
 from dbrx_train.model import DbrxForCausalLM
-from dbrx_train.model.config import DbrxAttentionConfig, DbrxConfig, DbrxFFNConfig
 from dbrx_train.model.hf import save_pretrained
 from dbrx_train.training.composer_model import DbrxComposerModel
 from dbrx_train.training.lion import DecoupledLionW
 from dbrx_train.training.nonfinite import EXIT_CODE, NonFiniteLossGuard, describe, exit_if_stopped
+from tests.run_env import run_env
+from tests.tiny_models import tiny_dbrx
 from tests.training.test_train_e2e import ROOT, SMALL, TINY, read_metrics
 
 POISON = 7  # its embedding row is +inf: any sequence holding it has a NaN loss
@@ -48,17 +48,7 @@ OPTIMIZERS = {
 
 
 def poisoned_model() -> DbrxForCausalLM:
-    config = DbrxConfig(
-        d_model=32,
-        n_heads=2,
-        n_layers=1,
-        max_seq_len=16,
-        vocab_size=64,
-        attn_config=DbrxAttentionConfig(kv_n_heads=1, clip_qkv=8.0),
-        ffn_config=DbrxFFNConfig(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2),
-    )
-    torch.manual_seed(0)
-    model = DbrxForCausalLM(config)
+    model = tiny_dbrx()
     model.init_weights()
     with torch.no_grad():
         model.transformer.wte.weight[POISON] = math.inf
@@ -232,7 +222,7 @@ def launch(nproc: int, run_dir: Path, *overrides: str) -> subprocess.CompletedPr
     """Like test_train_e2e.launch, but a failed run is returned, not raised."""
     cmd = [sys.executable, "-m", "composer.cli.launcher", "-n", str(nproc), str(ROOT / "train.py"), str(TINY)]
     cmd += [f"save_folder={run_dir}", *SMALL, *overrides]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": str(max(1, 2 // nproc))}
+    env = run_env(nproc)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -8,7 +8,6 @@ against torch.chunk, and the errors before any process starts."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from dbrx_train.model.moe import TorchBackend
 from dbrx_train.training.pretrained_shards import shard_rows
 from dbrx_train.training.train import build_model
 from dbrx_train.training.train import main as train_main
+from tests.run_env import run_env
 from tests.training.test_hf_export import small_export
 from tests.training.test_train_e2e import ROOT, TINY, read_metrics
 
@@ -97,7 +97,7 @@ def launch_meta(
         "save_interval=2ba",
         *overrides,
     ]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": str(max(1, 2 // nproc))}
+    env = run_env(nproc)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise AssertionError(f"run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")

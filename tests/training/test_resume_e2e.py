@@ -25,6 +25,7 @@ import torch
 
 from dbrx_train.checkpoint.composer_weights import read_composer_checkpoint
 from dbrx_train.model.hf import is_expert_bias
+from tests.run_env import run_env
 from tests.training.test_train_e2e import ROOT, SMALL, TINY, read_metrics
 
 RELIABLE = [
@@ -69,17 +70,13 @@ def command(
     ]
 
 
-def environment(nproc: int) -> dict[str, str]:
-    return {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": str(max(1, 2 // nproc))}
-
-
 def run(
     nproc: int, run_dir: Path | str, data_root: Path, *overrides: str, cwd: Path = ROOT, **kwargs
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
         command(nproc, run_dir, data_root, *overrides),
         cwd=cwd,
-        env=environment(nproc),
+        env=run_env(nproc),
         capture_output=True,
         text=True,
         timeout=600,
@@ -101,7 +98,7 @@ def start(nproc: int, run_dir: Path, data_root: Path, *overrides: str, logs: Pat
     return subprocess.Popen(
         command(nproc, run_dir, data_root, *overrides, launcher_logs=logs),
         cwd=ROOT,
-        env=environment(nproc),
+        env=run_env(nproc),
         stdout=open(logs / "launcher.out", "w"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -271,7 +268,7 @@ def test_ctrl_c_saves_a_checkpoint_then_the_same_command_resumes_bit_exact(
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
-        env=environment(nproc),
+        env=run_env(nproc),
         stdout=out_file,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -289,6 +286,8 @@ def test_ctrl_c_saves_a_checkpoint_then_the_same_command_resumes_bit_exact(
         out[-3000:]
     )
     assert "Ctrl-C received; terminating training processes." in out  # the launcher's own line
+    # no end-of-run evaluation after a stop: the launcher SIGKILLs ranks still busy 30 s after Ctrl-C
+    assert "[eval @ batch" not in out, out[-3000:]
     assert "Traceback" not in out + ranks and "KeyboardInterrupt" not in out + ranks
 
     run_ok(nproc, run_dir, default_corpus)
@@ -402,6 +401,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(reference, de
     [saved] = checkpoints(run_dir)
     stopped = int(saved.split("-ba")[1])
     assert 2 <= stopped < 8 and f"after batch {stopped}" in out[0]
+    assert "[eval @ batch" not in out[0]  # no end-of-run evaluation within the grace period
 
     run_ok(2, run_dir, default_corpus)
     assert losses(run_dir) == losses(reference[2])

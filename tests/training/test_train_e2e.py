@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dbrx_train.data.tokenizer import DBRX_VOCAB_SIZE
+from tests.run_env import run_env
 from tests.small_vocab import SMALL_VOCAB
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,7 +69,7 @@ def launch(
         *SMALL,
         *overrides,
     ]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": str(max(1, 2 // nproc))}
+    env = run_env(nproc)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
@@ -242,7 +242,7 @@ def test_readme_two_rank_command_trains_with_a_calm_console(default_corpus, tmp_
         "max_seq_len=64",
         "max_duration=20ba",
     ]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    env = run_env(2)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
