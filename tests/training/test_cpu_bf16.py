@@ -22,7 +22,7 @@ from dbrx_train.training.composer_model import DbrxComposerModel
 from dbrx_train.training.preflight import check_precision, resolve_precision
 from tests.tiny_models import tiny_dbrx
 from tests.training.test_hf_export import hf_tensors
-from tests.training.test_resume_e2e import run_ok
+from tests.training.test_resume_e2e import NO_BIAS, run_ok
 from tests.training.test_train_e2e import TINY, read_metrics
 
 
@@ -97,6 +97,7 @@ def test_auto_precision_is_bf16_on_cpus_with_native_bf16_and_amp_fp16_is_refused
 # Real runs: 2-rank FSDP2 on gloo, resumed on 2 ranks (bit for bit) and on 1 (elastic)
 # ---------------------------------------------------------------------------------------------
 BF16 = [
+    NO_BIAS,  # these runs export to HF
     "precision=amp_bf16",
     "save_num_checkpoints_to_keep=-1",
     "max_duration=6ba",

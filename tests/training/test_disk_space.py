@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from dbrx_train.checkpoint import store
-from tests.training.test_resume_e2e import checkpoints, run
+from tests.training.test_resume_e2e import NO_BIAS, checkpoints, run
 
 # One checkpoint of the test model (SMALL in test_train_e2e: 1024-token vocabulary, d_model 64)
 # with its AdamW moments is ~6.3 MiB (0.55M parameters).
@@ -62,7 +62,7 @@ def test_room_for_one_checkpoint_warns_then_fails_cleanly_and_resume_is_refused(
 def test_no_room_for_one_hf_export_is_refused_before_training(small_disk, default_corpus, tmp_path):
     hf = small_disk(12) / "hf"  # a bf16 export of the test model with its tokenizer is ~15 MiB
     run_dir = tmp_path / "run"
-    proc = run(1, run_dir, default_corpus, f"callbacks.hf_export.folder={hf}")
+    proc = run(1, run_dir, default_corpus, NO_BIAS, f"callbacks.hf_export.folder={hf}")
     assert proc.returncode != 0
     message = last_message(proc.stderr)
     assert f"callbacks.hf_export.folder {hf} has" in message, proc.stderr[-3000:]
@@ -79,7 +79,12 @@ def test_a_failed_hf_export_keeps_its_batch_checkpoint_and_stops_every_rank(
 ):
     hf = small_disk(24) / "hf"  # room for one ~15 MiB export of two
     run_dir = tmp_path / "run"
-    export_every_2 = ["max_duration=4ba", "save_interval=2ba", "callbacks.hf_export.save_interval=2ba"]
+    export_every_2 = [
+        NO_BIAS,
+        "max_duration=4ba",
+        "save_interval=2ba",
+        "callbacks.hf_export.save_interval=2ba",
+    ]
     proc = run(2, run_dir, default_corpus, *export_every_2, f"callbacks.hf_export.folder={hf}")
     assert "this run writes 2 more HF exports" in proc.stderr, proc.stderr[-3000:]
     assert proc.returncode != 0

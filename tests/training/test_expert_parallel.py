@@ -235,6 +235,9 @@ def test_an_expert_parallel_checkpoint_loads_exactly_on_one_rank(ep_runs, defaul
 
 
 @pytest.mark.slow
+# CI time (pyproject: extended): test_expert_parallel_resumes_exactly and the 1-rank load of an EP checkpoint run
+# in make test
+@pytest.mark.extended
 def test_a_plain_fsdp_checkpoint_resumes_with_expert_parallelism(ep_runs, default_corpus, tmp_path):
     """Weights and AdamW state saved without EP reshard onto the experts' mesh: training goes on as
     if nothing had changed."""

@@ -200,6 +200,9 @@ def test_two_rank_lora_run_checkpoints_adapters_and_exports_what_transformers_co
 
 
 @pytest.mark.slow
+# CI time (pyproject: extended): test_elastic_resume_on_one_rank_sees_each_sample_once resumes adapter
+# checkpoints in make test; test_resume_e2e's SIGKILL test covers the kill and autoresume
+@pytest.mark.extended
 def test_sigkill_then_autoresume_gives_the_same_losses_bit_for_bit(
     reference, bases, default_corpus, tmp_path
 ):

@@ -42,11 +42,12 @@ def _worker(rank: int, port: int, errors: str) -> None:
         apply_lora(model, ALL)
         randomize_adapters(model)  # B != 0, so A gets gradients too
         exact = copy.deepcopy(model)  # fp32 throughout, unsharded
-        # What FSDP computes with, unsharded: every parameter cast to bf16, and the RoPE tables too (FSDP2
-        # casts a unit's floating-point inputs, which for a DbrxBlock include cos and sin).
+        # What FSDP computes with, unsharded: every parameter and buffer cast to bf16 but the RoPE tables
+        # (they reach the blocks as a RopeTables object, which FSDP2's input casting leaves fp32).
         reference = copy.deepcopy(model)
-        for t in (*reference.parameters(), *reference.buffers()):
-            t.data = t.data.to(torch.bfloat16)
+        for name, t in (*reference.named_parameters(), *reference.named_buffers()):
+            if not name.startswith("transformer.rotary."):
+                t.data = t.data.to(torch.bfloat16)
         ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(rank))  # per-rank data
 
         assert hold_frozen_base(model, FSDPConfig(mixed_precision="DEFAULT"), "amp_bf16") == torch.bfloat16
