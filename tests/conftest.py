@@ -14,6 +14,7 @@ import pytest
 import torch
 from filelock import FileLock
 
+from tests.faults.outcomes import FAULT_OUTCOME, OUTCOMES
 from tests.run_env import threads_per_rank
 from tests.small_vocab import fold_corpus
 
@@ -124,3 +125,22 @@ def small_disk(tmp_path):
     yield mount
     for point in mounted:
         subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+# The fault suite's tally (tests/faults), printed after the session: how many cases ended each way. Each
+# case records its outcome as a user property of its report; the hooks live here, in the conftest the
+# process printing the summary always loads (under pytest-xdist that process collects no tests).
+_fault_outcomes: dict[str, str] = {}  # case name -> outcome
+
+
+def pytest_runtest_logreport(report):
+    for key, value in report.user_properties:
+        if key == FAULT_OUTCOME:
+            name, outcome = value
+            _fault_outcomes[name] = outcome
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _fault_outcomes:
+        counts = ", ".join(f"{o} {sum(1 for v in _fault_outcomes.values() if v == o)}" for o in OUTCOMES)
+        terminalreporter.write_line(f"fault suite: {len(_fault_outcomes)} cases: {counts}")

@@ -266,11 +266,14 @@ def train_holding_lock(
             model=composer_model,
             train_dataloader=train_loader,
             eval_dataloader=evaluators or None,
+            # a run stopped by a signal skips the end's evaluation; with no evaluator Composer ignores it
             eval_interval=preemption.unless_stopped(
                 create_interval_scheduler(
                     cfg.eval_interval, checkpoint_events=False, final_events={Event.FIT_END}
                 )
-            ),
+            )
+            if evaluators
+            else cfg.eval_interval,
             eval_subset_num_batches=cfg.eval_subset_num_batches,
             optimizers=optimizer,
             schedulers=build_scheduler(cfg.scheduler),

@@ -27,7 +27,6 @@ from pathlib import Path
 
 from tests.faults.world import World, script_main
 
-OUTCOMES = ("clean", "traceback", "hang", "silent", "lost")
 # What Composer's launcher prints around the ranks' own output (not the run's words).
 LAUNCHER_LINE = re.compile(
     r"^((ERROR|WARNING|INFO):(__main__|composer\.cli\.launcher):|Global rank \d|Waiting up to \d|----------"

@@ -1,5 +1,5 @@
 """The fault-injection suite (tests/faults/cases.py): every case must end clean. Outcomes are tallied
-at the end of the session (tests/faults/conftest.py): clean, traceback, hang, silent, lost."""
+at the end of the session (tests/conftest.py): clean, traceback, hang, silent, lost."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.faults.cases import ALL
-from tests.faults.conftest import OUTCOME_PROPERTY
-from tests.faults.harness import OUTCOMES, Case, run_case
+from tests.faults.harness import Case, run_case
+from tests.faults.outcomes import FAULT_OUTCOME, OUTCOMES
 from tests.faults.world import World, build_world
 
 
@@ -27,7 +27,7 @@ def marks(case: Case) -> list:
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=marks(c)) for c in ALL])
 def test_fault_ends_clean(case: Case, world: World, tmp_path: Path, capfd, record_property):
     verdict = run_case(case, world, tmp_path, capfd)
-    record_property(OUTCOME_PROPERTY, (case.name, verdict.outcome))  # tallied by tests/faults/conftest.py
+    record_property(FAULT_OUTCOME, (case.name, verdict.outcome))  # tallied by tests/conftest.py
     assert verdict.outcome in OUTCOMES
     assert verdict.outcome == "clean", f"{case.name} ({case.kind}): {verdict.outcome}\n{verdict.detail}"
 
