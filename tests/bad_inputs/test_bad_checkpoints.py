@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import pickle
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dbrx_train.checkpoint import safe_load, store
-from tests.training.test_train_e2e import ROOT, SMALL, TINY
+from tests.launches import run_train_py
+from tests.training.test_train_e2e import SMALL, TINY
 
 
 class RunsCode:
@@ -134,9 +134,7 @@ def test_truncated_checkpoints_are_named(tmp_path):
 
 
 def train(tmp_path: Path, default_corpus: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        str(ROOT / "train.py"),
+    args = [
         str(TINY),
         f"variables.data_root={default_corpus}",
         f"save_folder={tmp_path / 'run'}",
@@ -144,8 +142,7 @@ def train(tmp_path: Path, default_corpus: Path, *overrides: str) -> subprocess.C
         "max_duration=2ba",
         *overrides,
     ]
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return run_train_py(args, timeout=300)
 
 
 @pytest.mark.slow

@@ -3,9 +3,8 @@ and a failure of the first rank reaches every rank (no rank left waiting in a co
 
 from __future__ import annotations
 
-import os
-import socket
 import traceback
+from datetime import timedelta
 
 import pytest
 import torch.distributed as torch_dist
@@ -18,15 +17,12 @@ from streaming.base.world import World
 from dbrx_train.data.streaming_shm import SHM_DIR, register_shm_prefix
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank(rank: int, port: int, local: str, remote: str | None, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch_dist.init_process_group("gloo", rank=rank, world_size=2)
+def _rank(rank: int, store: str, local: str, remote: str | None, results) -> None:
+    # A file store: no port another test could take between choosing it and binding it (a rank then
+    # waited forever); a timeout: a rank whose peer died does not wait Composer's 30 minutes.
+    torch_dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
     try:
         prefix, registry = register_shm_prefix([local], [remote], World(1, 2, 1, rank), retry=3)
         results.put((rank, "ok", prefix))
@@ -41,8 +37,8 @@ def _rank(rank: int, port: int, local: str, remote: str | None, results) -> None
 def _run_two_ranks(local: str, remote: str | None) -> dict[int, tuple[str, object]]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, local, remote, results)) for r in range(2)]
+    store = f"{local}.store"  # beside the test's local folder, in its tmp_path
+    procs = [ctx.Process(target=_rank, args=(r, store, local, remote, results)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.launches import run_train_py
 from tests.training.test_train_e2e import launch, read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,16 +94,14 @@ FINETUNE_SMALL = [
 
 
 def finetune(data_root: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        str(ROOT / "train.py"),
+    args = [
         str(ROOT / "yamls/finetune.yaml"),
         f"variables.data_root={data_root}",
         f"save_folder={run_dir}",
         *FINETUNE_SMALL,
         *overrides,
     ]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return run_train_py(args, timeout=300)
 
 
 @pytest.mark.slow

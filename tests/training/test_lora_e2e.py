@@ -10,7 +10,6 @@ import importlib.util
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from dbrx_train.model.hf import CONFIG_FILE
 from dbrx_train.model.lora import adapter_shapes, is_adapter
 from dbrx_train.model.lora_export import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from dbrx_train.training.train import main as train_main
+from tests.launches import LAUNCHER, run_training
 from tests.run_env import run_env
 from tests.training.dbrx_instruct_fixture import tiny_instruct_folder
 from tests.training.test_hf_export import assert_same_weights, hf_tensors
@@ -63,13 +63,8 @@ RELIABLE = [
 ]
 
 
-def command(
-    nproc: int, recipe: Path, base: Path, data_root: Path, run_dir: Path, *overrides: str
-) -> list[str]:
-    launcher = [sys.executable, "-m", "composer.cli.launcher", "-n", str(nproc)]
+def train_args(recipe: Path, base: Path, data_root: Path, run_dir: Path, *overrides: str) -> list[str]:
     return [
-        *launcher,
-        str(ROOT / "train.py"),
         str(recipe),
         f"model.pretrained={base}",  # the README's command
         f"variables.data_root={data_root / 'chat'}",
@@ -80,14 +75,7 @@ def command(
 
 
 def run_ok(nproc: int, *args, **kwargs) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        command(nproc, *args, **kwargs),
-        cwd=ROOT,
-        env=run_env(nproc),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_training(nproc, train_args(*args, **kwargs))
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 
@@ -209,7 +197,13 @@ def test_sigkill_then_autoresume_gives_the_same_losses_bit_for_bit(
     run_dir, logs = tmp_path / "run", tmp_path / "logs"
     logs.mkdir()
     proc = subprocess.Popen(
-        command(2, LORA_RECIPE, bases["base"], default_corpus, run_dir, *RELIABLE),
+        [
+            *LAUNCHER,
+            "-n",
+            "2",
+            str(ROOT / "train.py"),
+            *train_args(LORA_RECIPE, bases["base"], default_corpus, run_dir, *RELIABLE),
+        ],
         cwd=ROOT,
         env=run_env(2),
         stdout=open(logs / "out.txt", "w"),  # noqa: SIM115

@@ -12,7 +12,6 @@ import logging
 import math
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +33,9 @@ from dbrx_train.model.hf import save_pretrained
 from dbrx_train.training.composer_model import DbrxComposerModel
 from dbrx_train.training.lion import DecoupledLionW
 from dbrx_train.training.nonfinite import EXIT_CODE, NonFiniteLossGuard, describe, exit_if_stopped
-from tests.run_env import run_env
+from tests.launches import run_training
 from tests.tiny_models import tiny_dbrx
-from tests.training.test_train_e2e import ROOT, SMALL, TINY, read_metrics
+from tests.training.test_train_e2e import SMALL, TINY, read_metrics
 
 POISON = 7  # its embedding row is +inf: any sequence holding it has a NaN loss
 MICRO, BATCH = 2, 4  # two microbatches per batch (gradient accumulation)
@@ -220,10 +219,7 @@ POISONED = [(3, 5), (5, 1), (6, 6)]
 
 def launch(nproc: int, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     """Like test_train_e2e.launch, but a failed run is returned, not raised."""
-    cmd = [sys.executable, "-m", "composer.cli.launcher", "-n", str(nproc), str(ROOT / "train.py"), str(TINY)]
-    cmd += [f"save_folder={run_dir}", *SMALL, *overrides]
-    env = run_env(nproc)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return run_training(nproc, [str(TINY), f"save_folder={run_dir}", *SMALL, *overrides])
 
 
 @pytest.mark.slow

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -28,9 +26,9 @@ from dbrx_train.model.moe import TorchBackend
 from dbrx_train.training.pretrained_shards import shard_rows
 from dbrx_train.training.train import build_model
 from dbrx_train.training.train import main as train_main
-from tests.run_env import run_env
+from tests.launches import run_training
 from tests.training.test_hf_export import small_export
-from tests.training.test_train_e2e import ROOT, TINY, read_metrics
+from tests.training.test_train_e2e import TINY, read_metrics
 
 # ~76M parameters (300 MB in fp32), 2/3 of them in 63 experts per layer of which each token uses 1:
 # weights dominate memory, a step stays cheap. The odd vocabulary (100353) and expert count give
@@ -67,17 +65,13 @@ def launch_meta(
     """A meta-init run from `folder`; returns {rank: (MB read, host RSS peak rise in MB)} from its logs."""
     logs = run_dir.parent / f"{run_dir.name}-logs"
     logs.mkdir(parents=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "composer.cli.launcher",
-        "-n",
-        str(nproc),
+    per_rank_logs = (
         "--stdout",
         str(logs / "rank{rank}.stdout.txt"),
         "--stderr",
         str(logs / "rank{rank}.stderr.txt"),
-        str(ROOT / "train.py"),
+    )
+    args = [
         str(TINY),
         f"variables.data_root={data_root}",
         f"save_folder={run_dir}",
@@ -97,8 +91,7 @@ def launch_meta(
         "save_interval=2ba",
         *overrides,
     ]
-    env = run_env(nproc)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_training(nproc, args, launcher_args=per_rank_logs if nproc > 1 else ())
     if proc.returncode != 0:
         raise AssertionError(f"run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     text = proc.stderr + "".join(p.read_text() for p in logs.glob("rank*.std*.txt"))

@@ -10,13 +10,13 @@ checkpoints written after the resume with the uninterrupted run's, bit for bit.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +25,7 @@ import torch
 
 from dbrx_train.checkpoint.composer_weights import read_composer_checkpoint
 from dbrx_train.model.hf import is_expert_bias
+from tests.launches import LAUNCHER, run_training
 from tests.run_env import run_env
 from tests.training.test_train_e2e import ROOT, SMALL, TINY, read_metrics
 
@@ -50,20 +51,8 @@ RELIABLE = [
 NO_BIAS = "model.ffn_config.moe_bias_update_rate=0"
 
 
-def command(
-    nproc: int, run_dir: Path | str, data_root: Path, *overrides: str, launcher_logs: Path | None = None
-):
-    launcher = [sys.executable, "-m", "composer.cli.launcher", "-n", str(nproc)]
-    if launcher_logs is not None:
-        launcher += [
-            "--stdout",
-            f"{launcher_logs}/rank{{rank}}.out",
-            "--stderr",
-            f"{launcher_logs}/rank{{rank}}.err",
-        ]
+def train_args(run_dir: Path | str, data_root: Path, *overrides: str) -> list[str]:
     return [
-        *launcher,
-        str(ROOT / "train.py"),
         str(TINY),
         f"variables.data_root={data_root}",
         f"save_folder={run_dir}",
@@ -73,18 +62,24 @@ def command(
     ]
 
 
+def command(
+    nproc: int, run_dir: Path | str, data_root: Path, *overrides: str, launcher_logs: Path | None = None
+):
+    launcher = [*LAUNCHER, "-n", str(nproc)]
+    if launcher_logs is not None:
+        launcher += [
+            "--stdout",
+            f"{launcher_logs}/rank{{rank}}.out",
+            "--stderr",
+            f"{launcher_logs}/rank{{rank}}.err",
+        ]
+    return [*launcher, str(ROOT / "train.py"), *train_args(run_dir, data_root, *overrides)]
+
+
 def run(
     nproc: int, run_dir: Path | str, data_root: Path, *overrides: str, cwd: Path = ROOT, **kwargs
 ) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        command(nproc, run_dir, data_root, *overrides),
-        cwd=cwd,
-        env=run_env(nproc),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        **kwargs,
-    )
+    return run_training(nproc, train_args(run_dir, data_root, *overrides), cwd=cwd, **kwargs)
 
 
 def run_ok(
@@ -337,7 +332,7 @@ def test_kill_mid_save_full_disk_and_damaged_latest_never_lose_the_good_checkpoi
         1,
         run_dir,
         default_corpus,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+        preexec_fn=functools.partial(resource.setrlimit, resource.RLIMIT_FSIZE, (limit, limit)),
     )
     assert full.returncode != 0
     assert "checkpoint ep0-ba6 could not be written" in full.stderr, full.stderr[-3000:]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dbrx_train.data.tokenizer import DBRX_VOCAB_SIZE
+from tests.launches import run_training
 from tests.run_env import run_env
 from tests.small_vocab import SMALL_VOCAB
 
@@ -56,21 +57,8 @@ TWO_RANK_RUN = ("max_duration=12ba", "save_interval=12ba", "eval_interval=12ba")
 def launch(
     nproc: int, run_dir: Path, data_root: Path, *overrides: str, timeout: float = 600
 ) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "composer.cli.launcher",
-        "-n",
-        str(nproc),
-        str(ROOT / "train.py"),
-        str(TINY),
-        f"variables.data_root={data_root}",
-        f"save_folder={run_dir}",
-        *SMALL,
-        *overrides,
-    ]
-    env = run_env(nproc)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    args = [str(TINY), f"variables.data_root={data_root}", f"save_folder={run_dir}", *SMALL, *overrides]
+    proc = run_training(nproc, args, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
