@@ -1,20 +1,24 @@
-"""Every training run a test starts: `composer -n N train.py ...` (`run_training`) or `python train.py ...`
-(`run_train_py`), with the 1-process runs forked instead of started from scratch.
+"""Every training run a test waits for: `composer -n N train.py ...` (`run_training`) or `python train.py ...`
+(`run_train_py`), each started by forking a process that has already imported their modules.
 
-Why the fork: on CI's 2-core machine a `composer -n 1 train.py ...` launch spent ~14 CPU-s before its
-first batch (Composer imported by the launcher, then Composer, torch, transformers and Streaming by
-the rank), while a test's run trains for 1-3 s; such launches were about a third of the suite's CPU.
-Here a fork server (multiprocessing's "forkserver") imports train.py's modules once per pytest worker,
-before doing any work (no thread pool is forked), and each 1-process run is a fresh process forked
-from it.
+Why: on CI's 2-core machine, importing Composer costs ~6 CPU-s, and train.py's modules (Composer, torch,
+transformers through torchmetrics, Streaming) ~8. A `composer -n 1 train.py ...` launch paid both before
+its first batch, a `composer -n 2` launch three times, while a test's run trains for 1-3 s: imports
+were most of the suite's CPU time. Here a fork server (multiprocessing's "forkserver") imports those
+modules once per pytest worker, before doing any work (so no thread pool is forked), and each launcher
+or 1-rank run is a fresh process forked from it.
 
-What stays real: each run is its own process that runs train.py's `main` with its own signal handlers,
-logging, process group, stdout/stderr and exit code, and ends as the interpreter ends a process
-(threads joined, atexit handlers run). A 1-rank run gets the environment Composer's launcher gives
-rank 0 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a free port, ...). What is skipped is
-the launcher process itself: every multi-rank run and every run a test signals still goes through it
-(`nproc > 1` or `launcher_args` here; `start` in tests/training/test_resume_e2e.py; tests/faults), and
-test_config_error_is_one_clear_line runs the literal `python train.py`.
+What stays real:
+- Each run is its own process with its own signal handlers, logging, process group, stdout/stderr
+  and exit code. It runs the program's own entry point (Composer's `launcher.main`, train.py's `main`)
+  and ends as the interpreter ends a process: threads joined, atexit handlers run.
+- `composer -n 2` is Composer's launcher. It starts each rank as a new `python train.py` process, as
+  it always does: multi-rank runs pay the ranks' imports.
+- A 1-rank run skips the launcher process. Its rank gets the environment Composer's launcher gives
+  rank 0 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a free port, ...).
+- Runs that a test signals are started from scratch as subprocesses: `start` in
+  tests/training/test_resume_e2e.py and the launches in tests/faults. test_config_error_is_one_clear_line
+  runs the literal `python train.py`.
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PY = ROOT / "train.py"
 LAUNCHER = (sys.executable, "-m", "composer.cli.launcher")
 
-# What every run imports: imported once, in the fork server.
-PRELOAD = ["dbrx_train.training.train"]
+# What the runs import, once, in the fork server (train.py's modules include Composer's).
+PRELOAD = ["dbrx_train.training.train", "composer.cli.launcher"]
 
 _context: multiprocessing.context.ForkServerContext | None = None
 
@@ -52,16 +56,54 @@ def run_training(
     timeout: float = 600,
     launcher_args: tuple[str, ...] = (),
     preexec_fn: Callable[[], object] | None = None,
+    one_stream: bool = False,
 ) -> subprocess.CompletedProcess:
     """`composer -n nproc [launcher_args] train.py args`, as subprocess.run(capture_output=True, text=True)
     returns it (a run past `timeout` raises subprocess.TimeoutExpired). `preexec_fn` runs in the new
-    process before training, as subprocess's does; for a forked run it must pickle (functools.partial)."""
+    process first, as subprocess's does (a launcher's ranks inherit what it sets); it must pickle
+    (functools.partial, not a lambda). `one_stream`: stderr goes to stdout, interleaved as a terminal
+    shows them (stderr=subprocess.STDOUT)."""
     env = run_env(nproc) if env is None else env
     if nproc == 1 and not launcher_args:
-        return _forked_rank_zero(args, cwd=Path(cwd), env=env, timeout=timeout, preexec_fn=preexec_fn)
-    cmd = [*LAUNCHER, "-n", str(nproc), *launcher_args, str(TRAIN_PY), *args]
-    return subprocess.run(
-        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn
+        from composer.utils import get_free_tcp_port
+
+        process_env = {
+            **env,
+            # what composer/cli/launcher.py sets for each rank it starts
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+            "LOCAL_WORLD_SIZE": "1",
+            "NODE_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(get_free_tcp_port()),
+            "PYTHONUNBUFFERED": "1",
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+        }
+        program, argv = "train.py", args
+    else:
+        program, argv, process_env = "composer", ["-n", str(nproc), *launcher_args, str(TRAIN_PY), *args], env
+    cmd = ["composer", "-n", str(nproc), *launcher_args, str(TRAIN_PY), *args]  # what the run stands for
+    return _forked(
+        cmd,
+        program,
+        argv,
+        cwd=Path(cwd),
+        env=process_env,
+        timeout=timeout,
+        preexec_fn=preexec_fn,
+        one_stream=one_stream,
+    )
+
+
+def run_train_py(
+    args: list[str], *, cwd: Path | str = ROOT, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """`python train.py args`: no launcher, so no distributed environment variables."""
+    cmd = ["python", str(TRAIN_PY), *args]
+    env = run_env(1) if env is None else env
+    return _forked(
+        cmd, "train.py", args, cwd=Path(cwd), env=env, timeout=timeout, preexec_fn=None, one_stream=False
     )
 
 
@@ -73,63 +115,32 @@ def _fork_server() -> multiprocessing.context.ForkServerContext:
     return _context
 
 
-def run_train_py(
-    args: list[str], *, cwd: Path | str = ROOT, env: dict[str, str] | None = None, timeout: float = 600
-) -> subprocess.CompletedProcess:
-    """`python train.py args` (no launcher: no distributed environment variables), forked likewise."""
-    cmd = ["python", str(TRAIN_PY), *args]
-    env = run_env(1) if env is None else env
-    return _forked(cmd, args, cwd=Path(cwd), env=env, timeout=timeout, preexec_fn=None)
-
-
-def _forked_rank_zero(
-    args: list[str],
-    *,
-    cwd: Path,
-    env: dict[str, str],
-    timeout: float,
-    preexec_fn: Callable[[], object] | None,
-):
-    from composer.utils import get_free_tcp_port
-
-    rank_env = {
-        **env,
-        # what composer/cli/launcher.py sets for each rank it starts
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-        "LOCAL_WORLD_SIZE": "1",
-        "NODE_RANK": "0",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(get_free_tcp_port()),
-        "PYTHONUNBUFFERED": "1",
-        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
-    }
-    cmd = ["composer", "-n", "1", str(TRAIN_PY), *args]  # what the run stands for, in error messages
-    return _forked(cmd, args, cwd=cwd, env=rank_env, timeout=timeout, preexec_fn=preexec_fn)
-
-
 def _forked(
     cmd: list[str],
+    program: str,
     args: list[str],
     *,
     cwd: Path,
     env: dict[str, str],
     timeout: float,
     preexec_fn: Callable[[], object] | None,
+    one_stream: bool,
 ) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory(prefix="forked-run-") as logs:
-        out, err = Path(logs, "stdout"), Path(logs, "stderr")
+        out = Path(logs, "stdout")
+        err = out if one_stream else Path(logs, "stderr")
         proc = _fork_server().Process(
-            target=_train_py, args=(args, str(cwd), env, str(out), str(err), preexec_fn)
+            target=_run_program, args=(program, args, str(cwd), env, str(out), str(err), preexec_fn)
         )
         proc.start()
         proc.join(timeout)
         if proc.exitcode is None:
             _kill_tree(proc.pid)
             proc.join()
-            raise subprocess.TimeoutExpired(cmd, timeout, output=_read(out), stderr=_read(err))
-        return subprocess.CompletedProcess(cmd, proc.exitcode, _read(out), _read(err))
+            raise subprocess.TimeoutExpired(
+                cmd, timeout, output=_read(out), stderr=None if one_stream else _read(err)
+            )
+        return subprocess.CompletedProcess(cmd, proc.exitcode, _read(out), None if one_stream else _read(err))
 
 
 def _read(path: Path) -> str:
@@ -149,32 +160,51 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
-def _train_py(
-    args: list[str], cwd: str, env: dict[str, str], stdout: str, stderr: str, preexec_fn: Callable | None
+def _run_program(
+    program: str,
+    args: list[str],
+    cwd: str,
+    env: dict[str, str],
+    stdout: str,
+    stderr: str,
+    preexec_fn: Callable[[], object] | None,
 ) -> None:
-    """The forked process: train.py's `main(args)` as `python train.py args` runs it, then exit."""
+    """The forked process: `program args` as the interpreter runs it (`composer` = Composer's launcher,
+    `train.py`), then exit with its status."""
     if preexec_fn is not None:
         preexec_fn()
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
-    for fd, path in ((1, stdout), (2, stderr)):
-        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(target, fd)
+    target = os.open(stdout, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(target, 1)
+    if stderr != stdout:
         os.close(target)
-    sys.stdout.reconfigure(line_buffering=True, write_through=True)  # PYTHONUNBUFFERED, as a rank has it
+        target = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(target, 2)
+    os.close(target)
+    # unbuffered, as PYTHONUNBUFFERED=1 (run_env, and the launcher's ranks) has it
+    sys.stdout.reconfigure(line_buffering=True, write_through=True)
     sys.stderr.reconfigure(line_buffering=True, write_through=True)
-    sys.argv = [str(TRAIN_PY), *args]
 
     import torch
 
-    # OpenMP read OMP_NUM_THREADS when the fork server imported torch: this run's share of the cores
+    # OpenMP read OMP_NUM_THREADS when the fork server imported torch: this process's share of the cores
     torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
-    from dbrx_train.training.train import main
+    if program == "composer":
+        from composer.cli import launcher
 
+        sys.argv = [launcher.__file__, *args]
+        entry = launcher.main
+    else:
+        from dbrx_train.training.train import main
+
+        sys.argv = [str(TRAIN_PY), *args]
+        entry = main
     code = 0
     try:
-        main(args)
+        result = entry()
+        code = result if isinstance(result, int) else 0  # the launcher returns its exit status
     except SystemExit as e:
         code = _exit_status(e.code)
     except BaseException:  # an uncaught exception: printed as the interpreter prints it, exit 1

@@ -4,8 +4,6 @@ once, keys with no effect are listed in one line, a model that is not DBRX is re
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,7 +17,7 @@ from dbrx_train.config.schema import ConfigError, has_key
 from dbrx_train.model import DbrxForCausalLM
 from dbrx_train.model.hf import save_pretrained
 from dbrx_train.training.preflight import check_config
-from tests.run_env import run_env
+from tests.launches import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL, LORA = ROOT / "tests/foundry/dbrx-full-ft.yaml", ROOT / "tests/foundry/dbrx-lora-ft.yaml"
@@ -161,10 +159,7 @@ def test_foundry_yaml_passes_every_pre_run_check(tiny_dbrx, data_dir, tmp_path):
 def test_foundry_yaml_trains_on_two_ranks_from_parquet_files(tiny_dbrx, data_dir, tmp_path):
     """A real 2-rank launch: rank 0 tokenizes each split once, the translation is said once, the run
     trains and writes the HF export where Foundry's hf_checkpointer would (save_folder/huggingface)."""
-    cmd = [sys.executable, "-m", "composer.cli.launcher", "-n", "2", str(ROOT / "train.py"), str(FULL)]
-    cmd += [*small(tmp_path, tiny_dbrx, data_dir), "run_name=foundry-ft"]
-    env = run_env(2)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_training(2, [str(FULL), *small(tmp_path, tiny_dbrx, data_dir), "run_name=foundry-ft"])
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     assert output.count("tokenizing 1 file(s)") == 2, output[-6000:]  # train and test, by local rank 0 only

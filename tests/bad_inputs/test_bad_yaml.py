@@ -5,14 +5,12 @@ are listed under "<file>: N problems:", one per line, all in one run."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from dbrx_train.training.train import main
+from tests.launches import run_training
 from tests.training.test_train_e2e import ROOT
 
 CASES = Path(__file__).parent / "yaml"
@@ -64,9 +62,7 @@ def test_files_that_are_not_yaml_configs(tmp_path, capsys):
 @pytest.mark.slow
 def test_two_rank_launch_of_a_broken_yaml_prints_its_error_once_and_exits_2(tmp_path):
     path = CASES / "syntax-unclosed-bracket.yaml"
-    cmd = [sys.executable, "-m", "composer.cli.launcher", "-n", "2", str(ROOT / "train.py"), str(path)]
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_training(2, [str(path)])
     # Rank 0 prints it and exits 2; the launcher stops rank 1 while it waits to print its copy.
     assert proc.returncode == 2
     output = proc.stdout + proc.stderr

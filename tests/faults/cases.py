@@ -21,6 +21,7 @@ from dbrx_train.checkpoint import store
 from tests.bad_inputs.test_bad_checkpoints import RunsCode, dcp_checkpoint, with_manifest
 from tests.faults.harness import Act, Case
 from tests.faults.world import ROOT, SEQ, World, copy, token_rows, train_args, write_stream
+from tests.launches import run_training
 from tests.run_env import run_env
 
 NO_AWS = {  # an s3:// URL without credentials, and no waiting for an instance metadata service
@@ -501,9 +502,7 @@ def second_launch(w: World, tmp: Path) -> Act:
         )
         try:
             wait_for(lambda: batches_done(run) >= 1, first)
-            second = subprocess.run(
-                launch(1, args), cwd=ROOT, env=run_env(2), capture_output=True, text=True, timeout=600
-            )
+            second = run_training(1, args, env=run_env(2))
             alive = first.poll() is None
         finally:
             if first.poll() is None:
@@ -580,15 +579,7 @@ def two_ranks(make_args):
 
         def go() -> tuple[int, str]:
             # stdout and stderr as one stream, interleaved as a terminal shows them
-            proc = subprocess.run(
-                launch(2, args),
-                cwd=ROOT,
-                env=run_env(2),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                timeout=600,
-            )
+            proc = run_training(2, args, one_stream=True)
             return proc.returncode, proc.stdout
 
         return Act(launch=go, keep=keep)

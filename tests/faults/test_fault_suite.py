@@ -19,9 +19,9 @@ def world(tmp_path_factory) -> World:
 
 
 def marks(case: Case) -> list:
-    # The real launches (~4-5 min together on 2 busy cores) are not in `make test` (CI's budget):
-    # `make test-extended` runs them; the table in this process (~1.5 min) always runs.
-    return [pytest.mark.slow, pytest.mark.extended] if case.slow else []
+    # The cases that launch runs (~1 min together on a quiet machine, tests/launches.py) are `slow`:
+    # `make test-fast` skips them; the table in this process (~25 s) always runs.
+    return [pytest.mark.slow] if case.slow else []
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=marks(c)) for c in ALL])

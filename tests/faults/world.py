@@ -29,6 +29,7 @@ VOCAB, SEQ = 512, 16
 # no curriculum, so checkpoints are ep0-ba1, ep0-ba2.
 TINY_RUN = [
     "precision=fp32",  # pinned, as test_train_e2e.SMALL
+    "callbacks.speed_monitor.peak_flops=null",  # no MFU, as test_train_e2e.SMALL
     f"max_seq_len={SEQ}",
     f"model.vocab_size={VOCAB}",
     "model.d_model=32",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.launches import run_train_py
-from tests.training.test_train_e2e import launch, read_metrics
+from tests.training.test_train_e2e import NO_MFU, launch, read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,6 +90,7 @@ FINETUNE_SMALL = [
     "console_log_interval=1ba",
     "loggers.wandb=null",
     "callbacks.expert_load=null",
+    NO_MFU,
 ]
 
 

@@ -29,7 +29,7 @@ from tests.run_env import run_env
 from tests.training.dbrx_instruct_fixture import tiny_instruct_folder
 from tests.training.test_hf_export import assert_same_weights, hf_tensors
 from tests.training.test_resume_e2e import kill_session, last_batch, session_gone, wait_until
-from tests.training.test_train_e2e import read_metrics
+from tests.training.test_train_e2e import NO_MFU, read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 LORA_RECIPE = ROOT / "yamls/finetune/dbrx-instruct-lora.yaml"
@@ -49,6 +49,7 @@ ON_CPU = [
         for key in ("num_workers=0", "prefetch_factor=null", "persistent_workers=false", "pin_memory=false")
     ),
     "loggers.wandb=null",
+    NO_MFU,
     "callbacks.memory_monitor=null",
     "console_log_interval=1ba",
     "callbacks.hf_export.dtype=fp32",

@@ -28,7 +28,7 @@ from dbrx_train.training.train import build_model
 from dbrx_train.training.train import main as train_main
 from tests.launches import run_training
 from tests.training.test_hf_export import small_export
-from tests.training.test_train_e2e import TINY, read_metrics
+from tests.training.test_train_e2e import NO_MFU, TINY, read_metrics
 
 # ~76M parameters (300 MB in fp32), 2/3 of them in 63 experts per layer of which each token uses 1:
 # weights dominate memory, a step stays cheap. The odd vocabulary (100353) and expert count give
@@ -83,6 +83,7 @@ def launch_meta(
         "curriculum=null",
         "eval_loader=null",
         "loggers.wandb=null",
+        NO_MFU,
         "optimizer.name=decoupled_lionw",
         "optimizer.lr=1e-3",
         # Warmup from lr 0, and Composer's scheduler runs a step behind: the first two steps leave

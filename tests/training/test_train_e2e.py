@@ -22,6 +22,10 @@ TINY = ROOT / "yamls/pretrain/dbrx-tiny.yaml"
 # vocabulary is default_corpus's folded one (tests/small_vocab.py); lr 1e-2 because a small vocabulary
 # starts nearer its floor (ln 1024 = 6.9 vs ln 100352 = 11.5), so the loss falls by 1 in ~10 batches.
 # W&B is off (its import costs ~2 s per rank); the runs of this file turn it on and check it.
+# No MFU: on CPU its peak is a ~1.3 s matmul timed at every rank's start (training/peak_flops.py).
+# test_one_rank_run_trains_logs_and_checkpoints and the progress bar's run measure and check it.
+NO_MFU = "callbacks.speed_monitor.peak_flops=null"
+MEASURED_MFU = "callbacks.speed_monitor.peak_flops=auto"
 SMALL = [
     "precision=fp32",  # pinned: auto is amp_bf16 on CPUs with AVX512-BF16/AMX; the tests check fp32 numerics
     "max_seq_len=64",
@@ -40,6 +44,7 @@ SMALL = [
     "optimizer.lr=1e-2",
     "scheduler.t_warmup=2ba",
     "loggers.wandb=null",
+    NO_MFU,
     # the YAML's ICL suite is DBRX-tokenized text (and its files come from `make data`): tests/eval run it
     "icl_tasks=null",
     "eval_gauntlet=null",
@@ -87,6 +92,7 @@ def one_rank_run(default_corpus, tmp_path_factory) -> tuple[Path, subprocess.Com
         "eval_interval=7ba",
         "fsdp_config.activation_checkpointing=true",  # the default run (2 ranks) covers it off
         WANDB_OFFLINE,
+        MEASURED_MFU,
     )
     return run_dir, proc
 
@@ -95,7 +101,7 @@ def one_rank_run(default_corpus, tmp_path_factory) -> tuple[Path, subprocess.Com
 def two_rank_run(default_corpus, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """The YAML's FSDP2 run on 2 ranks, eager: also the reference of the compiled run."""
     run_dir = tmp_path_factory.mktemp("run2") / "run2"
-    proc = launch(2, run_dir, default_corpus, *TWO_RANK_RUN, "progress_bar=true", WANDB_OFFLINE)
+    proc = launch(2, run_dir, default_corpus, *TWO_RANK_RUN, "progress_bar=true", WANDB_OFFLINE, MEASURED_MFU)
     return run_dir, proc
 
 
