@@ -115,6 +115,8 @@ def test_auto_picks_megablocks_and_falls_back_where_its_kernels_cannot_run():
     torch.manual_seed(0)
     cfg = DbrxFFNConfig(ffn_hidden_size=FF, moe_num_experts=16, moe_top_k=4)
     ffns = {b: DbrxFFN(D, cfg, resolve_moe_backend(b)) for b in ("torch", "megablocks", "auto")}
+    for p in ffns["torch"].parameters():  # ExpertGLU's are torch.empty until the model's init_weights
+        torch.nn.init.normal_(p, std=0.05)
     for ffn in ffns.values():
         ffn.load_state_dict(ffns["torch"].state_dict())
     auto = ffns["auto"]
