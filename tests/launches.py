@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +46,9 @@ LAUNCHER = (sys.executable, "-m", "composer.cli.launcher")
 PRELOAD = ["dbrx_train.training.train", "composer.cli.launcher"]
 
 _context: multiprocessing.context.ForkServerContext | None = None
+# weakref.finalize cleanups that exist in the fork server after its imports (an exec'd process
+# registers the same): a forked rank keeps these and drops those its launcher registered since.
+_PRELOADED_FINALIZERS: set = set()
 
 
 def run_training(
@@ -171,6 +175,7 @@ def _run_program(
 ) -> None:
     """The forked process: `program args` as the interpreter runs it (`composer` = Composer's launcher,
     `train.py`), then exit with its status."""
+    _PRELOADED_FINALIZERS.update(weakref.finalize._registry)  # type: ignore[attr-defined]
     if preexec_fn is not None:
         preexec_fn()
     os.environ.clear()
@@ -186,11 +191,20 @@ def _run_program(
     # unbuffered, as PYTHONUNBUFFERED=1 (run_env, and the launcher's ranks) has it
     sys.stdout.reconfigure(line_buffering=True, write_through=True)
     sys.stderr.reconfigure(line_buffering=True, write_through=True)
+    if program == "composer":
+        from composer.cli import launcher
 
+        # Its ranks are forked from this process too (_ForkedRank), which has done no work yet.
+        launcher.subprocess = _LauncherSubprocess()
+    os._exit(_run_main(program, args))
+
+
+def _run_main(program: str, args: list[str]) -> int:
+    """`program`'s entry point with `args`, then the interpreter's shutdown: its exit status."""
     import torch
 
     # OpenMP read OMP_NUM_THREADS when the fork server imported torch: this process's share of the cores
-    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if program == "composer":
         from composer.cli import launcher
 
@@ -215,7 +229,7 @@ def _run_program(
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    return code
 
 
 def _exit_status(code: object) -> int:
@@ -225,3 +239,76 @@ def _exit_status(code: object) -> int:
         return code
     print(code, file=sys.stderr)
     return 1
+
+
+class _ForkedRank(subprocess.Popen):
+    """How a forked Composer launcher starts its ranks: `python train.py ...` runs as a fork of the
+    launcher process (train.py's modules imported, no work done yet, no threads), everything else as
+    usual. The rank is still the launcher's child, in its process group, with the stdin, stdout and
+    stderr and the environment the launcher gave it; poll, wait and signals are Popen's own."""
+
+    def _execute_child(
+        self,
+        args,
+        executable,
+        preexec_fn,
+        close_fds,
+        pass_fds,
+        cwd,
+        env,
+        startupinfo,
+        creationflags,
+        shell,
+        p2cread,
+        p2cwrite,
+        c2pread,
+        c2pwrite,
+        errread,
+        errwrite,
+        restore_signals,
+        gid,
+        gids,
+        uid,
+        umask,
+        start_new_session,
+        process_group,
+    ):
+        argv = [str(a) for a in args] if not isinstance(args, (str, bytes)) else []
+        plain = not shell and preexec_fn is None and cwd is None and not start_new_session
+        if not (plain and argv[:2] == [sys.executable, str(TRAIN_PY)]):
+            return super()._execute_child(
+                args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo, creationflags,
+                shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite, restore_signals, gid, gids,
+                uid, umask, start_new_session, process_group,
+            )  # fmt: skip
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                for fd, source in ((0, p2cread), (1, c2pwrite), (2, errwrite)):
+                    if source not in (-1, fd):
+                        os.dup2(source, fd)
+                if env is not None:
+                    os.environ.clear()
+                    os.environ.update(env)
+                # The launcher's own cleanups (its log folder's) are not the rank's to run at its exit.
+                for finalizer in list(weakref.finalize._registry):  # type: ignore[attr-defined]
+                    if finalizer not in _PRELOADED_FINALIZERS:
+                        finalizer.detach()
+                code = _run_main("train.py", argv[2:])
+            finally:
+                os._exit(code)
+        self.pid = pid
+        self._child_created = True
+        self._close_pipe_fds(p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite)
+
+
+class _LauncherSubprocess:
+    """`subprocess` as composer/cli/launcher.py sees it in a forked launcher: Popen is _ForkedRank."""
+
+    Popen = _ForkedRank
+
+    def __getattr__(self, name: str):
+        return getattr(subprocess, name)
