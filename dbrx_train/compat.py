@@ -98,6 +98,13 @@ PATCHES: dict[str, Patch] = {
         "dbrx_train/training/cpu.py",
         "Composer refuses precision amp_bf16 on CPU and enters no autocast for it there",
     ),
+    "composer_env_cpu_probe": Patch(
+        "mosaicml",
+        "==0.32.1",
+        "composer.trainer.trainer.get_composer_env_dict (the Trainer reads 2 of its keys)",
+        "dbrx_train/training/composer_env.py",
+        "building the dict starts a py-cpuinfo subprocess (~1 s per rank start) for a CPU name the Trainer discards",
+    ),
     "torch_cpu_bf16_isa": Patch(
         "torch",
         "==2.7.0",

@@ -195,3 +195,37 @@ def test_composer_refuses_amp_bf16_on_cpu_and_looks_its_precision_names_up_at_ca
 def test_torch_reports_the_cpu_bf16_instructions():
     assert isinstance(torch.cpu._is_avx512_bf16_supported(), bool)
     assert isinstance(torch.cpu._is_amx_tile_supported(), bool)
+
+
+def test_composer_env_dict_starts_a_cpuinfo_process_the_trainer_reads_two_keys_of(monkeypatch):
+    import re
+    import subprocess
+
+    import composer.trainer.trainer as trainer_module
+    from composer.utils import collect_env
+
+    from dbrx_train.training.composer_env import skip_cpu_model_probe
+
+    # What the Trainer reads of the dict: two keys, from a name it looks up at call time.
+    source = inspect.getsource(trainer_module.Trainer.__init__)
+    assert "composer_env_dict = get_composer_env_dict()" in source
+    assert set(re.findall(r"composer_env_dict\['(\w+)'\]", source)) == {
+        "composer_version",
+        "composer_commit_hash",
+    }
+    started = []
+
+    class Recorded(subprocess.Popen):  # the real Popen; the test only notes what it starts
+        def __init__(self, args, *rest, **kwargs):
+            started.append(list(args))
+            super().__init__(args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", Recorded)
+    upstream = collect_env.get_composer_env_dict()  # the bug the patch works around: a subprocess
+    assert any(str(arg).endswith("cpuinfo.py") for args in started for arg in args), started
+    started.clear()
+    skip_cpu_model_probe()
+    skip_cpu_model_probe()  # idempotent
+    env = trainer_module.get_composer_env_dict()
+    assert env == {key: upstream[key] for key in ("composer_version", "composer_commit_hash")}
+    assert started == []

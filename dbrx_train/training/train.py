@@ -58,6 +58,7 @@ from dbrx_train.training.builders import (
     build_scheduler,
 )
 from dbrx_train.training.callbacks import BatchSeededRNG
+from dbrx_train.training.composer_env import skip_cpu_model_probe
 from dbrx_train.training.composer_model import DbrxComposerModel
 from dbrx_train.training.cpu import enable_amp_bf16_on_cpu
 from dbrx_train.training.curriculum import build_train_data
@@ -155,6 +156,7 @@ def train(cfg: TrainConfig, layout: BatchLayout, device: str, moe_backend: MoEBa
     precision = resolve_precision(cfg, device)
     if device == "cpu" and precision == "amp_bf16":
         enable_amp_bf16_on_cpu()  # Composer 0.32 refuses it on CPU; bf16 GEMMs are 2-4x faster there
+    skip_cpu_model_probe()  # ~1 s of every rank's start, for a value Composer discards
     log.info("precision: %s (config: %s)", precision, cfg.precision)
     if cfg.fsdp is not None or layout.world_size > 1:
         dist.initialize_dist(device, cfg.dist_timeout)
