@@ -6,14 +6,16 @@ transformers through torchmetrics, Streaming) ~8. A `composer -n 1 train.py ...`
 its first batch, a `composer -n 2` launch three times, while a test's run trains for 1-3 s: imports
 were most of the suite's CPU time. Here a fork server (multiprocessing's "forkserver") imports those
 modules once per pytest worker, before doing any work (so no thread pool is forked), and each launcher
-or 1-rank run is a fresh process forked from it.
+or 1-rank run is a fresh process forked from it. A launcher forked so starts each of its ranks by
+forking itself (`_ForkedRank`), still idle, instead of exec'ing a new interpreter.
 
 What stays real:
 - Each run is its own process with its own signal handlers, logging, process group, stdout/stderr
   and exit code. It runs the program's own entry point (Composer's `launcher.main`, train.py's `main`)
   and ends as the interpreter ends a process: threads joined, atexit handlers run.
-- `composer -n 2` is Composer's launcher. It starts each rank as a new `python train.py` process, as
-  it always does: multi-rank runs pay the ranks' imports.
+- `composer -n 2` is Composer's launcher, its code unchanged: it gives each rank its environment and
+  output files, watches them, stops the others when one fails. Each rank is its child, in its process
+  group, and runs train.py's `main`.
 - A 1-rank run skips the launcher process. Its rank gets the environment Composer's launcher gives
   rank 0 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a free port, ...).
 - Runs that a test signals are started from scratch as subprocesses: `start` in
