@@ -17,6 +17,7 @@ import torch
 from composer import Trainer
 from composer.core import Evaluator, Event
 from composer.utils import create_interval_scheduler, dist, reproducibility
+from composer.utils.parallelism import ParallelismConfig
 from omegaconf import OmegaConf
 
 from dbrx_train.checkpoint.adapters import base_record, check_resume_base
@@ -79,7 +80,7 @@ from dbrx_train.training.preflight import (
     resolve_device,
     resolve_precision,
 )
-from dbrx_train.training.pretrained_shards import load_pretrained_shards
+from dbrx_train.training.pretrained_shards import ShardLoader, load_pretrained_shards
 
 log = logging.getLogger("dbrx_train")
 
@@ -202,27 +203,7 @@ def train_holding_lock(
     write_resolved_config(resolved, run_folder)
     icl = build_icl_evaluation(cfg, layout)
 
-    model = build_model(cfg, moe_backend)
-    if cfg.model.peft_config is not None:
-        adapt(model, cfg, precision)
-    if cfg.compile_config is not None:  # before FSDP and activation checkpointing wrap it
-        c = cfg.compile_config
-        compile_regions(model, c.regions, mode=c.mode, dynamic=c.dynamic)
-    parallelism = None
-    device_type = "cuda" if device == "gpu" else "cpu"
-    if (degree := expert_parallel_degree(cfg.fsdp)) > 1:
-        swapped = apply_expert_parallelism(model, cfg.fsdp, precision, device_type)
-        log.info(
-            "expert parallelism: %d MoE layers, %d experts per rank (the torch backend's code)",
-            swapped,
-            cfg.model.dbrx.ffn_config.moe_num_experts // degree,
-        )
-    if cfg.fsdp is not None:
-        mark_fsdp_units(model)
-        parallelism = build_parallelism_config(cfg.fsdp, device_type)
-    shards = None
-    if cfg.model.init_device == "meta" and cfg.model.pretrained:  # each rank reads its shard, in Trainer()
-        shards = load_pretrained_shards(model, cfg.model.pretrained, device_type)
+    model, parallelism, shards = assemble_model(cfg, moe_backend, precision, device)
     composer_model = DbrxComposerModel(model)
     optimizer = build_optimizer(cfg, [p for p in composer_model.parameters() if p.requires_grad])
     try:
@@ -232,21 +213,7 @@ def train_holding_lock(
 
     try:
         train_loader, data_callbacks = build_train_data(cfg, layout)
-        evaluators = []
-        if cfg.eval_loader is not None and not evaluation_off(cfg):
-            eval_loader = build_dataloader(
-                cfg.eval_loader,
-                device_batch_size=layout.device_eval_batch_size,
-                max_seq_len=cfg.max_seq_len,
-                vocab_size=cfg.model.dbrx.vocab_size,
-                seed=cfg.seed,
-                config_key="eval_loader",
-            )
-            evaluators.append(
-                Evaluator(
-                    label="eval", dataloader=eval_loader, metric_names=list(composer_model.get_metrics())
-                )
-            )
+        evaluators = build_evaluators(cfg, layout, list(composer_model.get_metrics()))
     except ShardReadError:
         raise  # what one rank read (e.g. a remote stream's index): reported by that rank
     except ValueError as e:
@@ -268,14 +235,7 @@ def train_holding_lock(
             model=composer_model,
             train_dataloader=train_loader,
             eval_dataloader=evaluators or None,
-            # a run stopped by a signal skips the end's evaluation; with no evaluator Composer ignores it
-            eval_interval=preemption.unless_stopped(
-                create_interval_scheduler(
-                    cfg.eval_interval, checkpoint_events=False, final_events={Event.FIT_END}
-                )
-            )
-            if evaluators
-            else cfg.eval_interval,
+            eval_interval=eval_schedule(cfg, preemption) if evaluators else cfg.eval_interval,
             eval_subset_num_batches=cfg.eval_subset_num_batches,
             optimizers=optimizer,
             schedulers=build_scheduler(cfg.scheduler),
@@ -311,9 +271,75 @@ def train_holding_lock(
         finish_without_training(trainer, hf_export, start)
         forget_replaced_runs(Path(run_folder))
         return trainer
+    fit_to_the_end(trainer, cfg, run_folder, bool(evaluators), icl, preemption, checkpoints)
+    return trainer
+
+
+def assemble_model(
+    cfg: TrainConfig, moe_backend: MoEBackend, precision: str, device: str
+) -> tuple[DbrxForCausalLM, ParallelismConfig | None, ShardLoader | None]:
+    """The model, in this order: weights (or meta), adapters, compiled regions, expert parallelism,
+    FSDP units; with the FSDP2 config Composer applies and, for a meta start, each rank's shard reader."""
+    model = build_model(cfg, moe_backend)
+    if cfg.model.peft_config is not None:
+        adapt(model, cfg, precision)
+    if cfg.compile_config is not None:  # before FSDP and activation checkpointing wrap it
+        c = cfg.compile_config
+        compile_regions(model, c.regions, mode=c.mode, dynamic=c.dynamic)
+    device_type = "cuda" if device == "gpu" else "cpu"
+    if (degree := expert_parallel_degree(cfg.fsdp)) > 1:
+        swapped = apply_expert_parallelism(model, cfg.fsdp, precision, device_type)
+        log.info(
+            "expert parallelism: %d MoE layers, %d experts per rank (the torch backend's code)",
+            swapped,
+            cfg.model.dbrx.ffn_config.moe_num_experts // degree,
+        )
+    parallelism = None
+    if cfg.fsdp is not None:
+        mark_fsdp_units(model)
+        parallelism = build_parallelism_config(cfg.fsdp, device_type)
+    shards = None
+    if cfg.model.init_device == "meta" and cfg.model.pretrained:  # each rank reads its shard, in Trainer()
+        shards = load_pretrained_shards(model, cfg.model.pretrained, device_type)
+    return model, parallelism, shards
+
+
+def build_evaluators(cfg: TrainConfig, layout: BatchLayout, metric_names: list[str]) -> list[Evaluator]:
+    """The eval loader's Evaluator (none without an eval_loader, or with evaluation off)."""
+    if cfg.eval_loader is None or evaluation_off(cfg):
+        return []
+    eval_loader = build_dataloader(
+        cfg.eval_loader,
+        device_batch_size=layout.device_eval_batch_size,
+        max_seq_len=cfg.max_seq_len,
+        vocab_size=cfg.model.dbrx.vocab_size,
+        seed=cfg.seed,
+        config_key="eval_loader",
+    )
+    return [Evaluator(label="eval", dataloader=eval_loader, metric_names=metric_names)]
+
+
+def eval_schedule(cfg: TrainConfig, preemption: PreemptionHandler):
+    """Every eval_interval and at the end, except the end of a run stopped by a signal."""
+    return preemption.unless_stopped(
+        create_interval_scheduler(cfg.eval_interval, checkpoint_events=False, final_events={Event.FIT_END})
+    )
+
+
+def fit_to_the_end(
+    trainer: Trainer,
+    cfg: TrainConfig,
+    run_folder: str,
+    with_eval: bool,
+    icl: ICLEvaluation | None,
+    preemption: PreemptionHandler,
+    checkpoints: CheckpointManager,
+) -> None:
+    """Train (after a baseline evaluation if asked), then say how the run ended: its summary, and the
+    exit code of a run stopped by a non-finite loss (3) or a signal (130 or 143)."""
     started = time.monotonic()
     if cfg.eval_first and int(trainer.state.timestamp.batch) == 0:  # a baseline (not again when resuming)
-        if evaluators:
+        if with_eval:
             trainer.eval()
         if icl is not None:
             icl.evaluate(trainer.state, trainer.logger)
@@ -330,7 +356,6 @@ def train_holding_lock(
         raise SystemExit(preemption.exit_code)
     if already_finished(trainer):
         forget_replaced_runs(Path(run_folder))
-    return trainer
 
 
 def forget_replaced_runs(run_folder: Path) -> None:
