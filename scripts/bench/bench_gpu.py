@@ -82,6 +82,16 @@ def measured_peak(device: torch.device, n: int, reps: int) -> float:
     return 2 * n**3 / best
 
 
+def reference_state(shape: Shape, device: torch.device) -> dict[str, torch.Tensor]:
+    """The weights every peer starts from (seed 0), on the CPU."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        reference = DbrxForCausalLM(shape.config("torch"))
+    reference.to_empty(device=device)
+    reference.init_weights()  # on the device: 3.3B normal draws take a while on a CPU
+    return {key: value.cpu() for key, value in reference.state_dict().items()}
+
+
 def build_ours(shape: Shape, moe_backend: str, state: dict[str, torch.Tensor], device) -> torch.nn.Module:
     with torch.device("meta"):
         model = DbrxForCausalLM(shape.config(moe_backend))
@@ -113,28 +123,39 @@ def time_training(
 ) -> tuple[float, float, float]:
     """(median seconds per step, loss of the first step, peak GiB) for fwd + bwd + fused AdamW."""
     device = input_ids.device
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    step = training_step(model, input_ids)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, first_loss = [], math.nan
     for i in range(warmup + steps):
         sync(device)
         start = time.perf_counter()
-        with autocast:
-            loss = model(input_ids, labels=input_ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = step()
         sync(device)
         if i == 0:
             first_loss = loss.item()
         if i >= warmup:
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    del opt
+    del step  # and its optimizer state
     times.sort()
     return times[len(times) // 2], first_loss, peak
+
+
+def training_step(model: torch.nn.Module, input_ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """One step (returns its loss): fwd under bf16 autocast (what amp_bf16 runs), bwd, fused AdamW."""
+    device_type = input_ids.device.type
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device_type == "cuda")
+
+    def step() -> torch.Tensor:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            loss = model(input_ids, labels=input_ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
 
 
 def megablocks_skip_reason(device: torch.device) -> str | None:
@@ -181,13 +202,7 @@ def run(
         + (f"; nominal {nominal / 1e12:.1f} TFLOP/s" if nominal else "; no nominal peak for this device")
     )
 
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        reference = DbrxForCausalLM(config)
-    reference.to_empty(device=device)
-    reference.init_weights()  # on the device: 3.3B normal draws take a while on a CPU
-    state = {key: value.cpu() for key, value in reference.state_dict().items()}  # every peer loads a copy
-    del reference
+    state = reference_state(shape, device)  # every peer loads a copy
     gen = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, shape.vocab_size, (shape.batch, shape.seq_len), generator=gen).to(device)
 

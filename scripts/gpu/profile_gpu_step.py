@@ -19,9 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from bench_gpu import GPU_1B, QUICK, build_ours  # noqa: E402
-
-from dbrx_train.model import DbrxForCausalLM  # noqa: E402
+from bench_gpu import GPU_1B, QUICK, build_ours, reference_state, training_step  # noqa: E402
 
 
 def main() -> None:
@@ -36,24 +34,9 @@ def main() -> None:
     shape = QUICK if args.quick else GPU_1B
     if args.batch is not None:
         shape = shape._replace(batch=args.batch)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        reference = DbrxForCausalLM(shape.config("torch"))
-    reference.to_empty(device=device)
-    reference.init_weights()
-    state = {key: value.cpu() for key, value in reference.state_dict().items()}
-    del reference
-    model = build_ours(shape, args.backend, state, device)
+    model = build_ours(shape, args.backend, reference_state(shape, device), device)
     input_ids = torch.randint(0, shape.vocab_size, (shape.batch, shape.seq_len), device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(input_ids, labels=input_ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = training_step(model, input_ids)
     for _ in range(3):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
