@@ -70,36 +70,30 @@ def run_training(
     (functools.partial, not a lambda). `one_stream`: stderr goes to stdout, interleaved as a terminal
     shows them (stderr=subprocess.STDOUT)."""
     env = run_env(nproc) if env is None else env
+    launcher_argv = ["-n", str(nproc), *launcher_args, str(TRAIN_PY), *args]
+    cmd = ["composer", *launcher_argv]  # what the run stands for, in errors
+    forked = dict(cwd=Path(cwd), timeout=timeout, preexec_fn=preexec_fn, one_stream=one_stream)
     if nproc == 1 and not launcher_args:
-        from composer.utils import get_free_tcp_port
+        return _forked(cmd, "train.py", args, env=_rank_zero_env(env), **forked)
+    return _forked(cmd, "composer", launcher_argv, env=env, **forked)
 
-        process_env = {
-            **env,
-            # what composer/cli/launcher.py sets for each rank it starts
-            "RANK": "0",
-            "WORLD_SIZE": "1",
-            "LOCAL_RANK": "0",
-            "LOCAL_WORLD_SIZE": "1",
-            "NODE_RANK": "0",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(get_free_tcp_port()),
-            "PYTHONUNBUFFERED": "1",
-            "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
-        }
-        program, argv = "train.py", args
-    else:
-        program, argv, process_env = "composer", ["-n", str(nproc), *launcher_args, str(TRAIN_PY), *args], env
-    cmd = ["composer", "-n", str(nproc), *launcher_args, str(TRAIN_PY), *args]  # what the run stands for
-    return _forked(
-        cmd,
-        program,
-        argv,
-        cwd=Path(cwd),
-        env=process_env,
-        timeout=timeout,
-        preexec_fn=preexec_fn,
-        one_stream=one_stream,
-    )
+
+def _rank_zero_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` plus what composer/cli/launcher.py sets for the rank it starts in a 1-rank run."""
+    from composer.utils import get_free_tcp_port
+
+    return {
+        **env,
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+        "NODE_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(get_free_tcp_port()),
+        "PYTHONUNBUFFERED": "1",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    }
 
 
 def run_train_py(

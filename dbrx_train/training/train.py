@@ -235,6 +235,7 @@ def train_holding_lock(
             model=composer_model,
             train_dataloader=train_loader,
             eval_dataloader=evaluators or None,
+            # without evaluators Composer ignores it (and warns of a schedule function): the plain value
             eval_interval=eval_schedule(cfg, preemption) if evaluators else cfg.eval_interval,
             eval_subset_num_batches=cfg.eval_subset_num_batches,
             optimizers=optimizer,
