@@ -3,6 +3,7 @@ and a failure of the first rank reaches every rank (no rank left waiting in a co
 
 from __future__ import annotations
 
+import faulthandler
 import traceback
 from datetime import timedelta
 
@@ -18,6 +19,8 @@ from dbrx_train.data.streaming_shm import SHM_DIR, register_shm_prefix
 
 
 def _rank(rank: int, store: str, local: str, remote: str | None, results) -> None:
+    # A rank still here after 90 s prints where it waits: a rare hang, cause not found yet.
+    faulthandler.dump_traceback_later(90)
     # A file store: no port another test could take between choosing it and binding it (a rank then
     # waited forever); a timeout: a rank whose peer died does not wait Composer's 30 minutes.
     torch_dist.init_process_group(
